@@ -34,6 +34,7 @@ class StageResult:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
     skipped: bool = False  # True when the stage was already done and nothing ran
+    info: dict[str, Any] = field(default_factory=dict)  # stage-specific facts worth keeping (JSON-ready)
 
     @property
     def output(self) -> Path:
