@@ -1,0 +1,470 @@
+"""The training DataModule: batches from per-expert WebDataset shards, for every rank and worker.
+
+Training (``train_dataloader``) reads *resampled* shards with a fixed epoch length, so ranks never starve
+and never hang at the end of an epoch:
+
+* the selected experts' shards of the split are dealt round-robin to the (rank, worker) *slots*
+  (slot = rank × workers + worker), so every slot reads a disjoint subset. With fewer shards than slots
+  every slot reads all shards instead, each with its own seed (logged as a warning): samples are drawn
+  with replacement anyway, so this only costs some repeats across ranks within an epoch;
+* each slot draws shards at random from its subset, so that samples come at their natural frequencies
+  or, with ``balanced=True`` (the router's option), equally from every expert, and streams their
+  samples through a seeded shuffling buffer;
+* every rank yields exactly ``samples_per_epoch // batch_size`` batches per epoch.
+
+Resume: the state is (epoch, batches consumed). A restored loader reseeds from (seed, epoch, batches
+consumed, rank, worker) and yields the rest of the epoch: new samples, never a replay of the stream
+already seen. Batches prefetched but not trained on before a checkpoint are not revisited.
+
+Validation (``val_dataloader``) is one ordered pass over the ``val`` split; sample i (in index order)
+goes to slot i mod slots, so every rank gets an equal share (±1 sample) however few val shards exist.
+
+A corrupt sample (unreadable .npy, missing member, truncated tar) is skipped, logged and counted;
+once more than ``max_skip_fraction`` of the samples seen were skipped (measured over at least
+``1 / max_skip_fraction`` samples, so one early bad sample is tolerated) the run stops with an error
+naming the shard.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.shards import ShardReadError, available_experts, check_split, decode_sample, iter_shard, shard_sizes
+from ddm.models.text import pad_tokens
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = "_stats"  # per-batch (seen, skipped) deltas from the worker; removed before the batch is handed out
+
+
+# ---------------------------------------------------------------------------------------------------
+# shards, ranks and slots
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar of the index: its path relative to the shards dir, its expert and its sample count."""
+
+    shard: str
+    expert: int
+    size: int
+
+
+def select_shards(shards_dir: str | Path, experts: int | str | Sequence[int], split: str) -> tuple[list[int], list[ShardInfo]]:
+    """Resolve ``experts`` (an id, a list of ids or ``"all"``) and return them with their shards of ``split``.
+
+    Raises ValueError naming the experts that exist when a requested one has no shards.
+    """
+    check_split(split)
+    present = available_experts(shards_dir)
+    if isinstance(experts, str):
+        if experts != "all":
+            raise ValueError(f"experts must be an id, a list of ids or 'all', got {experts!r}")
+        wanted = present
+    else:
+        wanted = sorted({int(e) for e in ([experts] if isinstance(experts, (int, np.integer)) else experts)})
+    missing = [e for e in wanted if e not in present]
+    if missing or not wanted:
+        raise ValueError(f"expert(s) {missing or wanted} not found in '{shards_dir}'; it holds experts {present}")
+    shards = [ShardInfo(s, e, n) for s, (e, n) in sorted(shard_sizes(shards_dir, split).items()) if e in wanted]
+    return wanted, shards
+
+
+def resolve_world(trainer: Any = None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values, else the trainer's, else torch.distributed's, else RANK/WORLD_SIZE."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    if rank is None:
+        if trainer is not None:
+            rank, world_size = trainer.global_rank, trainer.world_size
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return int(rank), int(world_size)
+
+
+def shards_for_slot(shards: Sequence[ShardInfo], slot: int, num_slots: int) -> list[ShardInfo]:
+    """The disjoint share of ``shards`` read by one (rank, worker) slot; all of them when there are fewer
+    shards than slots (each slot then samples the whole set with its own seed)."""
+    if len(shards) < num_slots:
+        return list(shards)
+    return list(shards[slot::num_slots])
+
+
+def shard_weights(shards: Sequence[ShardInfo], balanced: bool) -> np.ndarray:
+    """Probability of drawing each shard so that *samples* come at natural frequencies, or, when ``balanced``,
+    so that each expert present supplies the same share of samples.
+
+    A draw of shard s yields its ``size`` samples, so P(s) ∝ (wanted sample share of s) / size: uniform over
+    shards for natural frequencies, ∝ 1 / (samples of s's expert) for balanced ones.
+    """
+    if not shards or any(s.size < 1 for s in shards):
+        raise ValueError(f"cannot sample from empty shards: {[s.shard for s in shards if s.size < 1] or 'none given'}")
+    if balanced:
+        per_expert: dict[int, int] = {}
+        for s in shards:
+            per_expert[s.expert] = per_expert.get(s.expert, 0) + s.size
+        weights = np.array([1.0 / per_expert[s.expert] for s in shards])
+    else:
+        weights = np.ones(len(shards))
+    return weights / weights.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading, skipping and collating
+
+
+class SkipCounter:
+    """Counts samples seen and skipped in one worker; raises once the skip fraction is exceeded."""
+
+    def __init__(self, max_skip_fraction: float) -> None:
+        if not 0.0 <= max_skip_fraction < 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1), got {max_skip_fraction}")
+        self.max_fraction = max_skip_fraction
+        self.seen = 0
+        self.skipped = 0
+        self._reported = (0, 0)
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def skip(self, shard: str, reason: str, count: int = 1) -> None:
+        """Record ``count`` lost samples of ``shard``; raise RuntimeError when too many were lost."""
+        self.seen += count
+        self.skipped += count
+        log.warning("skipped %d sample(s) of shard %s: %s (%d of %d skipped so far)", count, shard, reason,
+                    self.skipped, self.seen)
+        f = self.max_fraction
+        limit = f * max(self.seen, math.ceil(1 / f)) if f > 0 else 0.0
+        if self.skipped > limit:
+            raise RuntimeError(f"too many corrupt samples: {self.skipped} of {self.seen} skipped, more than "
+                               f"max_skip_fraction={f}; last one in shard '{shard}': {reason}")
+
+    def delta(self) -> dict[str, int]:
+        """(seen, skipped) since the last call: what the main process adds to its totals."""
+        d = {"seen": self.seen - self._reported[0], "skipped": self.skipped - self._reported[1]}
+        self._reported = (self.seen, self.skipped)
+        return d
+
+
+def read_shard_samples(root: Path, info: ShardInfo, body: str, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
+    """Yield ``(position, decoded sample)`` from one shard, skipping (and counting) what is corrupt.
+
+    ``body`` is ``"latent"`` or ``"frames"``: a shard holding the other kind is a configuration error and
+    raises ValueError. Samples missing at the end of a truncated tar count as skipped too.
+    """
+    read = 0  # samples taken out of the tar, good or bad
+    try:
+        for key, members in iter_shard(root / info.shard):
+            position, read = read, read + 1
+            try:
+                sample = decode_sample(key, members)
+            except ValueError as e:
+                counter.skip(info.shard, str(e))
+                continue
+            if body not in sample:
+                other = "frames" if body == "latent" else "latent"
+                raise ValueError(f"shard '{info.shard}' holds {other}.npy but the DataModule expects {body}.npy: "
+                                 f"set raw_frames={other == 'frames'} to match how the shards were encoded")
+            if sample["meta"]["expert"] != info.expert:
+                counter.skip(info.shard, f"sample {key} says expert {sample['meta']['expert']}, "
+                                         f"its shard belongs to expert {info.expert}")
+                continue
+            counter.ok()
+            sample["expert"] = info.expert
+            yield position, sample
+    except ShardReadError as e:
+        counter.skip(info.shard, str(e), max(1, info.size - read))
+        return
+    if read < info.size:  # a tar cut at a sample boundary reads cleanly, but short
+        counter.skip(info.shard, f"tar ends after {read} of {info.size} indexed samples", info.size - read)
+
+
+def collate(samples: Sequence[dict], body: str, text_pad_to: int | None) -> dict[str, Any]:
+    """Stack decoded samples into a batch (docs/architecture.md, "Batches")."""
+    shapes = {s["key"]: s[body].shape for s in samples}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"samples in one batch have different {body} shapes: {shapes}")
+    stacked = torch.from_numpy(np.stack([s[body] for s in samples]))
+    if body == "latent":
+        x = stacked.float()
+    else:  # uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1]
+        x = stacked.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    t5, t5_len = pad_tokens([torch.from_numpy(s["t5"].astype(np.float32)) for s in samples], text_pad_to)
+    expert = torch.tensor([s["expert"] for s in samples], dtype=torch.long)
+    return {
+        body: x,
+        "t5": t5,
+        "t5_len": t5_len,
+        "clip": torch.from_numpy(np.stack([s["clip"] for s in samples]).astype(np.float32)),
+        "expert": expert,
+        "label": expert - 1,
+        "key": [s["key"] for s in samples],
+        "caption": [s["caption"] for s in samples],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# the per-rank datasets (each DataLoader worker runs one slot)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a worker needs to produce its batches."""
+
+    root: str
+    shards: tuple[ShardInfo, ...]
+    rank: int
+    world_size: int
+    batch_size: int
+    raw_frames: bool
+    text_pad_to: int | None
+    max_skip_fraction: float
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ResampledShards(IterableDataset):
+    """Training stream of one rank: ``num_batches`` batches, drawn with replacement (see module docstring)."""
+
+    def __init__(self, cfg: StreamConfig, *, num_batches: int, seed: int, epoch: int, start_batch: int,
+                 balanced: bool, shuffle_buffer: int) -> None:
+        self.cfg = cfg
+        self.num_batches = num_batches
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.balanced = balanced
+        self.shuffle_buffer = max(1, shuffle_buffer)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        worker, workers = _worker()
+        slot, num_slots = cfg.rank * workers + worker, cfg.world_size * workers
+        mine = shards_for_slot(cfg.shards, slot, num_slots)
+        weights = shard_weights(mine, self.balanced)
+        remaining = self.num_batches - self.start_batch
+        my_batches = remaining // workers + (worker < remaining % workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.start_batch, cfg.rank, worker])
+        counter = SkipCounter(cfg.max_skip_fraction)
+        body = "frames" if cfg.raw_frames else "latent"
+
+        def stream() -> Iterator[dict]:
+            while True:
+                info = mine[rng.choice(len(mine), p=weights)]
+                for _, sample in read_shard_samples(Path(cfg.root), info, body, counter):
+                    yield sample
+
+        if my_batches <= 0:
+            return
+        buffer: list[dict] = []
+        batch: list[dict] = []
+        produced = 0
+        for sample in stream():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], sample = sample, buffer[j]
+            batch.append(sample)
+            if len(batch) == cfg.batch_size:
+                out = collate(batch, body, cfg.text_pad_to)
+                out[STATS_KEY] = counter.delta()
+                batch = []
+                produced += 1
+                yield out
+                if produced == my_batches:
+                    return
+
+
+class OrderedShards(IterableDataset):
+    """Validation: one ordered pass; sample i (index order) goes to slot i mod slots; a last partial batch."""
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        self.cfg = cfg
+
+    def slot_sizes(self, workers: int) -> list[int]:
+        """Samples each worker of this rank reads (for ``len``)."""
+        total = sum(s.size for s in self.cfg.shards)
+        slots = self.cfg.world_size * workers
+        return [len(range(self.cfg.rank * workers + w, total, slots)) for w in range(workers)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        worker, workers = _worker()
+        slot, num_slots = cfg.rank * workers + worker, cfg.world_size * workers
+        counter = SkipCounter(cfg.max_skip_fraction)
+        body = "frames" if cfg.raw_frames else "latent"
+        batch: list[dict] = []
+        offset = 0
+        for info in cfg.shards:
+            if (slot - offset) % num_slots < info.size:  # the shard holds at least one sample of this slot
+                for position, sample in read_shard_samples(Path(cfg.root), info, body, counter):
+                    if (offset + position) % num_slots == slot:
+                        batch.append(sample)
+                    if len(batch) == cfg.batch_size:
+                        yield {**collate(batch, body, cfg.text_pad_to), STATS_KEY: counter.delta()}
+                        batch = []
+            offset += info.size
+        if batch:
+            yield {**collate(batch, body, cfg.text_pad_to), STATS_KEY: counter.delta()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loader Lightning iterates, and the DataModule
+
+
+@dataclass
+class LoaderProgress:
+    """Where the training stream is, and what it skipped: the resumable state."""
+
+    epoch: int = 0
+    consumed: int = 0  # batches handed out in this epoch
+    seen: int = 0
+    skipped: int = 0
+
+    def load(self, state: dict[str, int]) -> None:
+        """Take the values of a saved :func:`dataclasses.asdict` state (unknown keys are ignored)."""
+        for k, v in state.items():
+            if k in self.__dataclass_fields__:
+                setattr(self, k, int(v))
+
+
+class ShardLoader:
+    """Iterable of batches over a fresh DataLoader per pass; sized, and stateful (Lightning's ``_Stateful``).
+
+    ``make_dataset(epoch, start_batch)`` builds the dataset for one pass. With ``resumable`` the pass
+    starts at ``progress.consumed`` and the epoch counter advances when a pass ends.
+    """
+
+    def __init__(self, make_dataset: Callable[[int, int], IterableDataset], length: int, num_workers: int,
+                 progress: LoaderProgress, resumable: bool) -> None:
+        self.make_dataset = make_dataset
+        self.length = length
+        self.num_workers = num_workers
+        self.progress = progress
+        self.resumable = resumable
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        p = self.progress
+        if self.resumable and p.consumed >= self.length:  # a checkpoint taken on an epoch's last batch
+            p.epoch, p.consumed = p.epoch + 1, 0
+        dataset = self.make_dataset(p.epoch, p.consumed if self.resumable else 0)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        for batch in loader:
+            stats = batch.pop(STATS_KEY)
+            p.seen += int(stats["seen"])
+            p.skipped += int(stats["skipped"])
+            if self.resumable:
+                p.consumed += 1
+            yield batch
+        if self.resumable:
+            p.epoch, p.consumed = p.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.progress)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.progress.load(state)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches from ``<prep>/shards/<stage>/`` for one expert, several, or all (the monolith, the router).
+
+    Batches: ``latent`` (B, C, T, H, W) float32 — or ``frames`` (B, 3, F, H, W) in [-1, 1] with
+    ``raw_frames`` — ``t5`` (B, L, D) zero-padded to ``text_pad_to`` (None: the batch's longest),
+    ``t5_len`` (B,), ``clip`` (B, D), ``expert`` (B,) 1..K, ``label`` (B,) 0..K-1, ``key``, ``caption``.
+    ``skipped`` counts the corrupt training samples skipped so far (for logging).
+    """
+
+    def __init__(self, shards_dir: str | Path, experts: int | str | Sequence[int] = "all", split: str = "train", *,
+                 batch_size: int, num_workers: int = 0, samples_per_epoch: int = 100_000, seed: int = 0,
+                 text_pad_to: int | None = None, raw_frames: bool = False, max_skip_fraction: float = 0.01,
+                 balanced: bool = False, rank: int | None = None, world_size: int | None = None,
+                 shuffle_buffer: int = 64) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if samples_per_epoch < batch_size:
+            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be at least batch_size ({batch_size})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        SkipCounter(max_skip_fraction)  # validates the fraction now rather than inside a worker
+        self.shards_dir = Path(shards_dir)
+        self.split = check_split(split)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.num_batches = samples_per_epoch // batch_size
+        self.seed = seed
+        self.text_pad_to = text_pad_to
+        self.raw_frames = raw_frames
+        self.max_skip_fraction = max_skip_fraction
+        self.balanced = balanced
+        self.shuffle_buffer = shuffle_buffer
+        self._rank, self._world_size = rank, world_size
+        self.experts, self.train_shards = select_shards(self.shards_dir, experts, split)
+        if not self.train_shards:
+            raise ValueError(f"experts {self.experts} have no '{split}' samples in '{self.shards_dir}'")
+        self.progress = LoaderProgress()
+        self.val_progress = LoaderProgress()
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt training samples skipped so far (all workers of this rank)."""
+        return self.progress.skipped
+
+    def _stream_config(self, shards: Sequence[ShardInfo]) -> StreamConfig:
+        rank, world_size = resolve_world(self.trainer, self._rank, self._world_size)
+        workers = max(1, self.num_workers)
+        if len(shards) < world_size * workers:
+            log.warning("%d shards for %d ranks x %d workers: every slot reads all shards with its own seed "
+                        "(write smaller shards for disjoint reads)", len(shards), world_size, workers)
+        return StreamConfig(str(self.shards_dir), tuple(shards), rank, world_size, self.batch_size, self.raw_frames,
+                            self.text_pad_to, self.max_skip_fraction)
+
+    def train_dataloader(self) -> ShardLoader:
+        cfg = self._stream_config(self.train_shards)
+
+        def make(epoch: int, start_batch: int) -> ResampledShards:
+            return ResampledShards(cfg, num_batches=self.num_batches, seed=self.seed, epoch=epoch,
+                                   start_batch=start_batch, balanced=self.balanced, shuffle_buffer=self.shuffle_buffer)
+
+        log.info("train data: experts %s, %d '%s' shards in %s; rank %d/%d, %d batches of %d per epoch",
+                 self.experts, len(cfg.shards), self.split, self.shards_dir, cfg.rank, cfg.world_size,
+                 self.num_batches, self.batch_size)
+        return ShardLoader(make, self.num_batches, self.num_workers, self.progress, resumable=True)
+
+    def val_dataloader(self) -> ShardLoader | list:
+        _, shards = select_shards(self.shards_dir, self.experts, "val")
+        if not sum(s.size for s in shards):
+            log.info("no 'val' samples for experts %s in %s: validation is off", self.experts, self.shards_dir)
+            return []
+        dataset = OrderedShards(self._stream_config(shards))
+        length = sum(math.ceil(n / self.batch_size) for n in dataset.slot_sizes(max(1, self.num_workers)))
+        return ShardLoader(lambda epoch, start: dataset, length, self.num_workers, self.val_progress, resumable=False)
+
+    def state_dict(self) -> dict[str, int]:
+        """Training stream position (epoch, batches consumed) and skip counts."""
+        return asdict(self.progress)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue from a saved position: the next pass reseeds from it (new samples, no replay)."""
+        self.progress.load(state_dict)
