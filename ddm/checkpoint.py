@@ -40,7 +40,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # atomic writes
 # --------------------------------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Flush a directory entry (the rename) to disk; a no-op where directories cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -74,10 +74,267 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj, path)``, atomically."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# --------------------------------------------------------------------------------------------------
+# metadata
+# --------------------------------------------------------------------------------------------------
+
+def _encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata for a safetensors header: every value JSON-encoded; ``format`` set to ddm-export-v1."""
+    fmt = metadata.get("format", EXPORT_FORMAT)
+    if fmt != EXPORT_FORMAT:
+        raise ValueError(f"metadata 'format' must be '{EXPORT_FORMAT}' (or absent), got {fmt!r}")
+    encoded = {}
+    for key, value in {**metadata, "format": EXPORT_FORMAT}.items():
+        if not isinstance(key, str):
+            raise ValueError(f"metadata keys must be strings, got {key!r}")
+        try:
+            encoded[key] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata['{key}'] is not JSON-serialisable: {e}") from None
+    return encoded
+
+
+def _decode_metadata(header: Mapping[str, str] | None) -> dict[str, Any]:
+    """Inverse of :func:`_encode_metadata`; values that are not JSON (foreign files) stay strings."""
+    decoded: dict[str, Any] = {}
+    for key, value in (header or {}).items():
+        try:
+            decoded[key] = json.loads(value)
+        except (TypeError, ValueError):
+            decoded[key] = value
+    return decoded
+
+
+# --------------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------------
+
+def _prepare_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; a tensor sharing storage with an earlier one is copied (safetensors
+    refuses shared storage, and tied weights must keep both names for strict loading)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict['{key}'] is a {type(value).__name__}, not a tensor")
+        t = value.detach().to("cpu").contiguous()
+        storage = (t.untyped_storage().data_ptr(), str(t.device))
+        if t.numel() and storage in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(storage)
+        out[key] = t
+    return out
+
+
+def _split_shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_export(state_dict: Mapping[str, torch.Tensor], folder: str | Path, metadata: Mapping[str, Any], *,
+                max_shard_bytes: int = 2 * 1024**3, single_file: bool = True, sharded: bool = True) -> Path:
+    """Write an export: ``folder/master.safetensors`` and/or ``folder/model/`` (shards + index), atomically.
+
+    ``metadata`` is any JSON-able dict (``kind``, ``config``, ``expert_id``, ``stage``, ``step``,
+    ``manifest_hash``, ``centroids_hash``, ``train_config`` ...); ``format`` is added. Tensors keep
+    their dtype. Returns ``folder``.
+    """
+    if not (single_file or sharded):
+        raise ValueError("save_export: at least one of single_file / sharded must be true")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    header = _encode_metadata(metadata)
+    tensors = _prepare_tensors(state_dict)
+    if single_file:
+        atomic_write(folder / MASTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        log.info("export: wrote %s (%d tensors)", folder / MASTER_FILE, len(tensors))
+    if sharded:
+        shard_dir = folder / SHARD_DIR
+        groups = _split_shards(tensors, max_shard_bytes)
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        weight_map = {}
+        for name, keys in zip(names, groups):
+            part = {k: tensors[k] for k in keys}
+            atomic_write(shard_dir / name, lambda tmp, part=part: save_file(part, str(tmp), metadata=header))
+            weight_map.update({k: name for k in keys})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total, **_decode_metadata(header)}, "weight_map": weight_map}
+        atomic_write(shard_dir / INDEX_FILE,
+                     lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+        # the new index is in place: shards of an earlier export it does not name can go
+        for stale in shard_dir.glob("model-*-of-*.safetensors"):
+            if stale.name not in names:
+                stale.unlink()
+        log.info("export: wrote %s (%d shards)", shard_dir, len(names))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------------
+
+def _resolve_export(path: str | Path) -> tuple[str, Path]:
+    """("file", a .safetensors file) or ("sharded", an index.json) for a folder, file or model/ folder."""
+    p = Path(path)
+    if p.is_file():
+        return ("sharded", p) if p.name.endswith(".index.json") else ("file", p)
+    if p.is_dir():
+        for kind, candidate in (("file", p / MASTER_FILE), ("sharded", p / SHARD_DIR / INDEX_FILE),
+                                ("sharded", p / INDEX_FILE)):
+            if candidate.is_file():
+                return kind, candidate
+        raise FileNotFoundError(f"'{p}' is not an export: it holds neither {MASTER_FILE} nor "
+                                f"{SHARD_DIR}/{INDEX_FILE} (nor {INDEX_FILE})")
+    raise FileNotFoundError(f"export not found: '{p}'")
+
+
+def _read_index(index_path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from None
+    if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+        raise ValueError(f"{index_path} has no 'weight_map'")
+    missing = sorted({f for f in index["weight_map"].values() if not (index_path.parent / f).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{index_path} names shard files that are missing: {missing}")
+    return index
+
+
+def _load_sharded(index_path: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weight_map: dict[str, str] = _read_index(index_path)["weight_map"]
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = load_file(str(index_path.parent / shard), device=device)
+        listed = {k for k, f in weight_map.items() if f == shard}
+        missing, extra = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
+        if missing or extra:
+            raise ValueError(f"shard {index_path.parent / shard} does not match {index_path.name}: "
+                             f"tensors missing {missing[:10]}, not in the index {extra[:10]}")
+        state_dict.update(tensors)
+    return {k: state_dict[k] for k in sorted(weight_map)}  # sorted, as safetensors files are
+
+
+def load_export(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ``(state_dict, metadata)`` from an export folder (``master.safetensors`` preferred, else
+    ``model/``), a ``.safetensors`` file, a ``model/`` folder or its index file.
+
+    A sharded copy is validated against its index: a missing shard file, or a tensor missing from
+    (or not listed for) its shard, raises.
+    """
+    from safetensors.torch import load_file
+
+    kind, file = _resolve_export(path)
+    if kind == "file":
+        return load_file(str(file), device=device), read_export_metadata(file)
+    return _load_sharded(file, device), read_export_metadata(file)
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """The export metadata (decoded JSON values) without reading any tensor."""
+    from safetensors import safe_open
+
+    kind, file = _resolve_export(path)
+    if kind == "sharded":
+        meta = dict(_read_index(file).get("metadata", {}))
+        meta.pop("total_size", None)
+        return meta
+    with safe_open(str(file), framework="pt") as f:
+        return _decode_metadata(f.metadata())
+
+
+# --------------------------------------------------------------------------------------------------
+# hashes
+# --------------------------------------------------------------------------------------------------
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (manifest and centroid hashes in export metadata)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order.
+
+    Equal hashes mean bit-identical weights, whatever the key order or the device they sit on.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# model from an export
+# --------------------------------------------------------------------------------------------------
+
+def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+                            ) -> torch.nn.Module:
+    """Build the exported model (``kind`` = ``router`` or ``expert``) from its metadata ``config`` and
+    load its weights strictly; returned in eval mode. ``dtype`` casts the weights (default: as stored)."""
+    state_dict, meta = load_export(path, device=device)
+    kind, config = meta.get("kind"), meta.get("config")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"'{path}' is not a {EXPORT_FORMAT} export (format={meta.get('format')!r})")
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}': export metadata has no model 'config'")
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if kind == "router":
+        from ddm.models.router import Router, RouterConfig
+
+        with torch.device("meta"):
+            model = Router(RouterConfig.from_dict(config))
+        load_state_dict_strict(model, state_dict, f"'{path}'")
+    else:
+        raise ValueError(f"'{path}': unknown export kind {kind!r} (expected 'expert' or 'router')")
+    return model.eval()
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` into ``model`` strictly, or raise a ValueError naming the missing keys,
+    unexpected keys and shape mismatches (``source`` says where the weights came from).
+
+    A model built on the meta device gets the tensors assigned (no random init, no copy).
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = [f"{name} {items[:10]}{' ...' if len(items) > 10 else ''}"
+                    for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatches (file vs model)", shapes)) if items]
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ddm.assets import missing_component_message, require_path
-from ddm.checkpoint import atomic_save_torch
+from ddm.checkpoint import atomic_save_torch, load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,7 @@ def load_t5(t5_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
     with torch.device("meta"):
         model = T5EncoderModel(config)
     sd = _read_t5_state_dict(t5_dir / T5_WEIGHTS, dtype)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{t5_dir / T5_WEIGHTS} does not match T5EncoderModel({t5_dir / 'config.json'}): "
-            f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-            f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
-        )
-    model.load_state_dict(sd, strict=True, assign=True)
+    load_state_dict_strict(model, sd, f"{t5_dir / T5_WEIGHTS} (config {t5_dir / 'config.json'})")
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 

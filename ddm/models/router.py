@@ -1,0 +1,273 @@
+"""The DDM router: a DiT-B-like classifier of the noisy latent that predicts its cluster (DESIGN §2, §5.5).
+
+``Router(cfg)(x_t, t, cond) -> logits (B, K)``; softmax gives P(k | x_t), the weights the routed
+sampler mixes the experts with. Architecture (Paris 1.0's DiT-B router, adapted to video):
+
+* patchify the latent (B, C, T, H, W) with a Conv3d of kernel = stride = ``patch_size`` (coarser
+  than the experts' 1×2×2, e.g. 1×4×4, to keep it cheap);
+* add a fixed 3D sin-cos position embedding, **computed from the grid on every call**, and prepend a
+  learnable CLS token;
+* DiT blocks with adaLN-Zero conditioned on the timestep embedding (``timestep_embedding``, t×1000,
+  the experts' scale), plus the pooled CLIP text when ``text_dim`` is set;
+* LayerNorm on the CLS token → MLP → K logits (last layer zero-initialised: the untrained router
+  returns the uniform prior).
+
+Resolution agnosticism: one router serves the 256² and 768² stages (the sampler uses the same one
+for both), so it holds no learned or cached position table. The spatial positions are expressed on
+``pos_ref_grid`` (the stage-2 patch grid for ``dit-b``): at the reference size they are the
+integers 0..g−1 as in DiT, and at 3× the size the same field of view spans the same range in
+thirds, instead of running into positions never seen in training. Time positions stay integers
+(latent frames have the same spacing at both stages). ``pos_ref_grid=None`` gives plain integer
+positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ddm.models.layers import MLPEmbedder, Modulation, modulate, timestep_embedding
+
+TIME_EMBED_DIM = 256
+
+
+@dataclass
+class RouterConfig:
+    """Router hyper-parameters; ``to_dict``/``from_dict`` round-trip through JSON (export metadata)."""
+
+    preset: str = "custom"
+    num_experts: int = 3
+    latent_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 4, 4)
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    text_dim: int | None = None  # pooled-CLIP width; None = the router never sees text
+    head_hidden: int | None = None  # width of the CLS head MLP; None = hidden_size
+    pos_ref_grid: tuple[int, int] | None = None  # spatial patch grid the positions are expressed on
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if self.pos_ref_grid is not None:
+            self.pos_ref_grid = tuple(int(g) for g in self.pos_ref_grid)  # type: ignore[assignment]
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        if self.pos_ref_grid is not None and (len(self.pos_ref_grid) != 2 or min(self.pos_ref_grid) < 1):
+            raise ValueError(f"pos_ref_grid must be None or two positive ints (h, w), got {self.pos_ref_grid}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.text_dim is not None and self.text_dim < 1:
+            raise ValueError(f"text_dim must be None or >= 1, got {self.text_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def head_width(self) -> int:
+        return self.head_hidden or self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["pos_ref_grid"] = None if self.pos_ref_grid is None else list(self.pos_ref_grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RouterConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+ROUTER_PRESETS: dict[str, RouterConfig] = {
+    # Paris 1.0's DiT-B router on 16-channel video latents: ~129.1M parameters at K=3.
+    "dit-b": RouterConfig(preset="dit-b", pos_ref_grid=(8, 8)),  # 256² → 32×32 latent → 8×8 patches
+    "tiny": RouterConfig(preset="tiny", latent_channels=16, hidden_size=64, depth=2, num_heads=2,
+                         pos_ref_grid=(4, 4)),
+    # for the CPU demo's PixelVAE (3 × 4 frames × 2 × 2 = 48 channels)
+    "tiny-pixel": RouterConfig(preset="tiny-pixel", latent_channels=48, hidden_size=64, depth=2, num_heads=2,
+                               pos_ref_grid=(4, 4)),
+}
+
+
+def get_router_config(name: str, **overrides: Any) -> RouterConfig:
+    """A copy of preset ``name`` with ``overrides`` applied (e.g. ``num_experts=8``, ``text_dim=768``)."""
+    if name not in ROUTER_PRESETS:
+        raise ValueError(f"unknown router preset '{name}'; choose one of {sorted(ROUTER_PRESETS)}")
+    return RouterConfig.from_dict({**ROUTER_PRESETS[name].to_dict(), **overrides})
+
+
+def sincos_position_embedding_3d(grid: tuple[int, int, int], dim: int,
+                                 ref_grid: tuple[int, int] | None = None,
+                                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Fixed sin-cos embedding of a (T', H', W') patch grid → (T'·H'·W', dim) float32, t-major order.
+
+    Each axis gets ``2·(dim // 6)`` channels (sines then cosines, DiT's frequencies
+    ``10000^(-j / (d/2))``); the remainder, if any, is zero. Spatial positions are scaled by
+    ``ref_grid / grid`` when ``ref_grid`` is given (see the module docstring).
+    """
+    per_axis = 2 * (dim // 6)
+    if per_axis == 0:
+        raise ValueError(f"dim must be >= 6 for a 3D sin-cos embedding, got {dim}")
+    scales = (1.0, 1.0, 1.0) if ref_grid is None else (1.0, ref_grid[0] / grid[1], ref_grid[1] / grid[2])
+    omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64, device=device) / (per_axis // 2))
+    axes = [torch.arange(n, dtype=torch.float64, device=device) * s for n, s in zip(grid, scales)]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
+    parts = []
+    for a in range(3):
+        angles = pos[:, a, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, dim - emb.shape[1])).float()
+
+
+class RouterBlock(nn.Module):
+    """DiT block with adaLN-Zero: modulation chunks (shift, scale, gate) for attention, then MLP."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden))
+        self.modulation = Modulation(hidden, 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        b, n, h = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))
+        q, k, v = qkv.view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h)
+        x = x + gate1 * self.proj(attn)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Router(nn.Module):
+    """DiT-B-like router: ``forward(x, t, cond) -> logits (B, num_experts)`` (see the module docstring)."""
+
+    def __init__(self, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.patch_embed = nn.Conv3d(cfg.latent_channels, h, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, h))
+        self.time_in = MLPEmbedder(TIME_EMBED_DIM, h)
+        self.vector_in = MLPEmbedder(cfg.text_dim, h) if cfg.text_dim is not None else None
+        self.blocks = nn.ModuleList(RouterBlock(h, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(h, eps=1e-6)
+        self.head = nn.Sequential(nn.Linear(h, cfg.head_width), nn.GELU(approximate="tanh"),
+                                  nn.Linear(cfg.head_width, cfg.num_experts))
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT initialisation: xavier linears, zero adaLN modulation (blocks start as identity), zero last
+        head layer (the untrained router predicts the uniform prior). Skipped on the meta device, where
+        weights are about to be assigned from a file."""
+        if self.cls_token.is_meta:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for embedder in (self.time_in, self.vector_in):
+            if embedder is not None:
+                nn.init.normal_(embedder.in_layer.weight, std=0.02)
+                nn.init.normal_(embedder.out_layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.lin.weight)
+            nn.init.zeros_(block.modulation.lin.bias)
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in the backward pass (training only) to save activation memory."""
+        self.activation_checkpointing = bool(enabled)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        cfg = self.cfg
+        if x.ndim != 5:
+            raise ValueError(f"router input must be a latent (B, C, T, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.latent_channels:
+            raise ValueError(f"router expects {cfg.latent_channels} latent channels, got {x.shape[1]}")
+        if any(n % p for n, p in zip(x.shape[2:], cfg.patch_size)):
+            raise ValueError(f"latent size (T, H, W) = {tuple(x.shape[2:])} is not divisible by the router's "
+                             f"patch size {cfg.patch_size}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Logits (B, num_experts) for noisy latents ``x`` (B, C, T, H, W) at flow times ``t`` (B,) in [0, 1].
+
+        ``cond["clip"]`` (B, text_dim) is read only when ``cfg.text_dim`` is set; otherwise ``cond``
+        is ignored entirely (the router then commutes with CFG, DESIGN §2).
+        """
+        t = self._check_inputs(x, t)
+        dtype = self.patch_embed.weight.dtype
+        tokens = self.patch_embed(x.to(dtype))  # (B, H, T', H', W')
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = tokens + sincos_position_embedding_3d(grid, tokens.shape[-1], self.cfg.pos_ref_grid,
+                                                       device=tokens.device).to(dtype)
+        h = torch.cat([self.cls_token.to(dtype).expand(x.shape[0], -1, -1), tokens], dim=1)
+        c = self.time_in(timestep_embedding(t).to(dtype))
+        if self.vector_in is not None:
+            clip = (cond or {}).get("clip")
+            if clip is None or clip.shape != (x.shape[0], self.cfg.text_dim):
+                raise ValueError(f"this router is text-conditioned: cond['clip'] must be (B, {self.cfg.text_dim}), "
+                                 f"got {None if clip is None else tuple(clip.shape)}")
+            c = c + self.vector_in(clip.to(dtype))
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+        return self.head(self.final_norm(h[:, 0]))
+
+
+def router_flops(cfg: RouterConfig, latent_shape: tuple[int, ...]) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward call on a latent of shape (B, C, T, H, W)
+    (or (C, T, H, W) for one sample): patch embedding, embedders, attention (QKᵀ and AV included),
+    MLPs, modulation and head. Norms and element-wise ops are not counted."""
+    if len(latent_shape) == 4:
+        latent_shape = (1, *latent_shape)
+    if len(latent_shape) != 5:
+        raise ValueError(f"latent_shape must be (B, C, T, H, W) or (C, T, H, W), got {latent_shape}")
+    b, c, *size = latent_shape
+    if any(n % p for n, p in zip(size, cfg.patch_size)):
+        raise ValueError(f"latent size {tuple(size)} is not divisible by the patch size {cfg.patch_size}")
+    patches = math.prod(n // p for n, p in zip(size, cfg.patch_size))
+    n, h, m = patches + 1, cfg.hidden_size, cfg.mlp_hidden
+    flops = 2 * patches * c * math.prod(cfg.patch_size) * h
+    flops += 2 * (TIME_EMBED_DIM * h + h * h)
+    if cfg.text_dim is not None:
+        flops += 2 * (cfg.text_dim * h + h * h)
+    block = 2 * n * h * 3 * h + 4 * n * n * h + 2 * n * h * h + 4 * n * h * m + 2 * h * 6 * h
+    flops += cfg.depth * block
+    flops += 2 * (h * cfg.head_width + cfg.head_width * cfg.num_experts)
+    return b * flops
