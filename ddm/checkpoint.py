@@ -297,10 +297,22 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 # model from an export
 # --------------------------------------------------------------------------------------------------
 
+def _common_float_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The one floating dtype of the stored weights, or float32 when they mix dtypes."""
+    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
                             ) -> torch.nn.Module:
-    """Build the exported model (``kind`` = ``router`` or ``expert``) from its metadata ``config`` and
-    load its weights strictly; returned in eval mode. ``dtype`` casts the weights (default: as stored)."""
+    """Build the exported model from its metadata (``kind`` = ``expert`` → ``MMDiT``, ``router`` →
+    ``Router``; ``config`` → their ``from_dict``) and load the weights strictly; returned in eval mode.
+
+    The model is built on the meta device, so no random initialisation is paid for. ``dtype`` casts
+    the weights (default: as stored). Expert weights go through
+    ``ddm.models.layouts.load_expert_state_dict``, which names the layout converter when the weights
+    are in the other (Flux / Open-Sora) layout than the config says.
+    """
     state_dict, meta = load_export(path, device=device)
     kind, config = meta.get("kind"), meta.get("config")
     if meta.get("format") != EXPORT_FORMAT:
@@ -315,6 +327,17 @@ def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.
         with torch.device("meta"):
             model = Router(RouterConfig.from_dict(config))
         load_state_dict_strict(model, state_dict, f"'{path}'")
+    elif kind == "expert":
+        from ddm.models.layouts import load_expert_state_dict
+        from ddm.models.mmdit import MMDiT
+        from ddm.models.presets import ExpertConfig
+
+        with torch.device("meta"):
+            model = MMDiT(ExpertConfig.from_dict(config))
+        # the loader copies into existing tensors: give them real (uninitialised) memory, every one of
+        # which the strict load then overwrites
+        model = model.to(dtype=_common_float_dtype(state_dict)).to_empty(device=device)
+        load_expert_state_dict(model, state_dict)
     else:
         raise ValueError(f"'{path}': unknown export kind {kind!r} (expected 'expert' or 'router')")
     return model.eval()

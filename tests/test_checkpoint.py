@@ -232,3 +232,37 @@ def test_rebuild_is_strict_and_checks_the_kind(tmp_path):
     assert read_export_metadata(tmp_path / "foreign.safetensors") == {"format": "pt"}
     with pytest.raises(ValueError, match="not a ddm-export-v1 export"):
         build_model_from_export(tmp_path / "foreign.safetensors")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-flux"])
+def test_expert_rebuilds_from_its_export(tmp_path, preset):
+    from ddm.models.mmdit import MMDiT
+    from ddm.models.presets import get_expert_config
+
+    cfg = get_expert_config(preset)
+    torch.manual_seed(0)
+    expert = MMDiT(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_export(expert.state_dict(), tmp_path / "e", {"kind": "expert", "config": cfg.to_dict(), "expert_id": 1,
+                                                      "stage": "stage2"}, single_file=False, max_shard_bytes=50_000)
+    rebuilt = build_model_from_export(tmp_path / "e")
+    assert isinstance(rebuilt, MMDiT) and rebuilt.config == cfg and not rebuilt.training
+    assert state_dict_sha256(rebuilt.state_dict()) == state_dict_sha256(expert.state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in rebuilt.parameters())
+    cond = {"t5": torch.randn(1, 5, 32), "clip": torch.randn(1, 32), "guidance": torch.tensor([3.5])}
+    x, t = torch.randn(1, 16, 1, 4, 4), torch.tensor([0.7])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t, cond), expert(x, t, cond), rtol=0, atol=0)
+
+
+def test_expert_weights_in_the_other_layout_name_the_converter(tmp_path):
+    from ddm.models.mmdit import MMDiT
+    from ddm.models.presets import get_expert_config
+
+    flux = MMDiT(get_expert_config("tiny", layout="flux"))
+    config = get_expert_config("tiny").to_dict()  # says opensora
+    save_export(flux.state_dict(), tmp_path / "e", {"kind": "expert", "config": config}, sharded=False)
+    with pytest.raises(ValueError, match="convert_state_dict"):
+        build_model_from_export(tmp_path / "e")
