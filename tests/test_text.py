@@ -52,10 +52,12 @@ def test_t5_true_length_rows_are_the_padded_runs_first_rows(tiny_text_encoders):
     assert not torch.allclose(unpadded, t5[1], atol=1e-4)
 
 
-def test_long_caption_truncates_at_max_length(tiny_text_encoders):
+def test_long_caption_truncates_at_max_length(tiny_text_encoders, caplog):
     enc = tiny_text_encoders
     long_caption = " ".join(["a dog runs along the beach"] * 40)
-    (states,), _ = enc.encode([long_caption])
+    with caplog.at_level("WARNING", logger="ddm.models.text"):
+        (states,), _ = enc.encode([long_caption])
+    assert "truncated" in caplog.text
     assert states.shape == (enc.t5_max_length, 32) == (64, 32)
 
 
@@ -138,7 +140,7 @@ def test_untied_embeddings_are_refused(tiny_text_dir, tmp_path):
 
 
 def test_missing_files_name_their_upstream_repositories(tiny_text_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="google/t5-v1_1-xxl"):
+    with pytest.raises(FileNotFoundError, match="comfyanonymous/flux_text_encoders(.|\n)*google/t5-v1_1-xxl"):
         TextEncoders.from_folder(tmp_path / "nowhere" / "t5", tiny_text_dir / "clip")
     t5_dir = _copy_t5(tiny_text_dir, tmp_path)
     (t5_dir / "model.safetensors").unlink()

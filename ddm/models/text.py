@@ -91,8 +91,8 @@ def load_t5(t5_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
     """
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    t5_dir = require_path(t5_dir, "t5_tokenizer")
-    _check_t5_folder(t5_dir)
+    t5_dir = Path(t5_dir).expanduser()
+    _check_t5_folder(t5_dir)  # a missing folder names both upstream sources (weights, tokenizer)
     device = torch.device(device)
     dtype = _default_dtype(device, dtype)
     tokenizer = T5TokenizerFast.from_pretrained(str(t5_dir))
@@ -161,6 +161,9 @@ class TextEncoders:
         # Open-Sora: no attention mask, pad tokens take part (the released experts were trained so).
         states = self.t5(input_ids=ids).last_hidden_state.float()
         lengths = (ids != self.t5_tokenizer.pad_token_id).sum(dim=1)
+        full = int((lengths == self.t5_max_length).sum())
+        if full:
+            log.warning("%d caption(s) reached T5's max_length %d and were truncated", full, self.t5_max_length)
         return states, lengths
 
     @torch.no_grad()
