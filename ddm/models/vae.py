@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
+from ddm.checkpoint import load_state_dict_strict
 from ddm.flow import latent_frames
 from ddm.models.hunyuan_vae import HunyuanVAEConfig, HunyuanVideoAutoencoder
 
@@ -349,34 +350,19 @@ def read_vae_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
-    """A one-line account of how ``found`` differs from ``expected`` (keys and shapes), or None."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in found and found[k].shape != expected[k].shape]
-    parts = [f"{len(items)} {what} (first: {items[:3]})"
-             for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", shapes)) if items]
-    return "; ".join(parts) or None
-
-
 def load_vae(path: str | Path, config: HunyuanVAEConfig | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32) -> HunyuanVideoVAE:
     """Load the HunyuanVideo VAE (``vae.pt``, or ``.safetensors``) strictly, in eval mode.
 
     A missing file raises the FileNotFoundError of :func:`ddm.assets.require_path` (where to fetch it);
-    weights that do not fit ``config`` (default: the published 884-16c) raise a ValueError naming the first
-    missing and unexpected keys and shape mismatches.
+    weights that do not fit ``config`` (default: the published 884-16c) raise a ValueError naming the
+    missing and unexpected keys and shape mismatches (:func:`ddm.checkpoint.load_state_dict_strict`).
     """
     state = read_vae_state_dict(path)
     with torch.device("meta"):  # no 246M-parameter random init just to overwrite it
         model = HunyuanVideoVAE(config)
-    problem = _state_dict_mismatch(model.state_dict(), state)
-    if problem:
-        raise ValueError(f"VAE weights in '{path}' do not match the HunyuanVideo VAE "
-                         f"(block_out_channels={list(model.config.block_out_channels)}): {problem}")
-    model.load_state_dict(state, strict=True, assign=True)
+    load_state_dict_strict(model, state, f"VAE weights '{path}' (block_out_channels="
+                                         f"{list(model.config.block_out_channels)})")
     return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 
