@@ -1,0 +1,83 @@
+"""``python -m train.expert expert=K stage=stage2|stage3`` — train one expert in complete isolation.
+
+Each invocation is its own world: its own process group (or none), its own run directory
+``runs/<experiment>/expert<k>/<stage>/``, its own shards. ``expert=all`` trains the monolithic baseline
+with the same code over every shard (``compute_match=true`` sizes it to the DDM's FLOPs). Rerunning the
+same command resumes; stage 3 starts weights-only from the same expert's stage-2 export.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from train import job
+from train.run import plan_start, save_resolved_config, setup_logging
+
+log = logging.getLogger("ddm.train")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="expert")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    expert = job.parse_expert(cfg.expert, cfg.num_experts)
+    setup_logging(run_dir, "expert")
+    geometry = job.stage_geometry(cfg)
+    model_cfg = job.expert_config(cfg)
+    budget = job.expert_budget(model_cfg, geometry)
+    batch_size, max_steps = int(cfg.stage.batch_size), int(cfg.stage.max_steps)
+    world = job.world_size(cfg)
+
+    if expert == "all" and cfg.compute_match:
+        ledger = job.compute_ledger(cfg, budget, world)
+        print(ledger.table(), flush=True)
+        if cfg.compute_match_by == "batch":
+            batch_size = ledger.monolith_batch // world
+            if batch_size * world != ledger.monolith_batch:
+                batch_size += 1
+                log.info("monolith global batch %d is not divisible by %d ranks: using %d per rank",
+                         ledger.monolith_batch, world, batch_size)
+        else:
+            max_steps = ledger.monolith_steps
+
+    if cfg.dry_run:
+        print(job.dry_run_report(cfg, model_cfg, budget, geometry, run_dir, batch_size, max_steps, world), flush=True)
+        return
+
+    shards = job.check_shards(cfg, expert)  # clear error before any training
+    previous = cfg.stage.previous
+    previous_export = (Path(cfg.paths.runs_dir) / cfg.experiment_name / run_dir.parent.name / previous / "export"
+                       if previous else None)
+    plan = plan_start(run_dir, resume=cfg.resume, init_from=cfg.init_from, previous_stage=previous,
+                      previous_export=previous_export)
+    log.info("train.expert %s stage=%s %s", run_dir.parent.name, cfg.stage.name, plan.describe())
+    log.info("run dir %s; shards %s (%d samples)", run_dir, shards.root, shards.num_samples)
+    resolved = save_resolved_config(cfg, run_dir)
+    torch.manual_seed(int(cfg.seed) + (0 if expert == "all" else int(expert)))
+
+    from ddm.models.mmdit import MMDiT
+
+    init_sd = job.load_init_weights(plan, lambda: MMDiT(model_cfg)) if plan.mode == "init" else None
+    null_t5, null_clip = job.null_text(cfg)
+    from train.expert_module import ExpertModule
+
+    module = ExpertModule(
+        model_cfg=model_cfg.to_dict(),
+        train=job.train_settings(cfg, max_steps, conditioning=dict(cfg.conditioning),
+                                 activation_checkpointing=bool(cfg.model.activation_checkpointing),
+                                 compile=bool(cfg.model.compile)),
+        null_t5=null_t5, null_clip=null_clip, init_state_dict=init_sd,
+        vae=job.build_training_vae(cfg),
+        export_metadata=job.export_metadata(cfg, resolved, kind="expert", expert=expert, shards=shards,
+                                            model_config=model_cfg.to_dict()),
+    )
+    datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False)
+    job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
+            flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Building a training job's pieces from its config: geometry, budget, data, text nulls, weights, the fit.
+
+Shared by ``train.expert`` and ``train.router`` so the two jobs have one run-dir, resume, logging and
+export path (the router is the same machinery with a different module).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ddm.checkpoint import file_sha256, load_export, save_export
+from ddm.flow import latent_frames
+from ddm.models import budget as expert_budget_lib
+from ddm.models.presets import ExpertConfig, get_expert_config
+from ddm.models.router import RouterConfig, get_router_config, router_flops
+from train.ledger import ComputeLedger, match_monolith
+from train.run import StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir
+
+log = logging.getLogger("ddm.train")
+
+
+# --- identity and geometry ----------------------------------------------------------------------------
+
+def parse_expert(expert: Any, num_experts: int) -> int | str:
+    """``1..num_experts`` or ``"all"``; anything else is a clear error."""
+    if str(expert) == "all":
+        return "all"
+    try:
+        k = int(expert)
+    except (TypeError, ValueError):
+        raise ValueError(f"expert must be an integer in 1..{num_experts} or 'all', got {expert!r}") from None
+    if not 1 <= k <= int(num_experts):
+        raise ValueError(f"expert={k} is outside 1..{num_experts} (num_experts={num_experts}); "
+                         "expert ids start at 1, and expert=all trains the monolithic baseline")
+    return k
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Pixel and latent sizes of one stage."""
+
+    resolution: int
+    num_frames: int
+    spatial_factor: int
+    latent_frames: int
+    latent_size: int
+    text_tokens: int
+
+
+def stage_geometry(cfg: DictConfig) -> Geometry:
+    res, frames = int(cfg.stage.resolution), int(cfg.stage.num_frames)
+    sf = int(cfg.recipe.vae_spatial_factor)
+    if res % sf:
+        raise ValueError(f"stage resolution {res} is not divisible by the VAE's spatial factor {sf}")
+    text = cfg.recipe.text_pad_to
+    return Geometry(res, frames, sf, latent_frames(frames), res // sf, int(text) if text else 32)
+
+
+def expert_config(cfg: DictConfig) -> ExpertConfig:
+    return get_expert_config(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
+
+
+def router_config(cfg: DictConfig, num_experts: int) -> RouterConfig:
+    overrides = dict(cfg.router_model.get("overrides") or {})
+    overrides.setdefault("num_experts", int(num_experts))
+    return get_router_config(cfg.router_model.preset, **overrides)
+
+
+@dataclass(frozen=True)
+class Budget:
+    params: int
+    tokens_per_sample: int  # image + text tokens
+    image_tokens: int
+    flops_per_sample: float  # training FLOPs
+
+
+def expert_budget(model_cfg: ExpertConfig, g: Geometry) -> Budget:
+    tokens = expert_budget_lib.tokens_per_sample(model_cfg, g.resolution, g.resolution, g.num_frames,
+                                                 g.text_tokens, spatial_factor=g.spatial_factor)
+    flops = expert_budget_lib.training_flops_per_sample(model_cfg, g.resolution, g.resolution, g.num_frames,
+                                                        g.text_tokens, spatial_factor=g.spatial_factor)
+    return Budget(expert_budget_lib.count_parameters(model_cfg), tokens["image_tokens"] + g.text_tokens,
+                  tokens["image_tokens"], float(flops))
+
+
+def router_training_flops(router_cfg: RouterConfig, g: Geometry) -> float:
+    shape = (router_cfg.latent_channels, g.latent_frames, g.latent_size, g.latent_size)
+    return 3.0 * float(router_flops(router_cfg, shape))
+
+
+def router_tokens(router_cfg: RouterConfig, g: Geometry) -> int:
+    """Tokens one router call sees (its coarse patches plus the CLS token)."""
+    pt, ph, pw = router_cfg.patch_size
+    return (g.latent_frames // pt) * (g.latent_size // ph) * (g.latent_size // pw) + 1
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if cfg.trainer.accelerator == "gpu" else 1
+    return max(1, int(devices)) * int(cfg.trainer.num_nodes)
+
+
+def compute_ledger(cfg: DictConfig, budget: Budget, world: int) -> ComputeLedger:
+    """The monolith's compute matched to K experts (+ the router, on the DDM side)."""
+    g = stage_geometry(cfg)
+    r_flops = router_training_flops(router_config(cfg, cfg.num_experts), g)
+    return match_monolith(int(cfg.num_experts), budget.flops_per_sample, int(cfg.stage.batch_size) * world,
+                          int(cfg.stage.max_steps), r_flops, int(cfg.router_batch_size) * world,
+                          int(cfg.router_steps), by=cfg.compute_match_by,
+                          include_router=bool(cfg.compute_match_include_router))
+
+
+def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: Geometry, run_dir: Path,
+                   batch_size: int, max_steps: int, world: int) -> str:
+    """What the job would do, computed on the meta device, with nothing allocated."""
+    with torch.device("meta"):
+        from ddm.models.mmdit import MMDiT
+
+        built = sum(p.numel() for p in MMDiT(model_cfg).parameters())
+    strategy = {"deepspeed": f"zero{cfg.strategy.get('stage', 2)}"}.get(cfg.strategy.name, cfg.strategy.name)
+    strategy = "ddp" if strategy == "auto" else strategy
+    mem = expert_budget_lib.memory_per_gpu(built, strategy, world)
+    steps_per_epoch = int(cfg.data.samples_per_epoch) // batch_size
+    gib = 1024 ** 3
+    lines = [
+        f"dry run: {model_cfg.preset} ({model_cfg.layout} layout), stage {cfg.stage.name}",
+        f"  parameters            {built:,} (meta-device build; analytic {budget.params:,})",
+        f"  video                 {g.resolution}x{g.resolution} x {g.num_frames} frames -> latent "
+        f"{g.latent_frames}x{g.latent_size}x{g.latent_size}",
+        f"  tokens per sample     {budget.image_tokens:,} image + {g.text_tokens} text",
+        f"  training FLOPs/sample {budget.flops_per_sample:.4e}",
+        f"  strategy / world      {strategy} / {world} ranks; batch {batch_size} per rank",
+        f"  model-state memory    {mem['total'] / gib:.2f} GiB per GPU (bf16 weights+grads, fp32 master+AdamW; "
+        "activations and the EMA twin excluded)",
+        f"  steps per epoch       {steps_per_epoch:,}; max steps {max_steps:,}",
+        f"  run dir               {run_dir}",
+    ]
+    return "\n".join(lines)
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    num_samples: int
+    manifest_hash: str
+    expert_folders: list[int]
+
+
+def check_shards(cfg: DictConfig, expert: int | str) -> ShardSet:
+    """The shard set exists and holds this expert (or every expert, for ``all``) — before any training."""
+    from data.shards import available_experts, expert_counts, index_path, list_shards
+
+    root = Path(cfg.data.shards_dir)
+    folders = available_experts(root)
+    if len(folders) != int(cfg.num_experts):
+        raise ValueError(f"num_experts={cfg.num_experts} but {root} holds {len(folders)} expert shard folders "
+                         f"({', '.join(f'expert_{k}' for k in folders) or 'none'})")
+    wanted = folders if expert == "all" else [int(expert)]
+    for k in wanted:
+        if not list_shards(root, k, "train"):
+            raise ValueError(f"expert {k} has no training shards in {root / f'expert_{k}'}")
+    counts = expert_counts(root, "train")
+    return ShardSet(root, sum(counts.get(k, 0) for k in wanted), file_sha256(index_path(root)), folders)
+
+
+def datamodule(cfg: DictConfig, experts: int | str, batch_size: int, balanced: bool):
+    from data.datamodule import ShardDataModule
+
+    return ShardDataModule(
+        cfg.data.shards_dir, experts, "train", batch_size=batch_size, num_workers=int(cfg.data.num_workers),
+        samples_per_epoch=int(cfg.data.samples_per_epoch), seed=int(cfg.seed),
+        text_pad_to=cfg.data.text_pad_to, raw_frames=bool(cfg.data.raw_frames),
+        max_skip_fraction=float(cfg.data.max_skip_fraction), balanced=balanced)
+
+
+def null_text(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG null tensors (encodings of ""), generated once beside the text encoders when absent."""
+    from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors
+
+    folder = Path(cfg.text.get("null_dir") or Path(cfg.text.t5_dir).parent)
+    if (folder / NULL_T5_FILE).exists() and (folder / NULL_CLIP_FILE).exists():
+        return load_null_tensors(folder)
+    log.info("no null text tensors in %s: encoding the empty caption once with %s and %s",
+             folder, cfg.text.t5_dir, cfg.text.clip_dir)
+    return load_null_tensors(folder, TextEncoders.from_folder(cfg.text.t5_dir, cfg.text.clip_dir))
+
+
+def build_training_vae(cfg: DictConfig):
+    """The VAE, only when shards hold raw frames (encoding is then deferred to training)."""
+    if not cfg.data.raw_frames:
+        return None
+    from ddm.models.vae import build_vae
+
+    return build_vae(dict(cfg.vae))
+
+
+# --- weights -------------------------------------------------------------------------------------------
+
+def shape_mismatches(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], limit: int = 8) -> list[str]:
+    """Human-readable differences between a model's parameter shapes and a state dict."""
+    out = [f"missing {k} {tuple(v)}" for k, v in expected.items() if k not in got]
+    out += [f"unexpected {k} {tuple(v.shape)}" for k, v in got.items() if k not in expected]
+    out += [f"{k}: model {tuple(expected[k])} vs file {tuple(v.shape)}" for k, v in got.items()
+            if k in expected and tuple(v.shape) != tuple(expected[k])]
+    return out[:limit]
+
+
+def load_init_weights(plan: StartPlan, net_factory) -> dict[str, torch.Tensor]:
+    """Weights for a weights-only start; shapes are checked against a meta-device build first."""
+    sd, meta = load_export(plan.init_from)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in net_factory().state_dict().items()}
+    problems = shape_mismatches(expected, sd)
+    if problems:
+        from ddm.models.layouts import detect_layout
+
+        hint = ""
+        if any(k.endswith(".qkv.weight") or k.endswith(".q_proj.weight") for k in sd):
+            hint = f" (the file is in the {detect_layout(sd)} layout; see ddm.models.layouts.convert_state_dict)"
+        raise ValueError(f"init_from={plan.init_from} does not match the model{hint}; first mismatches:\n  "
+                         + "\n  ".join(problems))
+    log.info("weights-only start from %s (kind=%s, stage=%s, step=%s)", plan.init_from, meta.get("kind"),
+             meta.get("stage"), meta.get("step"))
+    return sd
+
+
+def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | str | None,
+                    shards: ShardSet, model_config: dict) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "kind": kind,
+        "config": model_config,
+        "stage": cfg.stage.name,
+        "experiment": cfg.experiment_name,
+        "manifest_hash": shards.manifest_hash,
+        "train_config": resolved,
+        "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
+    }
+    if expert is not None:
+        meta["expert_id"] = expert
+    centroids = Path(cfg.paths.data_dir) / "centroids.safetensors"
+    meta["centroids_hash"] = file_sha256(centroids) if centroids.exists() else ""
+    return meta
+
+
+def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, Any]:
+    """The plain-dict training settings the LightningModules take (hyper-parameters in checkpoints)."""
+    from omegaconf import OmegaConf
+
+    out = {
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "flow": OmegaConf.to_container(cfg.flow, resolve=True),
+        "max_steps": int(max_steps),
+        "max_nonfinite_steps": int(cfg.trainer.max_nonfinite_steps),
+        "grad_clip_in_module": cfg.strategy.name == "fsdp",
+    }
+    out.update(extra)
+    return out
+
+
+# --- the fit -------------------------------------------------------------------------------------------
+
+def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, batch_size: int, max_steps: int,
+        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None) -> None:
+    """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from train.callbacks import SignalHandler, StepCheckpoint, ThroughputMonitor
+
+    ckpt = StepCheckpoint(checkpoint_dir(run_dir), int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
+    callbacks = [
+        ckpt,
+        SignalHandler(ckpt, requeue=bool(cfg.trainer.slurm_auto_requeue)),
+        ThroughputMonitor(flops_per_sample, tokens_per_sample, batch_size, cfg.trainer.peak_flops_per_device,
+                          int(cfg.trainer.log_every_n_steps)),
+        TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
+        *(extra_callbacks or []),
+    ]
+    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.checkpoint) if plan.checkpoint else None)
+    if trainer.global_step < max_steps and not trainer.interrupted:
+        log.info("stopped at step %d of %d (signal or early stop): no export", trainer.global_step, max_steps)
+        return
+    if cfg.checkpoint.export_on_end and trainer.global_step >= max_steps:
+        export_module(trainer, module, run_dir)
+
+
+def export_module(trainer, module, run_dir: Path) -> Path:
+    """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes)."""
+    from train.export import gather_full_state_dict
+
+    sd = gather_full_state_dict(module.ema_model)
+    out = export_dir(run_dir)
+    if trainer.is_global_zero:
+        meta = dict(module.hparams["export_metadata"])
+        meta["step"] = int(trainer.global_step)
+        save_export(sd, out, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))
+        log.info("exported EMA weights at step %d → %s", trainer.global_step, out)
+    trainer.strategy.barrier("ddm-export")
+    return out
+

@@ -1,0 +1,98 @@
+"""``python -m train.router [stage=stage2]`` — train the router as its own job, never loading an expert.
+
+It reads every expert's shards with label = expert id − 1 at the natural cluster frequencies (or
+uniformly with ``balanced_sampling=true``; the export then stores the log-prior correction the sampler
+adds to the logits). The router is resolution-agnostic (positions are recomputed from the latent size),
+so the router of one stage serves both; ``ddm.pipeline`` picks ``Router/<stage>/`` when a per-stage
+router exists and ``Router/`` otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from train import job
+from train.run import plan_start, save_resolved_config, setup_logging
+
+log = logging.getLogger("ddm.train")
+
+
+def prior_correction(counts: dict[int, int], balanced: bool) -> list[float]:
+    """Logit correction log π_k − log π_k^train (zero when the router trains at natural frequencies)."""
+    total = sum(counts.values())
+    k = len(counts)
+    if not balanced:
+        return [0.0] * k
+    return [math.log(counts[e] / total) - math.log(1.0 / k) for e in sorted(counts)]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="router")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    setup_logging(run_dir, "router")
+    geometry = job.stage_geometry(cfg)
+    router_cfg = job.router_config(cfg, cfg.num_experts)
+    if cfg.use_text:
+        from dataclasses import replace
+
+        router_cfg = replace(router_cfg, text_dim=job.expert_config(cfg).vec_in_dim)
+    expert_cfg = job.expert_config(cfg)  # geometry only: the experts' patch for the shift and the FLOP share
+    r_flops = job.router_training_flops(router_cfg, geometry)
+    e_flops = job.expert_budget(expert_cfg, geometry).flops_per_sample
+    if cfg.dry_run:
+        from ddm.models.router import Router
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in Router(router_cfg).parameters())
+        print(f"dry run: router {router_cfg.preset}, {params:,} parameters, K={router_cfg.num_experts}; "
+              f"training FLOPs/sample {r_flops:.4e} = {r_flops / e_flops:.3%} of one expert's; run dir {run_dir}")
+        return
+
+    shards = job.check_shards(cfg, "all")
+    if router_cfg.num_experts != len(shards.expert_folders):
+        raise ValueError(f"the router predicts {router_cfg.num_experts} experts but {shards.root} holds "
+                         f"{len(shards.expert_folders)} expert shard folders")
+    from data.shards import expert_counts
+
+    counts = expert_counts(shards.root, split="train")
+    plan = plan_start(run_dir, resume=cfg.resume, init_from=cfg.init_from, previous_stage=None,
+                      previous_export=None)
+    log.info("train.router stage=%s %s; run dir %s; shards %s, expert counts %s", cfg.stage.name,
+             plan.describe(), run_dir, shards.root, counts)
+    resolved = save_resolved_config(cfg, run_dir)
+    torch.manual_seed(int(cfg.seed))
+    from ddm.models.router import Router
+    from train.router_module import RouterModule
+
+    init_sd = job.load_init_weights(plan, lambda: Router(router_cfg)) if plan.mode == "init" else None
+    meta = job.export_metadata(cfg, resolved, kind="router", expert=None, shards=shards,
+                               model_config=router_cfg.to_dict())
+    meta.update({
+        "num_experts": router_cfg.num_experts,
+        "latent_geometry": {"channels": router_cfg.latent_channels, "frames": geometry.latent_frames,
+                            "height": geometry.latent_size, "width": geometry.latent_size},
+        "t_scale": 1000.0,
+        "expert_counts": {str(k): int(v) for k, v in counts.items()},
+        "balanced_sampling": bool(cfg.balanced_sampling),
+        "prior_correction": prior_correction(counts, bool(cfg.balanced_sampling)),
+        "uses_text": router_cfg.text_dim is not None,
+    })
+    module = RouterModule(
+        router_cfg=router_cfg.to_dict(),
+        train=job.train_settings(cfg, int(cfg.max_steps), label_smoothing=float(cfg.label_smoothing),
+                                 calibration_bins=int(cfg.calibration_bins),
+                                 expert_patch_size=list(expert_cfg.patch_size)),
+        export_metadata=meta, init_state_dict=init_sd, vae=job.build_training_vae(cfg))
+    datamodule = job.datamodule(cfg, experts="all", batch_size=int(cfg.batch_size),
+                                balanced=bool(cfg.balanced_sampling))
+    job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size), max_steps=int(cfg.max_steps),
+            flops_per_sample=r_flops, tokens_per_sample=job.router_tokens(router_cfg, geometry))
+
+
+if __name__ == "__main__":
+    main()

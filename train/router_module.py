@@ -1,0 +1,163 @@
+"""The LightningModule of the router: a classifier of (x_t, t) → which expert's cluster x0 came from.
+
+Trained on every expert's shards with label = expert id − 1, noised with exactly the experts' flow
+(same interpolation, logit-normal t, same video shift computed from the *expert's* patch geometry, t on
+the experts' scale). Cross-entropy learns P(k | x_t), the weight of expert k in the exact mixture of
+velocities (DESIGN §2). Validation measures, per timestep bin, accuracy, mean max-probability and
+expected calibration error, and plots them against t.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ddm import flow
+from ddm.models.router import Router, RouterConfig
+from train.expert_module import FlowMatchingModule
+
+log = logging.getLogger("ddm.train")
+
+
+def calibration_by_t(t: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, bins: int,
+                     conf_bins: int = 10) -> list[dict[str, float]]:
+    """Per timestep bin over [0, 1]: count, accuracy, mean max-probability, expected calibration error."""
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    rows = []
+    for i in range(bins):
+        sel = (t >= edges[i]) & ((t < edges[i + 1]) if i < bins - 1 else (t <= edges[i + 1]))
+        n = int(sel.sum())
+        row = {"t_lo": float(edges[i]), "t_hi": float(edges[i + 1]), "n": n}
+        if n:
+            c, k = conf[sel], correct[sel]
+            cb = torch.clamp((c * conf_bins).long(), max=conf_bins - 1)
+            ece = sum(((cb == j).float().sum() / n) * (k[cb == j].mean() - c[cb == j].mean()).abs()
+                      for j in range(conf_bins) if (cb == j).any())
+            row.update(accuracy=float(k.mean()), mean_max_prob=float(c.mean()), ece=float(ece))
+        rows.append(row)
+    return rows
+
+
+def plot_calibration(rows: list[dict[str, float]], path: Path, title: str = "router") -> None:
+    """Accuracy, mean max-probability and ECE against t (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    filled = [r for r in rows if r["n"]]
+    mid = [(r["t_lo"] + r["t_hi"]) / 2 for r in filled]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(mid, [r["accuracy"] for r in filled], "o-", label="accuracy")
+    ax.plot(mid, [r["mean_max_prob"] for r in filled], "s--", label="mean max-probability")
+    ax.plot(mid, [r["ece"] for r in filled], "^:", label="expected calibration error")
+    ax.set_xlabel("t (1 = noise)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class RouterModule(FlowMatchingModule):
+    """Cross-entropy on noised latents from all experts' shards."""
+
+    def __init__(self, router_cfg: dict[str, Any], train: dict[str, Any], export_metadata: dict[str, Any],
+                 init_state_dict: dict[str, torch.Tensor] | None = None,
+                 vae: torch.nn.Module | None = None) -> None:
+        super().__init__(train["optim"], train["max_steps"], train["max_nonfinite_steps"],
+                         train["grad_clip_in_module"])
+        self.save_hyperparameters({"router_cfg": router_cfg, "train": train, "export_metadata": export_metadata})
+        self.router_cfg = RouterConfig.from_dict(router_cfg)
+        self.train_cfg = train
+        self._init_state_dict = init_state_dict
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False)
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.calibration: list[dict[str, float]] = []
+
+    def build_network(self) -> torch.nn.Module:
+        return Router(self.router_cfg)
+
+    def after_build(self) -> None:
+        if self._init_state_dict is not None:
+            self.load_initial_weights(self._init_state_dict)
+            self._init_state_dict = None
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in sd.items() if not k.startswith("vae.")}
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if "latent" in batch:
+            return batch["latent"].float()
+        with torch.no_grad():
+            return self.vae.encode(batch["frames"]).float()
+
+    def shift_alpha(self, x0: torch.Tensor) -> float:
+        """The experts' shift: computed from the expert's patch, not the router's coarser one."""
+        if self.train_cfg["flow"].get("shift") is not None:
+            return float(self.train_cfg["flow"]["shift"])
+        _, _, t, h, w = x0.shape
+        _, ph, pw = self.train_cfg["expert_patch_size"]
+        return flow.video_shift_alpha((h // ph) * (w // pw), t)
+
+    def cond(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        x0 = self.latents(batch)
+        fcfg = self.train_cfg["flow"]
+        t = flow.shift_time(flow.sample_logit_normal(x0.shape[0], device=x0.device, mean=fcfg["logit_mean"],
+                                                     std=fcfg["logit_std"]), self.shift_alpha(x0))
+        x_t = flow.interpolate(x0, torch.randn_like(x0), t)
+        logits = self.model(x_t, t, self.cond(batch))
+        labels = batch["label"].long()
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=float(self.train_cfg["label_smoothing"]))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return self.guard_nonfinite(loss)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Evaluate the EMA router on a fixed grid of t (one per bin centre), seeded per batch."""
+        x0 = self.latents(batch)
+        bins = int(self.train_cfg["calibration_bins"])
+        g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
+        for i in range(bins):
+            t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            logits = self.ema_model(flow.interpolate(x0, noise, t), t, self.cond(batch))
+            self._val.append((t.cpu(), logits.float().softmax(-1).cpu(), batch["label"].long().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        t, probs, labels = (torch.cat(x) for x in zip(*self._val))
+        self._val.clear()
+        rows = calibration_by_t(t, probs, labels, int(self.train_cfg["calibration_bins"]))
+        self.calibration = rows
+        acc = float((probs.argmax(1) == labels).float().mean())
+        self.log("val/accuracy", acc)
+        for r in rows:
+            if r["n"]:
+                key = f"{(r['t_lo'] + r['t_hi']) / 2:.2f}"
+                self.log(f"val_t/accuracy_t{key}", r["accuracy"])
+                self.log(f"val_t/ece_t{key}", r["ece"])
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir) / "plots"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "router_calibration.json").write_text(json.dumps({"step": self.global_step, "bins": rows},
+                                                                    indent=2))
+            plot_calibration(rows, out / "router_calibration.png",
+                             title=f"router (EMA) at step {self.global_step}: accuracy {acc:.3f}")

@@ -1,0 +1,250 @@
+"""What every training job shares: its run directory, how it starts, its loggers, strategy and trainer.
+
+A job's run directory is deterministic (``runs/<experiment>/<role>/<stage>/``) so a requeued job finds
+its own checkpoints. It starts in one of three named modes, logged at start:
+
+* ``resume``  — continue from ``checkpoints/last.ckpt`` (model, optimizer, scheduler, step, data position);
+* ``init``    — weights-only start from an export (fresh optimizer, warm-up, step 0), e.g. stage 3 from
+  stage 2's export, or any ``init_from=PATH``;
+* ``scratch`` — random initialisation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("ddm.train")
+
+
+def role_name(expert: Any) -> str:
+    """Folder name of a training role: ``expert<k>`` or ``monolith`` for ``expert=all``."""
+    return "monolith" if str(expert) == "all" else f"expert{expert}"
+
+
+# Used by the configs' run_dir: ${paths.runs_dir}/${experiment_name}/${role:${expert}}/${stage.name}
+if not OmegaConf.has_resolver("role"):
+    OmegaConf.register_new_resolver("role", role_name)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def export_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "export"
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """How a job starts; see the module docstring."""
+
+    mode: str  # "resume" | "init" | "scratch"
+    checkpoint: Path | None = None
+    init_from: Path | None = None
+
+    def describe(self) -> str:
+        if self.mode == "resume":
+            return f"mode=resume from {self.checkpoint}"
+        if self.mode == "init":
+            return f"mode=init (weights only: fresh optimizer, warm-up, step 0) from {self.init_from}"
+        return "mode=scratch (random initialisation)"
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``last`` points at, if it is complete; else the newest complete step checkpoint."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    last = ckpt_dir / "last.ckpt"
+    if last.is_symlink() or last.exists():
+        target = last.resolve()
+        if target.exists():
+            return target
+        log.warning("checkpoints/last.ckpt points at missing %s; looking for the newest step checkpoint", target)
+    steps = sorted(p for p in ckpt_dir.glob("step-*.ckpt") if not p.name.endswith(".partial"))
+    return steps[-1] if steps else None
+
+
+def plan_start(run_dir: Path, *, resume: bool, init_from: str | Path | None,
+               previous_stage: str | None, previous_export: Path | None) -> StartPlan:
+    """Decide the start mode. Raises before any training if a required input is missing."""
+    if resume:
+        ckpt = find_resume_checkpoint(run_dir)
+        if ckpt is not None:
+            if init_from:
+                log.info("a checkpoint exists in %s: resuming; init_from=%s is ignored (set resume=false to "
+                         "start over from it)", run_dir, init_from)
+            return StartPlan("resume", checkpoint=ckpt)
+    if init_from:
+        path = Path(str(init_from)).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"init_from={path} does not exist (expected an export folder, a "
+                                    "master.safetensors file or a sharded model/ folder)")
+        return StartPlan("init", init_from=path)
+    if previous_stage:
+        if previous_export is None or not previous_export.exists():
+            raise FileNotFoundError(
+                f"this stage starts from the {previous_stage} export, but {previous_export} does not exist. "
+                f"Train {previous_stage} first (same expert, stage={previous_stage}) or pass init_from=PATH.")
+        return StartPlan("init", init_from=previous_export)
+    return StartPlan("scratch")
+
+
+def persistent_wandb_id(run_dir: Path) -> str:
+    """The wandb run id stored in the run dir, created once, so a requeued job continues the same run."""
+    path = Path(run_dir) / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id
+
+
+def setup_logging(run_dir: Path, name: str) -> None:
+    """Log to stdout and to ``<run_dir>/logs/<name>.log`` (appending across requeues)."""
+    logs = Path(run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S")
+    root = logging.getLogger("ddm")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(logs / f"{name}.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> dict:
+    """Write the fully resolved config beside the run and return it as a plain dict."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), Path(run_dir) / "resolved_config.yaml")
+    return resolved  # type: ignore[return-value]
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
+    """CSV always; wandb when enabled (offline by default; the run id persists in the run dir)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="csv")]
+    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
+    if cfg.logger.wandb and mode != "disabled":
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError as err:  # pragma: no cover - wandb is a declared dependency
+            raise RuntimeError("logger=wandb needs the wandb package (pip install wandb)") from err
+        os.environ.setdefault("WANDB_MODE", mode)
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name,
+                                   id=persistent_wandb_id(run_dir), resume="allow", save_dir=str(run_dir)))
+    return loggers
+
+
+def build_strategy(cfg: DictConfig):
+    """A Lightning strategy from ``cfg.strategy``, or a clear error if the installation cannot provide it."""
+    s = cfg.strategy
+    accelerator = cfg.trainer.accelerator
+    if s.name == "auto":
+        return "auto"
+    if s.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=bool(s.get("find_unused_parameters", False)),
+                           process_group_backend="gloo" if accelerator == "cpu" else None)
+    if s.name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
+                                     save_distributed_checkpoint=bool(s.save_distributed_checkpoint))
+    if s.name == "deepspeed":
+        if accelerator == "cpu":
+            raise ValueError("strategy=deepspeed needs GPUs (Lightning's DeepSpeedStrategy refuses the CPU "
+                             "accelerator). On CPU use strategy=fsdp (FSDP2) or strategy=ddp.")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise ValueError("strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from err
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(config=deepspeed_config(cfg))
+    raise ValueError(f"unknown strategy {s.name!r}: expected auto, ddp, fsdp or deepspeed (zero2/zero3 configs)")
+
+
+def deepspeed_config(cfg: DictConfig) -> dict:
+    """The DeepSpeed JSON config for ZeRO-2/3 from ``cfg.strategy`` (tested on CPU, run on GPUs)."""
+    s = cfg.strategy
+    zero: dict[str, Any] = {
+        "stage": int(s.stage),
+        "contiguous_gradients": True,
+        "overlap_comm": True,
+        "allgather_bucket_size": int(s.allgather_bucket_size),
+        "reduce_bucket_size": int(s.reduce_bucket_size),
+    }
+    if s.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if int(s.stage) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # exports consolidate offline instead
+        if s.get("offload_parameters"):
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": str(cfg.trainer.precision).startswith("bf16")},
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
+        "train_micro_batch_size_per_gpu": int(cfg.stage.batch_size),
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, max_steps: int):
+    """The Lightning Trainer for a job; gradient clipping is left to the strategy where it owns it."""
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    strategy = build_strategy(cfg)
+    plugins = []
+    if SLURMEnvironment.detect():
+        # We own requeue (train.callbacks.SignalHandler); Lightning must not requeue a second time.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    clip = float(cfg.optim.grad_clip or 0.0)
+    # DeepSpeed clips through its config; ModelParallelStrategy (FSDP2) clips in the module.
+    lightning_clips = cfg.strategy.name in ("auto", "ddp")
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision,
+        strategy=strategy,
+        plugins=plugins or None,
+        max_steps=max_steps,
+        max_epochs=-1,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=clip if (clip and lightning_clips) else None,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_checkpointing=False,  # train.callbacks.StepCheckpoint writes atomic checkpoints
+        limit_val_batches=0 if cfg.trainer.val_check_interval is None else None,
+        val_check_interval=cfg.trainer.val_check_interval,
+        check_val_every_n_epoch=None if cfg.trainer.val_check_interval is not None else 1,
+        num_sanity_val_steps=0,
+        deterministic=cfg.trainer.deterministic,
+        use_distributed_sampler=False,  # the DataModule splits shards across ranks itself
+        enable_model_summary=False,
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write a JSON file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
