@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,22 @@ CENTROIDS_FORMAT = "ddm-centroids-v1"
 MIN_POINTS_PER_FINE = 8  # fine centres are capped at N / 8 so small data sets do not get singleton cells
 SUBSAMPLE_PER_FINE = 64  # default subsample: 64 points per fine centre (faiss warns below 39)
 CHUNK_ELEMENTS = 1 << 24  # rows per distance chunk = 16M / number of centres (a 64 MiB float32 block)
+SMALL_WORK = 1 << 22  # below ~4M multiply-adds an op runs single-threaded (see _one_thread_if_small)
+
+
+@contextmanager
+def _one_thread_if_small(work: float):
+    """Run tiny tensor work on one thread: waking the intra-op pool costs more than such ops (up to
+    milliseconds per op on a busy machine, which made small clusterings 100× slower)."""
+    threads = torch.get_num_threads()
+    if work >= SMALL_WORK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- distances --------------------------------------------------------------------------------------------
@@ -192,6 +209,11 @@ def balanced_assign(cost: torch.Tensor, lo: float, hi: float, *, weights: torch.
     are indivisible atoms, so a band may be out of reach), keeping the best prices seen. Returns
     ``(labels, prices)``; with unit weights follow with :func:`repair_band` to make the band exact.
     """
+    with _one_thread_if_small(cost.numel()):
+        return _balanced_assign(cost, lo, hi, weights, prices, max_rounds, patience)
+
+
+def _balanced_assign(cost, lo, hi, weights, prices, max_rounds, patience):
     n, k = cost.shape
     cost64 = cost.to(torch.float64)
     prices = torch.zeros(k, dtype=torch.float64, device=cost.device) if prices is None else prices.clone()
@@ -325,7 +347,11 @@ def kmeans_fit(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, balan
     Balanced mode keeps each cluster's (weighted) size in the :func:`balance_band`; with unit weights the
     final labels meet it exactly. ``x`` may live on the CPU while ``device`` is a GPU: rows move in chunks.
     """
-    device = torch.device(device)
+    with _one_thread_if_small(x.numel() * k):
+        return _kmeans_fit(x, k, iters, seed, balanced, torch.device(device), weights, init, max_ratio, progress, desc)
+
+
+def _kmeans_fit(x, k, iters, seed, balanced, device, weights, init, max_ratio, progress, desc) -> KMeansFit:
     n = len(x)
     w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
     if x.ndim != 2 or len(w) != n:
@@ -351,7 +377,11 @@ def kmeans_fit(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, balan
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        centres = _update_centres(x, labels, w_dev, centres, dists)
+        new_centres = _update_centres(x, labels, w_dev, centres, dists)
+        moved = float((new_centres - centres).pow(2).sum()) / max(float(centres.pow(2).sum()), 1e-30)
+        centres = new_centres
+        if moved < 1e-12:  # balanced labels can flicker on ties while the centres stay put
+            break
     # final assignment to the final centres
     if balanced:
         cost = expert_costs(x, centres, torch.arange(k, device=device), k)
