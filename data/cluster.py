@@ -35,8 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data.embed import load_embeddings
-from data.stage import (StageResult, fingerprint, load_stage_result, mark_stage_done, stage_is_done,
-                        write_parquet_atomic)
+from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
 from ddm.video_io import atomic_output
 
 log = logging.getLogger(__name__)
@@ -502,10 +501,8 @@ def cluster(embeddings_path: str | Path, out_dir: str | Path, *, num_experts: in
     config = {"stage": STAGE, "num_experts": num_experts, "fine_clusters": fine_clusters, "subsample": subsample,
               "iters": iters, "balanced": balanced, "max_ratio": max_ratio, "seed": seed}
     fp = fingerprint(config, [embeddings_path])
-    if stage_is_done(out, STAGE, fp):
-        result = load_stage_result(out, STAGE)
-        log.info(result.summary_line())
-        return result
+    if done := completed_result(out, STAGE, fp):
+        return done
 
     keys, x = load_embeddings(embeddings_path)
     fit = two_level_kmeans(x, num_experts, fine_clusters=fine_clusters, subsample=subsample, iters=iters,

@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data.stage import (StageResult, fingerprint, load_stage_result, mark_stage_done, stage_is_done,
-                        write_parquet_atomic)
+from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
 from ddm.assets import require_path
 from ddm.video_io import read_video
 
@@ -168,10 +167,8 @@ def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, fra
         raise ValueError(f"manifest '{manifest_path}' is empty: nothing to embed")
     config = {"stage": STAGE, "embedder": spec, "frames": frames}
     fp = fingerprint(config, [manifest_path] + ([spec["path"]] if "path" in spec else []))
-    if stage_is_done(out, STAGE, fp):
-        result = load_stage_result(out, STAGE)
-        log.info(result.summary_line())
-        return result
+    if done := completed_result(out, STAGE, fp):
+        return done
 
     model = None if spec["type"] == "color_motion" else _HFImageEmbedder(spec, device)
     log.info("[embed] %d items with %s (frames=%s) on %s → %s", len(manifest), spec["type"], frames, device, out)

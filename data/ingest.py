@@ -27,8 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data.stage import (StageResult, fingerprint, load_stage_result, mark_stage_done, stage_is_done,
-                        write_parquet_atomic)
+from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
 from ddm.video_io import probe_video
 
 log = logging.getLogger(__name__)
@@ -181,10 +180,8 @@ def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[
     files = [] if src.is_dir() else [src]
     files += [p for c in candidates for p in (c.path, c.path.with_suffix(".txt")) if p.is_file()]
     fp = fingerprint(config, files)
-    if stage_is_done(out, STAGE, fp):
-        result = load_stage_result(out, STAGE)
-        log.info(result.summary_line())
-        return result
+    if done := completed_result(out, STAGE, fp):
+        return done
 
     log.info("[ingest] probing %d files from %s", len(candidates), src)
     seen: set[Path] = set()

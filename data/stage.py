@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddm.video_io import atomic_output  # the one temp-file + rename helper, shared with the video writers
+
+log = logging.getLogger(__name__)
 
 MARKER_FORMAT = "ddm-stage-v1"
 
@@ -113,6 +116,18 @@ def load_stage_result(out_dir: str | Path, stage: str) -> StageResult:
     """The result recorded by the last completed run of ``stage``, flagged ``skipped=True``."""
     payload = json.loads(marker_path(out_dir, stage).read_text())
     return replace(StageResult.from_dict(payload["result"]), skipped=True)
+
+
+def completed_result(out_dir: str | Path, stage: str, fingerprint: str) -> StageResult | None:
+    """The recorded (skipped) result when ``stage`` is already done with this fingerprint, else None.
+
+    The usual opening of a stage: ``if (done := completed_result(out, STAGE, fp)): return done``.
+    """
+    if not stage_is_done(out_dir, stage, fingerprint):
+        return None
+    result = load_stage_result(out_dir, stage)
+    log.info(result.summary_line())
+    return result
 
 
 def mark_stage_done(out_dir: str | Path, stage: str, fingerprint: str, result: StageResult) -> Path:
