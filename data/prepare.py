@@ -1,0 +1,161 @@
+"""``python -m data.prepare``: run the data stages ingest → embed → cluster → encode (Hydra, ``conf/prepare.yaml``).
+
+Any subset of ``stages`` runs, always in pipeline order; each stage is idempotent (a rerun with the same
+inputs and config does no work) and encode resumes after a crash. Everything goes to ``paths.data_dir``::
+
+    manifest.parquet rejected.parquet embeddings.parquet centroids.safetensors assignments.parquet
+    shards/<encode.stage>/expert_<k>/<split>-NNNNNN.tar + shards.parquet + encode_rejected.parquet
+    logs/prepare/ (Hydra's log and resolved config)
+
+Configuration mistakes are reported before any heavy work: a missing or empty ``input``, more experts
+than samples, an embedder / VAE / text-encoder folder that does not exist (with where to get it).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pyarrow.parquet as pq
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from data.audit import audit
+from data.cluster import cluster
+from data.embed import _check_spec as check_embedder_spec
+from data.embed import embed
+from data.encode import encode
+from data.ingest import ingest
+from data.stage import StageResult
+from ddm.assets import require_path
+from ddm.flow import latent_frames
+from ddm.models.text import make_tiny_text_encoders
+
+log = logging.getLogger("data.prepare")
+
+STAGES = ("ingest", "embed", "cluster", "encode")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def selected_stages(stages: Sequence[str]) -> list[str]:
+    """The requested stages in pipeline order; ValueError for unknown names or an empty list."""
+    stages = list(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {list(STAGES)}, got {stages}")
+    return [s for s in STAGES if s in stages]
+
+
+def check_input(input_path: Any) -> Path:
+    """The ingest input as a Path; FileNotFoundError / ValueError when it is unset, missing or empty."""
+    if input_path in (None, "", "???"):
+        raise ValueError("set input=<folder of clips with .txt captions | CSV/parquet with path,text columns>")
+    path = Path(str(input_path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"input '{path}' does not exist")
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise ValueError(f"input folder '{path}' is empty: nothing to prepare")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"input manifest '{path}' is empty: nothing to prepare")
+    return path
+
+
+def text_dirs(text: Mapping[str, Any]) -> dict[str, str]:
+    """``{"t5_dir", "clip_dir"}``; with ``create_tiny`` absent tiny encoders are built (logged), otherwise a
+    missing folder raises FileNotFoundError naming where the real files come from."""
+    t5_dir, clip_dir = Path(text["t5_dir"]), Path(text["clip_dir"])
+    if text.get("create_tiny") and not (t5_dir.is_dir() and clip_dir.is_dir()):
+        folder = Path(text["folder"])
+        if (t5_dir, clip_dir) != (folder / "t5", folder / "clip"):
+            raise ValueError("text.create_tiny builds <folder>/t5 and <folder>/clip: set t5_dir and clip_dir to those")
+        log.info("[text] building tiny random-initialised T5 + CLIP encoders in %s (text=tiny: for tests and "
+                 "demos, not for real training)", folder)
+        make_tiny_text_encoders(folder)
+    require_path(t5_dir, "t5")
+    require_path(clip_dir, "clip")
+    return {"t5_dir": str(t5_dir), "clip_dir": str(clip_dir)}
+
+
+def preflight(cfg: DictConfig, stages: Sequence[str]) -> None:
+    """Cheap checks of everything the selected stages will need (before any stage runs)."""
+    if "ingest" in stages:
+        check_input(None if OmegaConf.is_missing(cfg, "input") else cfg.input)
+    if cfg.num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {cfg.num_experts}")
+    if "embed" in stages:
+        check_embedder_spec(_plain(cfg.embedder))
+    if "encode" in stages:
+        latent_frames(int(cfg.encode.num_frames))
+        if not cfg.encode.raw_frames and cfg.vae.get("path"):
+            require_path(cfg.vae.path, "vae")
+        text_dirs(_plain(cfg.text))
+
+
+def check_enough_samples(manifest_path: Path, num_experts: int) -> None:
+    """ValueError when the manifest has fewer usable samples than experts (before embedding anything)."""
+    n = pq.ParquetFile(manifest_path).metadata.num_rows
+    if n == 0:
+        raise ValueError(f"'{manifest_path}' lists no usable samples (see rejected.parquet beside it)")
+    if num_experts > n:
+        raise ValueError(f"num_experts={num_experts} is more than the {n} usable samples in '{manifest_path}'")
+
+
+def prepare(cfg: DictConfig) -> dict[str, StageResult]:
+    """Run the configured stages; returns each stage's result by name."""
+    stages = selected_stages(cfg.stages)
+    preflight(cfg, stages)
+    prep = Path(cfg.paths.data_dir)
+    prep.mkdir(parents=True, exist_ok=True)
+    manifest, embeddings, assignments = prep / "manifest.parquet", prep / "embeddings.parquet", prep / "assignments.parquet"
+    log.info("[prepare] stages %s → %s", stages, prep.resolve())
+    results: dict[str, StageResult] = {}
+    common = {"progress": bool(cfg.progress)}
+    if "ingest" in stages:
+        results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, workers=cfg.ingest.workers,
+                                   **common)
+    if "embed" in stages or "cluster" in stages:
+        check_enough_samples(manifest, cfg.num_experts)
+    if "embed" in stages:
+        results["embed"] = embed(manifest, prep, embedder=_plain(cfg.embedder), frames=cfg.embed.frames,
+                                 batch_size=cfg.embed.batch_size, device=cfg.device, **common)
+    if "cluster" in stages:
+        results["cluster"] = cluster(embeddings, prep, num_experts=cfg.num_experts, fine_clusters=cfg.cluster.fine_clusters,
+                                     subsample=cfg.cluster.subsample, balanced=cfg.cluster.balanced,
+                                     seed=cfg.cluster.seed, device=cfg.device, **common)
+    if "encode" in stages:
+        e = cfg.encode
+        results["encode"] = encode(manifest, assignments, prep, stage=e.stage, resolution=_plain(e.resolution),
+                                   num_frames=e.num_frames, fps=e.fps, vae=None if e.raw_frames else _plain(cfg.vae),
+                                   text=text_dirs(_plain(cfg.text)), val_fraction=e.val_fraction,
+                                   samples_per_shard=e.samples_per_shard, image_mode=e.image_mode,
+                                   batch_size=e.batch_size, device=cfg.device, **common)
+        if cfg.audit:
+            report = audit(prep, e.stage)
+            log.info(report.summary())
+            if not report.ok:
+                raise RuntimeError(f"the audit of {prep}/shards/{e.stage} found mismatches (listed above)")
+    for result in results.values():
+        log.info(result.summary_line())
+    return results
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``conf/prepare.yaml`` config with command-line style overrides, for notebooks, scripts and tests."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("prepare", overrides=list(overrides))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: ``python -m data.prepare input=... [overrides]``."""
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()
