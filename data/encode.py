@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data.shards import (SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, scan_shard, shard_relpath,
                          write_index, write_shard)
-from data.stage import StageResult, fingerprint, load_stage_result, mark_stage_done, stage_is_done, write_parquet_atomic
+from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
@@ -326,10 +326,8 @@ def encode(manifest_path: str | Path, assignments_path: str | Path, out_dir: str
               "text": text, "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
               "image_mode": image_mode}
     fp = fingerprint(config, [manifest_path, assignments_path])
-    if stage_is_done(shards_dir, STAGE, fp):
-        result = load_stage_result(shards_dir, STAGE)
-        log.info(result.summary_line())
-        return result
+    if done := completed_result(shards_dir, STAGE, fp):
+        return done
 
     manifest = pq.read_table(manifest_path).to_pylist()
     assignments = pq.read_table(assignments_path, columns=["key", "expert"]).to_pydict()
