@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (after 2 warm-up rounds)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: tiny matmuls gain nothing from more, and contend on shared boxes)")
+                        help="torch intra-op threads (1: tiny matmuls gain nothing from more; shared boxes contend)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     latent, text_len, batch = (3, 16, 16), 16, args.batch
@@ -80,8 +80,8 @@ def main() -> None:
         "router": lambda: router(x, t, cond),
         "one expert": lambda: experts[0](x, t, cond),
         "two experts": lambda: (experts[0](x, t, cond), experts[1](x, t, cond)),
-        "3 experts on B/3 each, direct": lambda: [experts[j](x[rows], t[rows], {key: v[rows] for key, v in cond.items()})
-                                                  for j, rows in enumerate(thirds)],
+        "3 experts on B/3 each, direct": lambda: [
+            experts[j](x[rows], t[rows], {key: v[rows] for key, v in cond.items()}) for j, rows in enumerate(thirds)],
         "grouped top-1": lambda: routed_velocity(x, t, cond, experts, routed, strategy="top1"),
         "grouped top-2": lambda: routed_velocity(x, t, cond, experts, routed, strategy="topk", k=2),
         "naive top-1": lambda: naive(x, t, cond, experts, routed, "top1"),
