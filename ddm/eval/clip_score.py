@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import CLIPModel, CLIPProcessor
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from ddm.assets import require_path
 from ddm.eval.stats import TINY_LABEL, MetricResult, mean_and_stderr
@@ -56,8 +56,10 @@ class ClipEmbedder:
                     dtype: torch.dtype = torch.float32) -> "ClipEmbedder":
         """Load ``CLIPModel`` + ``CLIPProcessor`` from a local folder (nothing is downloaded)."""
         p = require_path(path, "clip")
-        model = CLIPModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype)
-        processor = CLIPProcessor.from_pretrained(p, local_files_only=True)
+        model = CLIPModel.from_pretrained(p, local_files_only=True, dtype=dtype)
+        # The slow (PIL) image processor, stated explicitly: the fast one needs torchvision.
+        processor = CLIPProcessor(image_processor=CLIPImageProcessor.from_pretrained(p, local_files_only=True),
+                                  tokenizer=AutoTokenizer.from_pretrained(p, local_files_only=True))
         log.info("loaded CLIP from %s", p)
         return cls(model, processor, path=str(p), device=device)
 
@@ -102,7 +104,7 @@ class ClipEmbedder:
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         """How many captions are longer than the token limit (their tail is ignored by CLIP)."""
-        lengths = [len(ids) for ids in self.processor.tokenizer(list(texts))["input_ids"]]
+        lengths = [len(ids) for ids in self.processor.tokenizer(list(texts), verbose=False)["input_ids"]]
         return sum(n > self.max_text_tokens for n in lengths)
 
 

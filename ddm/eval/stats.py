@@ -79,6 +79,6 @@ class MetricResult:
             body = f"{self.value:.4f} (N={self.n}, no SE: compare only at equal N)"
         else:
             body = f"{self.value:.4f} ± {self.stderr:.4f} (N={self.n})"
-        label = f" [{TINY_LABEL}]" if self.is_tiny else ""
-        backbone = self.details.get("backbone")
+        backbone = str(self.details.get("backbone") or "")
+        label = f" [{TINY_LABEL}]" if self.is_tiny and TINY_LABEL not in backbone else ""
         return f"{self.name} = {body}" + (f" with {backbone}" if backbone else "") + label
