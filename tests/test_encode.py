@@ -118,18 +118,20 @@ def test_encoded_shards_hold_the_right_latents_text_and_metadata(clip_set, text_
     assignments = dict(zip(*pq.read_table(clip_set / "assignments.parquet", columns=["key", "expert"]).to_pydict()
                            .values()))
     index = {r["key"]: r for r in read_index(shards_dir).to_pylist()}
-    for key, s in samples.items():
+    keys = sorted(samples)
+    t5_refs, clip_refs = tiny_text_encoders.encode([samples[k]["caption"] for k in keys])
+    for key, t5_ref, clip_ref in zip(keys, t5_refs, clip_refs):
+        s = samples[key]
         meta = s["meta"]
         assert s["latent"].shape == (48, 3, 8, 8) and s["latent"].dtype == np.float16
         assert (meta["expert"], meta["split"]) == (assignments[key], split_of(key, 0.3)) == (
             index[key]["expert"], index[key]["split"])
         assert meta["caption"] == s["caption"] == manifest[key]["caption"] and meta["source"] == manifest[key]["path"]
         assert (meta["num_frames"], meta["height"], meta["width"], meta["fps"]) == (9, 16, 16, 8.0)
-        # T5 at true length and pooled CLIP, as the encoders give them for this caption alone
-        t5_ref, clip_ref = tiny_text_encoders.encode([s["caption"]])
-        assert s["t5"].shape == tuple(t5_ref[0].shape)
-        assert np.allclose(s["t5"].astype(np.float32), t5_ref[0].half().float().numpy(), atol=1e-3)
-        assert np.allclose(s["clip"], clip_ref[0].numpy(), atol=1e-5)
+        # T5 at true length and pooled CLIP, as the encoders give them for this caption
+        assert s["t5"].shape == tuple(t5_ref.shape)
+        assert np.allclose(s["t5"].astype(np.float32), t5_ref.half().float().numpy(), atol=1e-3)
+        assert np.allclose(s["clip"], clip_ref.numpy(), atol=1e-5)
         frames = ((vae.decode(torch.from_numpy(s["latent"].astype(np.float32))[None]) + 1) * 127.5).round()
         if manifest[key]["kind"] == "image":  # a static clip
             assert (frames[0, :, 1:] == frames[0, :, :1]).all()

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
 from data.audit import audit
@@ -29,53 +27,43 @@ def _stamps(folder):
 
 
 @pytest.mark.slow
-def test_cli_prepares_a_tiny_set_and_a_rerun_does_no_work(tmp_path):
+def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(tmp_path):
     src = make_synthetic_dataset(tmp_path / "src", 10, num_images=2, size=24, num_frames=12, fps=8, progress=False)
     root, cwd = tmp_path / "root", tmp_path / "cwd"
     cwd.mkdir()
-    args = [f"input={src}", f"paths.root_dir={root}", *TINY_PREP_OVERRIDES]
-    run = _cli(args, cwd)
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
+    args = [f"input={src}", f"paths.root_dir={root}", *TINY_PREP_OVERRIDES, "encode.samples_per_shard=2"]
+
+    # 1. the real CLI, SIGKILLed by the test hook once 2 tars are complete and the 3rd is half-written
+    killed = _cli(args, cwd, env={KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    log = killed.stdout + killed.stderr
     assert "building tiny random-initialised T5 + CLIP" in log  # text=tiny, folder absent: built and said so
-    assert "→ OK" in log  # the audit ran after encode
+    assert "[cluster] 12 in → 12 ok" in log  # the stages before encode completed
     assert list(cwd.iterdir()) == []  # Hydra's output went under the prep dir, not into the cwd
     prep = root / "prep"
     assert (prep / "logs" / "prepare" / ".hydra" / "config.yaml").is_file()
-    shards_dir = prep / "shards" / "stage2"
-    index = read_index(shards_dir).to_pylist()
-    assert len(index) == 12 and {r["expert"] for r in index} == {1, 2, 3}
-    assert audit(prep, "stage2").ok
-    batch = next(iter(ShardDataModule(shards_dir, "all", batch_size=4, samples_per_epoch=4).train_dataloader()))
-    assert batch["latent"].shape == (4, 48, 3, 8, 8) and batch["clip"].shape == (4, 32)
-
-    stamps = _stamps(prep)
-    results = prepare(compose_config(args))
-    assert [name for name, r in results.items() if r.skipped] == ["ingest", "embed", "cluster", "encode"]
-    assert _stamps(prep) == stamps  # no stage rewrote anything (markers, parquet files, tars)
-
-
-@pytest.mark.slow
-def test_killed_encode_resumes_to_a_complete_audited_set(tmp_path, tiny_prep_dir, tiny_text_dir):
-    prep = tmp_path / "prep"
-    shutil.copytree(tiny_prep_dir, prep, ignore=shutil.ignore_patterns("shards", "logs"))
-    args = ["stages=[encode]", f"paths.data_dir={prep}", f"text.folder={tiny_text_dir}", *TINY_PREP_OVERRIDES,
-            "encode.samples_per_shard=2"]
-    killed = _cli(args, tmp_path, env={KILL_ENV: "2"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     shards_dir = prep / "shards" / "stage2"
     complete = sorted(shards_dir.glob("expert_*/[tv]*.tar"))
     assert len(complete) == 2 and len(list(shards_dir.glob("expert_*/.*.tar"))) == 1  # 2 done + 1 torn temp
     assert not (shards_dir / "shards.parquet").exists() and not (shards_dir / "encode.done.json").exists()
     done_stamps = {p: p.stat().st_mtime_ns for p in complete}
 
-    result = prepare(compose_config(args))["encode"]
-    assert not result.skipped
+    # 2. the same command again: earlier stages are up to date, encode finishes what is missing
+    results = prepare(compose_config(args))
+    assert [name for name, r in results.items() if r.skipped] == ["ingest", "embed", "cluster"]
     assert {p: p.stat().st_mtime_ns for p in complete} == done_stamps  # finished tars were kept, not redone
     assert not list(shards_dir.glob("expert_*/.*.tar"))  # the torn temp tar was cleaned up
     report = audit(prep, "stage2")
     assert report.ok, report.summary()
-    assert report.samples == pq.ParquetFile(prep / "manifest.parquet").metadata.num_rows == 20
+    assert report.samples == len(read_index(shards_dir)) == 12 and report.shards > 2
+    batch = next(iter(ShardDataModule(shards_dir, "all", batch_size=4, samples_per_epoch=4).train_dataloader()))
+    assert batch["latent"].shape == (4, 48, 3, 8, 8) and batch["clip"].shape == (4, 32)
+
+    # 3. and once more: nothing is rewritten (markers, parquet files, tars)
+    stamps = _stamps(prep)
+    results = prepare(compose_config(args))
+    assert [name for name, r in results.items() if r.skipped] == ["ingest", "embed", "cluster", "encode"]
+    assert _stamps(prep) == stamps
 
 
 @pytest.fixture
