@@ -170,6 +170,20 @@ def test_published_key_names_and_shapes():
     assert (vae.scaling_factor, vae.latent_channels, vae.temporal_factor, vae.spatial_factor) == (0.476986, 16, 4, 8)
 
 
+def test_config_validation_and_round_trip():
+    cfg = HunyuanVAEConfig.tiny()
+    assert HunyuanVAEConfig(**cfg.to_dict()) == cfg
+    assert HunyuanVAEConfig().strides() == [(1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 1)]
+    with pytest.raises(ValueError, match="temporal_compression must be a power of two"):
+        HunyuanVAEConfig(temporal_compression=3)
+    with pytest.raises(ValueError, match="spatial_compression"):
+        HunyuanVAEConfig(spatial_compression=16)  # 4 halvings need 5 blocks
+    with pytest.raises(ValueError, match="spatial_compression"):
+        HunyuanVAEConfig(spatial_compression=0)
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        HunyuanVAEConfig(block_out_channels=(8, 16, 16, 20), norm_groups=8)
+
+
 # --- HunyuanVideo VAE: behaviour (tiny random-init, same code paths) ----------------------------------------
 
 def _tiny(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> HunyuanVideoVAE:

@@ -50,8 +50,7 @@ class HunyuanVAEConfig:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         n = len(self.block_out_channels)
         for name, factor in (("spatial", self.spatial_compression), ("temporal", self.temporal_compression)):
-            steps = math.log2(factor) if factor >= 1 else -1
-            if steps != int(steps) or steps > n - 1:
+            if factor < 1 or factor & (factor - 1) or math.log2(factor) > n - 1:
                 raise ValueError(f"{name}_compression must be a power of two with at most {n - 1} halvings "
                                  f"for {n} blocks, got {factor}")
         bad = [c for c in self.block_out_channels if c % self.norm_groups]

@@ -1,4 +1,4 @@
-"""The video VAE interface every package uses, and the lossless PixelVAE stand-in for tiny CPU runs.
+"""Video VAEs behind one interface: HunyuanVideo's causal VAE (tiling, loader) and the PixelVAE stand-in.
 
 Every VAE here maps pixels ``(B, 3, F, H, W)`` in [-1, 1] with ``F = 4k + 1`` to a *scaled* latent
 ``(B, C, 1 + (F - 1) / 4, H / s, W / s)`` and back, causally in time: latent frame 0 describes frame 0
@@ -92,7 +92,8 @@ class PixelVAE(VideoLatentGeometry, nn.Module):
     def __init__(self, spatial_factor: int = 2, temporal_factor: int = 4):
         super().__init__()
         if spatial_factor < 1 or temporal_factor < 1:
-            raise ValueError(f"spatial_factor and temporal_factor must be >= 1, got {spatial_factor}, {temporal_factor}")
+            raise ValueError(f"spatial_factor and temporal_factor must be >= 1, "
+                             f"got {spatial_factor}, {temporal_factor}")
         self.spatial_factor = int(spatial_factor)
         self.temporal_factor = int(temporal_factor)
         self.latent_channels = self.in_channels * self.temporal_factor * self.spatial_factor ** 2
@@ -176,10 +177,10 @@ def _spatial_tiles(length: int, tile: int, overlap: float, scale_in: int, scale_
     return [_AxisTile(slice(a * scale_in, b * scale_in), (a * scale_out, b * scale_out), 0) for a, b in spans]
 
 
-def _temporal_tiles(latent_frames_: int, tiling: TilingConfig, tf: int, encode: bool) -> list[_AxisTile]:
+def _temporal_tiles(num_latent_frames: int, tiling: TilingConfig, tf: int, encode: bool) -> list[_AxisTile]:
     """A later tile also reads the frame just before it (causal context) and drops what that frame gives."""
     tiles = []
-    for a, b in tile_spans(latent_frames_, tiling.tile_latent_min_frames,
+    for a, b in tile_spans(num_latent_frames, tiling.tile_latent_min_frames,
                            round(tiling.overlap * tiling.tile_latent_min_frames)):
         ctx = 1 if a > 0 else 0
         if encode:  # pixel frames tf*(a-1) .. tf*(b-1) -> latent frames a .. b-1
