@@ -87,12 +87,10 @@ def aesthetic_score(videos: Any, embedder: ClipEmbedder, head: AestheticHead, *,
     head.eval()
     device = next(head.parameters()).device
     per_video: list[float] = []
-    bar = tqdm(total=count_videos(videos), desc="aesthetic score", unit="video", disable=not progress)
-    for video in iter_videos(videos):
+    for video in tqdm(iter_videos(videos), total=count_videos(videos), desc="aesthetic score", unit="video",
+                      disable=not progress):
         emb = embedder.image_embeddings(video[::frame_stride], batch_size)
         per_video.append(float(head(emb.to(device)).mean()))
-        bar.update(1)
-    bar.close()
     mean, se, n = mean_and_stderr(per_video)
     clip = embedder.details()
     details = {**clip, "backbone": f"LAION aesthetic head on {clip['backbone']}", "frame_stride": frame_stride,

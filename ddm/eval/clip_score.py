@@ -125,14 +125,12 @@ def clip_score(videos: Any, captions: Sequence[str], embedder: ClipEmbedder, *, 
         raise ValueError(f"got {n_videos} videos but {len(captions)} captions; they must pair up one to one")
     text = embedder.text_embeddings(captions)
     per_video: list[float] = []
-    bar = tqdm(total=n_videos, desc="CLIP text-video score", unit="video", disable=not progress)
-    for i, video in enumerate(iter_videos(videos)):
+    for i, video in enumerate(tqdm(iter_videos(videos), total=n_videos, desc="CLIP text-video score", unit="video",
+                                   disable=not progress)):
         if i >= len(captions):
             raise ValueError(f"more videos than the {len(captions)} captions given")
         img = embedder.image_embeddings(video[::frame_stride], batch_size)
         per_video.append(float((img @ text[i]).mean()))
-        bar.update(1)
-    bar.close()
     if len(per_video) != len(captions):
         raise ValueError(f"got {len(per_video)} videos but {len(captions)} captions; they must pair up one to one")
     mean, se, n = mean_and_stderr(per_video)

@@ -121,8 +121,8 @@ def i3d_features(videos: Any, backbone: I3DBackbone, settings: ClipSettings = Cl
     feats: list[np.ndarray] = []
     batch: list[torch.Tensor] = []
     frame_size: tuple[int, int] | None = None
-    bar = tqdm(total=count_videos(videos), desc=f"I3D features ({name})", unit="video", disable=not progress)
-    for i, video in enumerate(iter_videos(videos, name=name)):
+    for i, video in enumerate(tqdm(iter_videos(videos, name=name), total=count_videos(videos),
+                                   desc=f"I3D features ({name})", unit="video", disable=not progress)):
         if frame_size is None:
             frame_size = video.shape[1:3]
         elif video.shape[1:3] != frame_size:
@@ -133,10 +133,8 @@ def i3d_features(videos: Any, backbone: I3DBackbone, settings: ClipSettings = Cl
         if len(batch) == batch_size:
             feats.append(backbone.features(torch.stack(batch)))
             batch.clear()
-        bar.update(1)
     if batch:
         feats.append(backbone.features(torch.stack(batch)))
-    bar.close()
     return np.concatenate(feats, axis=0)
 
 

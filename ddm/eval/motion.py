@@ -75,12 +75,10 @@ def motion_score(videos: Any, *, frame_stride: int = 1, resolution: int | None =
                          f"{frame_stride}, {margin}, {resolution}")
     per_video: list[float] = []
     sizes: set[tuple[int, int]] = set()
-    bar = tqdm(total=count_videos(videos), desc="motion (Farneback)", unit="video", disable=not progress)
-    for video in iter_videos(videos):
+    for video in tqdm(iter_videos(videos), total=count_videos(videos), desc="motion (Farneback)", unit="video",
+                      disable=not progress):
         per_video.append(video_motion(video, frame_stride=frame_stride, resolution=resolution, margin=margin))
         sizes.add(_measured_size(video.shape[1], video.shape[2], resolution))
-        bar.update(1)
-    bar.close()
     mean, se, n = mean_and_stderr(per_video)
     details = {"backbone": "OpenCV Farneback", "tiny_test_backbone": False, "method": method,
                "flow_params": dict(FARNEBACK_PARAMS), "frame_stride": frame_stride,

@@ -108,15 +108,16 @@ def vit_l14_closed_form() -> int:
     return patch + layers * block + 2 * d * 768
 
 
-def time_full(threads: int) -> list[tuple[str, float]]:
+def time_full() -> list[tuple[str, float]]:
     """Seconds for one CPU forward of the full-size networks (random weights: same cost as real ones)."""
     torch.manual_seed(0)
     out = []
     i3d = InceptionI3d(400).eval()
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14)).eval()
+    runs = (("I3D, one 16×224² clip", lambda: i3d(torch.rand(1, 3, 16, 224, 224), return_features=True)),
+            ("CLIP ViT-L/14 image tower, 8 frames", lambda: vision(pixel_values=torch.rand(8, 3, 224, 224))))
     with torch.no_grad():
-        for name, fn in (("I3D, one 16×224² clip", lambda: i3d(torch.rand(1, 3, 16, 224, 224), return_features=True)),
-                         ("CLIP ViT-L/14 image tower, 8 frames", lambda: vision(pixel_values=torch.rand(8, 3, 224, 224)))):
+        for name, fn in runs:
             fn()  # warm-up
             start = time.perf_counter()
             fn()
@@ -162,7 +163,7 @@ def main() -> None:
     if not args.skip_full:
         print("\n### One CPU forward of the full-size networks (random weights)\n")
         print("| network | seconds |\n|---|---:|")
-        for name, secs in time_full(args.threads):
+        for name, secs in time_full():
             print(f"| {name} | {secs:.2f} |")
 
 
