@@ -12,8 +12,8 @@ replicating the border, so output frame ``i`` sees input frames ``<= i``; its we
 - ``quant_conv`` (32 -> 32) and ``post_quant_conv`` (16 -> 16) are plain 1x1x1 Conv3d.
 
 The default :class:`HunyuanVAEConfig` is the published one: 246,478,803 parameters in 248 tensors.
-GroupNorm normalises over all frames of a clip, as the published model was trained; this makes the
-encoder causal only up to normalisation statistics. ``per_frame_norm=True`` normalises each frame on its
+GroupNorm normalises over all frames of a clip, as the published model was trained; this makes encoder
+and decoder causal only up to normalisation statistics. ``per_frame_norm=True`` normalises each frame on its
 own instead, which makes the network strictly causal (useful to verify the causal structure; the
 published weights expect the default).
 
