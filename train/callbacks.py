@@ -21,24 +21,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ddm.checkpoint import fsync_dir
+
 log = logging.getLogger("ddm.train")
 
 # Test hook: exit hard (as kill -9 would) after writing a partial checkpoint at this step, before the
 # rename. Lets the test suite check that a kill during checkpoint writing never tears `last`.
 CRASH_DURING_CHECKPOINT_ENV = "DDM_TEST_CRASH_DURING_CHECKPOINT_AT_STEP"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -96,7 +85,7 @@ class StepCheckpoint(L.Callback):
             _remove(link_tmp)
             os.symlink(final.name, link_tmp)
             os.replace(link_tmp, self.dirpath / "last.ckpt")
-            _fsync_dir(self.dirpath)
+            fsync_dir(self.dirpath)
             self._prune()
             log.info("checkpoint step %d (%s) → %s", step, reason, final)
         trainer.strategy.barrier("ddm-checkpoint-done")

@@ -20,8 +20,8 @@ from train.run import plan_start, save_resolved_config, setup_logging
 log = logging.getLogger("ddm.train")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="expert")
-def main(cfg: DictConfig) -> None:
+def train_expert(cfg: DictConfig) -> None:
+    """Run one expert job from a composed config (what the CLI does; tests call it directly)."""
     run_dir = Path(cfg.run_dir)
     expert = job.parse_expert(cfg.expert, cfg.num_experts)
     setup_logging(run_dir, "expert")
@@ -77,6 +77,11 @@ def main(cfg: DictConfig) -> None:
     datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False)
     job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
             flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="expert")
+def main(cfg: DictConfig) -> None:
+    train_expert(cfg)
 
 
 if __name__ == "__main__":

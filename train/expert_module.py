@@ -3,8 +3,8 @@
 Per step: latents x0 (or frames encoded by the VAE in raw-frames mode), logit-normal t shifted for the
 video geometry, x_t and the velocity target from ``ddm.flow``, CFG text dropout (T5 and CLIP
 independently), and an Open-Sora-style conditioning mixture (t2v / first / last / both-end frames given
-through ``cond_in``). The loss is the mean squared velocity error over the latent frames the model has
-to generate — conditioned frames are known, so they are left out of the loss.
+through ``cond_in``). The loss is the mean squared velocity error over all latent frames (or, with
+``conditioning.loss_on_given_frames=false``, only over the frames the model has to generate).
 """
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ from ddm.models.presets import ExpertConfig
 from train.ema import ema_copy_from, ema_decay_at, ema_update, make_ema_twin
 
 log = logging.getLogger("ddm.train")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``values`` (B, C, T, H, W) over the positions where ``mask`` (B, 1, T, 1, 1) is 1."""
+    weight = mask.expand_as(values)
+    return (values * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4)).clamp_min(1)
 
 
 def lr_lambda(warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: float):
@@ -111,10 +117,15 @@ class FlowMatchingModule(L.LightningModule):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: checkpoint callbacks run before the module's batch-end
+        # hook, so an EMA updated there would be one step behind the weights in every checkpoint.
         decay = ema_decay_at(self.global_step, float(self.optim_cfg["ema_decay"]), bool(self.optim_cfg["ema_warmup"]))
         ema_update(self.ema_model, self.model, decay)
         self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "skipped"):
@@ -204,20 +215,31 @@ class ExpertModule(FlowMatchingModule):
         cond: dict[str, torch.Tensor] = {"t5": t5, "clip": clip}
         modes = ["t2v"] * b
         if self.expert_cfg.cond_embed:
-            modes = sample_condition_modes(b, self.train_cfg["conditioning"])
+            modes = sample_condition_modes(b, {m: p for m, p in self.train_cfg["conditioning"].items()
+                                               if m in CONDITION_MODES})
             frame_mask = batch_frame_mask(modes, n_frames).to(x0.device)
             cond["i2v"] = i2v_condition(x0, frame_mask)
         else:
             frame_mask = torch.zeros(b, n_frames, dtype=torch.bool, device=x0.device)
         v = self.model(x_t, t, cond)
-        generate = (~frame_mask).to(v.dtype)[:, None, :, None, None]
-        per_sample = ((v.float() - target) ** 2 * generate).sum(dim=(1, 2, 3, 4)) / (
-            generate.sum(dim=(1, 2, 3, 4)) * x0.shape[1] * x0.shape[3] * x0.shape[4]).clamp_min(1)
+        sq_err = (v.float() - target) ** 2
+        generate = (~frame_mask).float()[:, None, :, None, None]
+        # Given frames can stay in the loss (their velocity follows from x_t and the condition): that
+        # direct signal is what teaches cond_in quickly; sampling writes those frames back anyway.
+        in_loss = torch.ones_like(generate) if self.train_cfg["conditioning"].get("loss_on_given_frames", True) \
+            else generate
+        per_sample = masked_mean(sq_err, in_loss)
         loss = per_sample.mean()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Per mode, also on latent frames 1.. only: the same frames for t2v and first-frame samples, so the
+        # two losses compare like with like (is the given first frame used to generate the rest?).
+        later = generate.clone()
+        later[:, :, 0] = 0
+        later_per_sample = masked_mean(sq_err, later) if n_frames > 1 else per_sample
         for mode in CONDITION_MODES:
             sel = [i for i, m in enumerate(modes) if m == mode]
             if sel:
                 self.log(f"train/loss_{mode}", per_sample[sel].mean(), on_step=True, on_epoch=False)
+                self.log(f"train/loss_later_{mode}", later_per_sample[sel].mean(), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return self.guard_nonfinite(loss)

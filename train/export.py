@@ -59,9 +59,11 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
             out = Path(tmp) / "consolidated.pt"
             dcp_to_torch_save(path, out)
             ckpt = torch.load(out, map_location="cpu", weights_only=False)
-        # Lightning stores the module weights under "model" in distributed checkpoints.
         if "state_dict" not in ckpt and "model" in ckpt:
             ckpt["state_dict"] = ckpt.pop("model")
+        # Lightning keeps the non-tensor state (step, hyper-parameters, loops) beside the shards.
+        if (path / "meta.pt").exists():
+            ckpt.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
         return ckpt
     if (path / "latest").exists() or any(path.glob("*/mp_rank_00_model_states.pt")):  # DeepSpeed
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

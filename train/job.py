@@ -19,7 +19,7 @@ from ddm.models import budget as expert_budget_lib
 from ddm.models.presets import ExpertConfig, get_expert_config
 from ddm.models.router import RouterConfig, get_router_config, router_flops
 from train.ledger import ComputeLedger, match_monolith
-from train.run import StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir
+from train.run import StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir, world_size
 
 log = logging.getLogger("ddm.train")
 
@@ -97,13 +97,6 @@ def router_tokens(router_cfg: RouterConfig, g: Geometry) -> int:
     """Tokens one router call sees (its coarse patches plus the CLS token)."""
     pt, ph, pw = router_cfg.patch_size
     return (g.latent_frames // pt) * (g.latent_size // ph) * (g.latent_size // pw) + 1
-
-
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.devices
-    if devices in ("auto", -1, "-1"):
-        devices = torch.cuda.device_count() if cfg.trainer.accelerator == "gpu" else 1
-    return max(1, int(devices)) * int(cfg.trainer.num_nodes)
 
 
 def compute_ledger(cfg: DictConfig, budget: Budget, world: int) -> ComputeLedger:
@@ -217,14 +210,18 @@ def load_init_weights(plan: StartPlan, net_factory) -> dict[str, torch.Tensor]:
     """Weights for a weights-only start; shapes are checked against a meta-device build first."""
     sd, meta = load_export(plan.init_from)
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in net_factory().state_dict().items()}
+        net = net_factory()
+    expected = {k: v.shape for k, v in net.state_dict().items()}
     problems = shape_mismatches(expected, sd)
     if problems:
-        from ddm.models.layouts import detect_layout
-
         hint = ""
-        if any(k.endswith(".qkv.weight") or k.endswith(".q_proj.weight") for k in sd):
-            hint = f" (the file is in the {detect_layout(sd)} layout; see ddm.models.layouts.convert_state_dict)"
+        if hasattr(net, "layout"):
+            from ddm.models.layouts import detect_layout
+
+            found = detect_layout(sd)
+            if found != net.layout:
+                hint = (f" (the file is in the {found} layout, the model in the {net.layout} layout: convert it "
+                        f"with ddm.models.layouts.convert_state_dict(sd, src='{found}', dst='{net.layout}'))")
         raise ValueError(f"init_from={plan.init_from} does not match the model{hint}; first mismatches:\n  "
                          + "\n  ".join(problems))
     log.info("weights-only start from %s (kind=%s, stage=%s, step=%s)", plan.init_from, meta.get("kind"),

@@ -31,8 +31,8 @@ def prior_correction(counts: dict[int, int], balanced: bool) -> list[float]:
     return [math.log(counts[e] / total) - math.log(1.0 / k) for e in sorted(counts)]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="router")
-def main(cfg: DictConfig) -> None:
+def train_router(cfg: DictConfig) -> None:
+    """Run the router job from a composed config (what the CLI does; tests call it directly)."""
     run_dir = Path(cfg.run_dir)
     setup_logging(run_dir, "router")
     geometry = job.stage_geometry(cfg)
@@ -92,6 +92,11 @@ def main(cfg: DictConfig) -> None:
                                 balanced=bool(cfg.balanced_sampling))
     job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size), max_steps=int(cfg.max_steps),
             flops_per_sample=r_flops, tokens_per_sample=job.router_tokens(router_cfg, geometry))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="router")
+def main(cfg: DictConfig) -> None:
+    train_router(cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ its own checkpoints. It starts in one of three named modes, logged at start:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ddm.checkpoint import atomic_write
 
 log = logging.getLogger("ddm.train")
 
@@ -102,10 +103,7 @@ def persistent_wandb_id(run_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(run_id))
     return run_id
 
 
@@ -149,6 +147,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
     return loggers
 
 
+def world_size(cfg: DictConfig) -> int:
+    """Data-parallel world size implied by the trainer config (devices per node × nodes)."""
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1, "-1"):
+        import torch
+
+        devices = torch.cuda.device_count() if cfg.trainer.accelerator == "gpu" else 1
+    return max(1, int(devices)) * int(cfg.trainer.num_nodes)
+
+
 def build_strategy(cfg: DictConfig):
     """A Lightning strategy from ``cfg.strategy``, or a clear error if the installation cannot provide it."""
     s = cfg.strategy
@@ -163,7 +171,7 @@ def build_strategy(cfg: DictConfig):
     if s.name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
+        return ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1,
                                      save_distributed_checkpoint=bool(s.save_distributed_checkpoint))
     if s.name == "deepspeed":
         if accelerator == "cpu":
@@ -242,9 +250,3 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     )
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write a JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

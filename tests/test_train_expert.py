@@ -1,0 +1,248 @@
+"""``python -m train.expert``: real CLI runs in subprocesses on the tiny preset and the checked-in shards."""
+from __future__ import annotations
+
+import csv
+import math
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddm.checkpoint import build_model_from_export, load_export, read_export_metadata, state_dict_sha256
+from tests.fixtures.train import compose_config, run_cli, start_cli
+
+
+def run_dir(root: Path, stage: str = "stage2", role: str = "expert1") -> Path:
+    return root / "runs" / "tiny" / role / stage
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+
+
+def wait_for(path: Path, proc, timeout: float = 240) -> None:
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {path} appeared")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.2)
+
+
+def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
+    run_cli("train.expert", [*tiny_overrides, "expert=2", "recipe.stage2.max_steps=6", "checkpoint.every_n_steps=3"])
+    run2 = run_dir(tmp_path, role="expert2")
+    export = run2 / "export"
+    meta = read_export_metadata(export)
+    assert (meta["kind"], meta["expert_id"], meta["stage"], meta["step"]) == ("expert", 2, "stage2", 6)
+    assert len(meta["manifest_hash"]) == 64 and meta["config"]["preset"] == "tiny-pixel"
+    model = build_model_from_export(export)  # strict load into a fresh model
+    assert sum(p.numel() for p in model.parameters()) > 0
+    # single-file and sharded copies of the export hold the same tensors
+    master, _ = load_export(export / "master.safetensors")
+    sharded, _ = load_export(export / "model")
+    assert state_dict_sha256(master) == state_dict_sha256(sharded)
+    steps = [s for s, _ in column(metrics(run2), "train/loss")]
+    assert max(steps) == 5 and len(set(steps)) == len(steps)  # 6 optimizer steps, logged once each
+    assert sorted(p.name for p in (run2 / "checkpoints").glob("step-*.ckpt")) == ["step-00000003.ckpt",
+                                                                                  "step-00000006.ckpt"]
+
+    # Stage 3 with no checkpoint of its own: weights-only start from stage 2's export, step 0.
+    proc = run_cli("train.expert", [*tiny_overrides, "expert=2", "stage=stage3", "recipe.stage3.max_steps=0"])
+    assert "mode=init" in proc.stdout and str(export) in proc.stdout
+    stage3, meta3 = load_export(run_dir(tmp_path, "stage3", "expert2") / "export")
+    assert meta3["step"] == 0 and meta3["stage"] == "stage3"
+    assert state_dict_sha256(stage3) == state_dict_sha256(master)
+
+
+def test_kill_minus_9_then_same_command_resumes(tmp_path, tiny_overrides):
+    args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=12", "checkpoint.every_n_steps=4"]
+    run = run_dir(tmp_path)
+    proc = start_cli("train.expert", args, tmp_path / "first.log")
+    wait_for(run / "checkpoints" / "step-00000008.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "last.ckpt").resolve().name == "step-00000008.ckpt"
+
+    second = run_cli("train.expert", args)
+    assert "mode=resume" in second.stdout and "step-00000008.ckpt" in second.stdout
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 12
+    data_state = next(v for k, v in final.items() if "DataModule" in k)
+    # The data position continued from the checkpoint's (8 batches, plus Lightning's one-batch prefetch);
+    # a restart from 0 would show about 4.
+    assert data_state["epoch"] == 0 and data_state["consumed"] >= 12
+    assert read_export_metadata(run / "export")["step"] == 12
+
+
+def test_kill_while_writing_a_checkpoint_never_tears_last(tmp_path, tiny_overrides):
+    args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=8", "checkpoint.every_n_steps=4"]
+    run = run_dir(tmp_path)
+    crashed = run_cli("train.expert", args, env={"DDM_TEST_CRASH_DURING_CHECKPOINT_AT_STEP": "8"}, check=False)
+    assert crashed.returncode == 137
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step-00000008.ckpt.partial").exists()  # the torn write is there ...
+    assert (ckpts / "last.ckpt").resolve().name == "step-00000004.ckpt"  # ... but last still points at step 4
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+    resumed = run_cli("train.expert", args)
+    assert "step-00000004.ckpt" in resumed.stdout
+    assert not list(ckpts.glob("*.partial"))
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
+
+
+def test_first_frame_condition_is_used(tmp_path, tiny_overrides):
+    """With t2v and first-frame samples mixed, the loss on the frames after the first falls lower when the
+    first frame is given than when only text is: the expert uses its cond_in input."""
+    args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=150", "recipe.stage2.batch_size=8",
+            "checkpoint.every_n_steps=1000", "conditioning.t2v=0.5", "conditioning.first_frame=0.5",
+            "conditioning.last_frame=0", "conditioning.both_ends=0", "flow.text_dropout_t5=0",
+            "flow.text_dropout_clip=0"]
+    run_cli("train.expert", args)
+    rows = metrics(run_dir(tmp_path))
+    t2v = [v for s, v in column(rows, "train/loss_later_t2v") if s >= 100]
+    first = [v for s, v in column(rows, "train/loss_later_first_frame") if s >= 100]
+    assert len(t2v) > 20 and len(first) > 20
+    assert sum(first) / len(first) < 0.9 * sum(t2v) / len(t2v)
+
+
+def test_two_experts_run_concurrently_in_their_own_worlds(tmp_path, tiny_overrides):
+    """Two DDP jobs (2 CPU processes each) at once: separate process groups, ports and run dirs."""
+    procs = []
+    for k in (1, 3):
+        args = [*tiny_overrides, f"expert={k}", "strategy=ddp", "trainer.devices=2", "recipe.stage2.max_steps=4",
+                "checkpoint.every_n_steps=2"]
+        procs.append((k, start_cli("train.expert", args, tmp_path / f"expert{k}.log")))
+    for k, proc in procs:
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"expert{k}.log").read_text()[-4000:]
+    for k, _ in procs:
+        run = run_dir(tmp_path, role=f"expert{k}")
+        assert read_export_metadata(run / "export")["expert_id"] == k
+        log = (tmp_path / f"expert{k}.log").read_text()
+        assert f"experts [{k}]" in log  # each job read only its own expert's shards
+    assert not (tmp_path / "runs" / "tiny" / "expert2").exists()
+
+
+def test_compute_matched_monolith_ledger_agrees_with_the_formula(tmp_path, tiny_overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddm.models.budget import training_flops_per_sample
+    from ddm.models.presets import get_expert_config
+    from ddm.models.router import Router, get_router_config
+
+    proc = run_cli("train.expert", [*tiny_overrides, "expert=all", "compute_match=true", "dry_run=true"])
+    out = proc.stdout
+    cfg = compose_config("expert", [*tiny_overrides, "expert=all"])
+    k, b, n = cfg.num_experts, cfg.stage.batch_size, cfg.stage.max_steps
+    f = training_flops_per_sample(get_expert_config("tiny-pixel"), 16, 16, 9, 32, spatial_factor=2)
+    # Router FLOPs measured independently: forward + backward under torch's FLOP counter, with the input
+    # requiring grad so the backward does its full 2x forward (the ledger's 3x-forward convention).
+    router = Router(get_router_config("tiny-pixel", num_experts=3))
+    x = torch.randn(1, 48, 3, 8, 8, requires_grad=True)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        router(x, torch.rand(1), {}).sum().backward()
+    f_router = fc.get_total_flops()
+    ddm_total = k * f * b * n + f_router * cfg.router_batch_size * cfg.router_steps
+    monolith_batch = math.ceil(ddm_total / (f * n))
+
+    def ledger_value(label: str) -> float:
+        m = re.search(rf"^{re.escape(label)}\s.*?([0-9.]+e[+-]\d+)\s*$", out, re.M)
+        assert m, f"no '{label}' row in:\n{out}"
+        return float(m.group(1))
+
+    assert ledger_value("DDM total") == pytest.approx(ddm_total, rel=1e-3)
+    assert re.search(rf"^monolith\s+{monolith_batch}\s+{n}\s", out, re.M), out
+    assert ledger_value("monolith") == pytest.approx(f * monolith_batch * n, rel=1e-3)
+    assert ledger_value("monolith") >= ledger_value("DDM total") * (1 - 1e-9)
+
+
+def test_dry_run_of_the_11b_expert_allocates_nothing(tmp_path):
+    proc = run_cli("train.expert", [f"paths.root_dir={tmp_path}", "dry_run=true", "strategy=deepspeed_zero3",
+                                    "trainer.devices=8", "trainer.num_nodes=8"])
+    assert "11,891,390,528" in proc.stdout
+    assert "8,448 image" in proc.stdout and "zero3 / 64 ranks" in proc.stdout
+    assert not list(tmp_path.glob("runs/**/*.ckpt")) and not list(tmp_path.glob("runs/**/export"))
+
+
+def test_fsdp2_sharded_checkpoint_reshards_and_consolidates(tmp_path, tiny_overrides):
+    """FSDP2 on 2 CPU processes writes a sharded (DCP) checkpoint; it resumes on 1 process, and
+    `python -m train.export` consolidates it to the same weights the run exported itself."""
+    args = [*tiny_overrides, "expert=1", "strategy=fsdp", "checkpoint.every_n_steps=2"]
+    run_cli("train.expert", [*args, "trainer.devices=2", "recipe.stage2.max_steps=4"])
+    run = run_dir(tmp_path)
+    step4 = run / "checkpoints" / "step-00000004.ckpt"
+    assert step4.is_dir() and (step4 / ".metadata").exists()  # sharded, not one file
+    in_run, _ = load_export(run / "export")
+    run_cli("train.export", [str(step4), "--out", str(tmp_path / "consolidated")])
+    consolidated, meta = load_export(tmp_path / "consolidated")
+    assert meta["step"] == 4 and state_dict_sha256(consolidated) == state_dict_sha256(in_run)
+
+    resumed = run_cli("train.expert", [*args, "trainer.devices=1", "recipe.stage2.max_steps=6"])
+    assert "mode=resume" in resumed.stdout and "step-00000004.ckpt" in resumed.stdout
+    assert read_export_metadata(run / "export")["step"] == 6
+
+
+def test_deepspeed_configs_are_built_for_gpus_and_refused_on_cpu(tiny_overrides):
+    from train.run import build_strategy, deepspeed_config
+
+    z3 = compose_config("expert", ["strategy=deepspeed_zero3", "trainer.precision=bf16-mixed"])
+    conf = deepspeed_config(z3)
+    assert conf["zero_optimization"]["stage"] == 3 and conf["bf16"]["enabled"] is True
+    assert conf["train_micro_batch_size_per_gpu"] == z3.stage.batch_size
+    assert conf["gradient_clipping"] == z3.optim.grad_clip
+    assert deepspeed_config(compose_config("expert", ["strategy=deepspeed_zero2"]))["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="deepspeed needs GPUs.*strategy=fsdp"):
+        build_strategy(compose_config("expert", [*tiny_overrides, "strategy=deepspeed_zero2"]))
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["expert=4"], ValueError, r"expert=4 is outside 1\.\.3"),
+    (["expert=0"], ValueError, r"outside 1\.\.3"),
+    (["expert=one"], ValueError, "integer"),
+    (["num_experts=4"], ValueError, "num_experts=4 but .* holds 3 expert shard folders"),
+    (["stage=stage3"], FileNotFoundError, "starts from the stage2 export.*init_from"),
+    (["init_from=/does/not/exist"], FileNotFoundError, "init_from=/does/not/exist does not exist"),
+    (["strategy=deepspeed_zero3"], ValueError, "needs GPUs"),
+])
+def test_clear_errors_before_any_training(tmp_path, tiny_overrides, overrides, error, match):
+    from train.expert import train_expert
+
+    with pytest.raises(error, match=match):
+        train_expert(compose_config("expert", [*tiny_overrides, *overrides]))
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_expert_without_shards_is_a_clear_error(tmp_path, tiny_overrides, test_shards_dir):
+    import shutil
+
+    from train.expert import train_expert
+
+    shards = tmp_path / "shards"
+    shutil.copytree(test_shards_dir, shards)
+    for tar in (shards / "expert_2").glob("train-*.tar"):
+        tar.unlink()
+    with pytest.raises(ValueError, match="expert 2 has no training shards"):
+        train_expert(compose_config("expert", [*tiny_overrides, "expert=2", f"data.shards_dir={shards}"]))
+
+
+def test_init_from_with_other_shapes_lists_the_first_mismatches(tmp_path, tiny_overrides):
+    from ddm.checkpoint import save_export
+    from ddm.models.mmdit import MMDiT
+    from ddm.models.presets import get_expert_config
+    from train.expert import train_expert
+
+    other = MMDiT(get_expert_config("tiny-pixel", hidden_size=32, axes_dim=(4, 6, 6)))
+    save_export(other.state_dict(), tmp_path / "other", {"kind": "expert", "config": other.config.to_dict()})
+    with pytest.raises(ValueError, match=r"(?s)does not match the model; first mismatches:\n.*cond_in.weight: model "
+                                         r"\(64, \d+\) vs file \(32, \d+\)"):
+        train_expert(compose_config("expert", [*tiny_overrides, f"init_from={tmp_path / 'other'}"]))
