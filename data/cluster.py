@@ -10,8 +10,8 @@
    centre. With balancing, every expert's size must lie in a band ``[lo, hi]`` with ``hi <= 1.1·lo``
    (``max_ratio``): this is a capacity-constrained transport problem, whose optimum is a nearest rule
    with one additive price per expert (LP duality). :func:`balanced_assign` finds those prices by dual
-   coordinate ascent and a final exact repair guarantees the band, so the bound holds for any N where
-   it is achievable at all (N/K ≥ ~10; below that sizes differ by at most one).
+   ascent on groups of experts and :func:`repair_band` makes the band exact, so the bound holds for
+   any N where it is achievable at all (N/K ≥ ~10; below that sizes differ by at most one).
 
 The prices are saved with the centres, so :func:`assign_new` applies the very same rule to new data.
 Distances are computed in chunks (||x||² − 2x·c + ||c||², one GEMM per chunk), so 1,000,000 × 768
@@ -45,15 +45,15 @@ CENTROIDS_FORMAT = "ddm-centroids-v1"
 MIN_POINTS_PER_FINE = 8  # fine centres are capped at N / 8 so small data sets do not get singleton cells
 SUBSAMPLE_PER_FINE = 64  # default subsample: 64 points per fine centre (faiss warns below 39)
 CHUNK_ELEMENTS = 1 << 24  # rows per distance chunk = 16M / number of centres (a 64 MiB float32 block)
-SMALL_WORK = 1 << 22  # below ~4M multiply-adds an op runs single-threaded (see _one_thread_if_small)
+SMALL_WORK = 1 << 22  # below ~4M multiply-adds a fit runs single-threaded (see _single_threaded)
 
 
 @contextmanager
-def _one_thread_if_small(work: float):
-    """Run tiny tensor work on one thread: waking the intra-op pool costs more than such ops (up to
-    milliseconds per op on a busy machine, which made small clusterings 100× slower)."""
+def _single_threaded(enabled: bool = True):
+    """Run a block on one intra-op thread. Tiny ops and CPU ``index_add_`` are faster that way: waking
+    the pool (or its atomics) cost milliseconds per op on a busy machine, 10× the work itself."""
     threads = torch.get_num_threads()
-    if work >= SMALL_WORK or threads == 1:
+    if not enabled or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -208,7 +208,7 @@ def balanced_assign(cost: torch.Tensor, lo: float, hi: float, *, weights: torch.
     are indivisible atoms, so a band may be out of reach), keeping the best prices seen. Returns
     ``(labels, prices)``; with unit weights follow with :func:`repair_band` to make the band exact.
     """
-    with _one_thread_if_small(cost.numel()):
+    with _single_threaded(cost.numel() < SMALL_WORK):
         return _balanced_assign(cost, lo, hi, weights, prices, max_rounds, patience)
 
 
@@ -319,22 +319,56 @@ def _init_centres(x: torch.Tensor, k: int, w: torch.Tensor, init: str, gen: torc
     return torch.stack(centres)
 
 
-def _update_centres(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, old: torch.Tensor,
-                    dists: torch.Tensor) -> torch.Tensor:
-    """Weighted means; an empty cluster is reseeded at the point farthest from its centre."""
-    k, dim = old.shape
-    device = old.device
-    sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
+def _add_rows(sums: torch.Tensor, xb: torch.Tensor, labels: torch.Tensor, wb: torch.Tensor | None) -> None:
+    """sums[labels[i]] += w[i]·x[i] for one chunk, summed in float32 then added to the float64 total."""
+    part = torch.zeros(sums.shape, dtype=xb.dtype, device=xb.device)
+    with _single_threaded(xb.device.type == "cpu"):
+        part.index_add_(0, labels, xb if wb is None else xb * wb.unsqueeze(1).to(xb.dtype))
+    sums += part
+
+
+def _centre_sums(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None, k: int,
+                 device: torch.device) -> torch.Tensor:
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=device)
     step = _chunk_rows(k)
     for s in range(0, len(x), step):
+        _add_rows(sums, _rows(x, s, s + step, device), labels[s:s + step], None if w is None else w[s:s + step])
+    return sums
+
+
+def _row_sq_norms(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    step = CHUNK_ELEMENTS // max(x.shape[1], 1)
+    return torch.cat([_rows(x, s, s + step, device).pow(2).sum(1) for s in range(0, len(x), step)])
+
+
+def _assign_and_sum(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, w: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fused Lloyd pass: nearest centre, squared distance and per-centre sums, reading ``x`` once
+    (``x_sq``: the rows' squared norms, computed once per fit)."""
+    device = centres.device
+    c_sq = (centres * centres).sum(1)
+    labels = torch.empty(len(x), dtype=torch.long, device=device)
+    dists = torch.empty(len(x), dtype=torch.float32, device=device)
+    sums = torch.zeros(centres.shape, dtype=torch.float64, device=device)
+    step = _chunk_rows(len(centres))
+    for s in range(0, len(x), step):
         xb = _rows(x, s, s + step, device)
-        sums.index_add_(0, labels[s:s + step], (xb * w[s:s + step].unsqueeze(1).to(xb.dtype)).to(torch.float64))
-    mass = torch.bincount(labels, weights=w.to(torch.float64), minlength=k)
+        d, i = _partial_sq_dists(xb, centres, c_sq).min(1)
+        labels[s:s + step], dists[s:s + step] = i, (d + x_sq[s:s + step]).clamp_min(0)
+        _add_rows(sums, xb, i, None if w is None else w[s:s + step])
+    return labels, dists, sums
+
+
+def _means(sums: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, dists: torch.Tensor,
+           x: torch.Tensor) -> torch.Tensor:
+    """Weighted means from per-centre sums; an empty cluster is reseeded at the point farthest from its centre."""
+    k = len(sums)
+    mass = torch.bincount(labels, weights=w, minlength=k).to(torch.float64)
     new = (sums / mass.clamp_min(1e-300).unsqueeze(1)).to(torch.float32)
     empty = (mass <= 0).nonzero().flatten()
     if len(empty):
         far = torch.argsort(dists * (w > 0), descending=True)[: len(empty)]
-        new[empty] = x[far.cpu()].to(device, torch.float32)
+        new[empty] = x[far.cpu()].to(new.device, torch.float32)
     return new
 
 
@@ -343,10 +377,11 @@ def kmeans_fit(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, balan
                max_ratio: float = 1.1, progress: bool = False, desc: str = "k-means") -> KMeansFit:
     """Lloyd's k-means (optionally weighted), with a balanced assignment step when ``balanced``.
 
-    Balanced mode keeps each cluster's (weighted) size in the :func:`balance_band`; with unit weights the
+    Unbalanced mode returns the last assignment step's labels, whose means are the returned centres
+    (as faiss does: ``iters`` assignment passes, no extra one). Balanced mode keeps each cluster's (weighted) size in the :func:`balance_band`; with unit weights the
     final labels meet it exactly. ``x`` may live on the CPU while ``device`` is a GPU: rows move in chunks.
     """
-    with _one_thread_if_small(x.numel() * k):
+    with _single_threaded(x.numel() * k < SMALL_WORK):
         return _kmeans_fit(x, k, iters, seed, balanced, torch.device(device), weights, init, max_ratio, progress, desc)
 
 
@@ -365,29 +400,31 @@ def _kmeans_fit(x, k, iters, seed, balanced, device, weights, init, max_ratio, p
         lo, hi = balance_band(n, k, max_ratio) if unit else (
             float(w.sum()) / k / math.sqrt(max_ratio), float(w.sum()) / k * math.sqrt(max_ratio))
     prices = torch.zeros(k, dtype=torch.float64, device=device)
+    w_sum = None if unit else w_dev  # unit weights: plain sums, no multiply
+    x_sq = None if balanced else _row_sq_norms(x, device)
     labels = None
     for _ in tqdm(range(iters), desc=desc, disable=not progress):
         if balanced:
             cost = expert_costs(x, centres, torch.arange(k, device=device), k)
-            new_labels, prices = balanced_assign(cost, lo, hi, weights=None if unit else w_dev, prices=prices)
+            new_labels, prices = balanced_assign(cost, lo, hi, weights=w_sum, prices=prices)
             dists = cost.gather(1, new_labels.unsqueeze(1)).squeeze(1)
+            sums = _centre_sums(x, new_labels, w_sum, k, device)
         else:
-            new_labels, dists = nearest_centres(x, centres)
+            new_labels, dists, sums = _assign_and_sum(x, x_sq, centres, w_sum)
         if labels is not None and torch.equal(new_labels, labels):
-            break
+            break  # converged: the centres are already the means of this assignment
         labels = new_labels
-        new_centres = _update_centres(x, labels, w_dev, centres, dists)
+        new_centres = _means(sums, labels, w_dev, dists, x)
         moved = float((new_centres - centres).pow(2).sum()) / max(float(centres.pow(2).sum()), 1e-30)
         centres = new_centres
         if moved < 1e-12:  # balanced labels can flicker on ties while the centres stay put
             break
-    # final assignment to the final centres
-    if balanced:
+    if balanced:  # the final balanced assignment to the final centres
         cost = expert_costs(x, centres, torch.arange(k, device=device), k)
-        labels, prices = balanced_assign(cost, lo, hi, weights=None if unit else w_dev, prices=prices)
+        labels, prices = balanced_assign(cost, lo, hi, weights=w_sum, prices=prices)
         if unit:
             labels = repair_band(cost, labels, prices, lo, hi).to(device)
-    else:
+    elif labels is None:  # iters == 0
         labels = nearest_centres(x, centres)[0]
     return KMeansFit(centres, labels, prices)
 

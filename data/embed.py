@@ -133,7 +133,8 @@ class _HFImageEmbedder:
         return getattr(out, self.output).float().cpu()
 
 
-def _check_spec(embedder: dict) -> dict:
+def check_embedder_spec(embedder: dict) -> dict:
+    """Validate an embedder spec (type known, model folder present) without loading anything; returns a copy."""
     if not isinstance(embedder, dict) or embedder.get("type") not in EMBEDDER_TYPES:
         raise ValueError(f"embedder must be a dict with type in {EMBEDDER_TYPES}, got {embedder!r}")
     if embedder["type"] in _ASSET_NAME:
@@ -141,6 +142,9 @@ def _check_spec(embedder: dict) -> dict:
             raise ValueError(f"embedder type '{embedder['type']}' needs a 'path' to a local model folder")
         require_path(embedder["path"], _ASSET_NAME[embedder["type"]])
     return dict(embedder)
+
+
+_check_spec = check_embedder_spec  # the old private name, still imported by data/prepare.py
 
 
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +159,7 @@ def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, fra
     is missing. Skips the work when the same manifest, embedder and frames were already embedded.
     """
     t0 = time.perf_counter()
-    spec = _check_spec(embedder)
+    spec = check_embedder_spec(embedder)
     frame_indices(1, frames)  # validate before heavy work
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
