@@ -24,8 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.audit import audit
 from data.cluster import cluster
-from data.embed import _check_spec as check_embedder_spec
-from data.embed import embed
+from data.embed import check_embedder_spec, embed
 from data.encode import encode
 from data.ingest import ingest
 from data.stage import StageResult
