@@ -1,0 +1,837 @@
+"""The Paris model folder (DESIGN §5.6) and :class:`DDMPipeline`, which samples videos from it.
+
+What :meth:`DDMPipeline.save_pretrained` and ``python -m ddm.export`` write::
+
+    model_index.json            the schema below
+    expert1/ … expertK/         stage2/, stage3/: each a master.safetensors and a sharded model/ folder
+    Router/                     one router export (it is resolution-agnostic), or Router/<stage>/ per stage
+    vae.pt                      HunyuanVideo VAE; tiny folders name a VAE spec in the index instead
+    t5/  clip/                  text encoders (third-party files the user places)
+    null_t5.pt  null_clip.pt    CFG null conditioning (encodings of "")
+
+:meth:`DDMPipeline.from_pretrained` reads it tolerantly, because the Paris 2.0 schema is not public:
+expert folders ``expert1``, ``expert_1``, ``Expert-1``, ``experts/1``, ``experts/expert1``; stage folders
+``stage2``, ``stage_2``, ``s2``, ``256px`` / ``256`` (matched to the index's stage resolutions), any other
+name by the ``stage`` in its checkpoint metadata, or a flat expert folder holding the checkpoint itself;
+``Router/`` or ``router/``. Missing optional index fields are filled from the exports' metadata and
+unknown fields are kept (and written back).
+
+``model_index.json`` (Paris 1.0's field names, plus ours)::
+
+    _class_name "DDMPipeline", _ddm_version, num_experts, expert_architecture, router_architecture,
+    vae ("vae.pt" or a ddm.models.vae.build_vae spec such as {"type": "pixel", "spatial_factor": 1}),
+    text_encoder "t5", text_encoder_2 "clip", tokenizer "t5", tokenizer_2 "clip",
+    experts ["expert1", ...], stages {name: {resolution, num_frames, fps, latent_channels, spatial_factor}},
+    default_stage, router ("Router" or {stage: "Router/<stage>"}), null_text {"t5": ..., "clip": ...},
+    text_pad_to, scheduler {"type": "rectified-flow-euler", "shift": "video" | number, "num_steps", "cfg_scale"}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddm.assets import require_path
+from ddm.checkpoint import (INDEX_FILE, MASTER_FILE, SHARD_DIR, atomic_save_torch, atomic_write,
+                            build_model_from_export, load_export, read_export_metadata, save_export)
+from ddm.flow import video_shift_alpha
+from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
+from ddm.models.vae import PixelVAE, build_vae, load_vae
+from ddm.sampler import ExpertPlacement, RoutingTrace, sample
+
+__all__ = ["MODEL_INDEX", "StageGeometry", "ModelIndex", "read_model_index", "write_model_index", "FolderLayout",
+           "scan_model_folder", "stage_geometry_from_metadata", "copy_export",
+           "place_folder", "GenerationResult", "DDMPipeline"]
+
+log = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+CLASS_NAME = "DDMPipeline"
+ROUTER_DIR = "Router"
+VAE_FILE = "vae.pt"
+DEFAULT_SCHEDULER = {"type": "rectified-flow-euler", "shift": "video", "num_steps": 50, "cfg_scale": 7.5}
+ARCHITECTURES = {"opensora": "opensora-v2-mmdit", "flux": "flux-mmdit"}  # expert config layout → index name
+
+
+def ddm_version() -> str:
+    """The installed ``ddm`` version (written to ``_ddm_version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ddm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --- model_index.json ------------------------------------------------------------------------------------------
+@dataclass
+class StageGeometry:
+    """Pixel geometry of one training stage; any field may be unknown (None) in a foreign index."""
+
+    resolution: int | tuple[int, int] | None = None  # an int for square frames, else (height, width)
+    num_frames: int | None = None
+    fps: float | None = None
+    latent_channels: int | None = None
+    spatial_factor: int | None = None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width), or None when the resolution is unknown."""
+        if self.resolution is None:
+            return None
+        if isinstance(self.resolution, int):
+            return self.resolution, self.resolution
+        return int(self.resolution[0]), int(self.resolution[1])
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageGeometry:
+        """Read the known keys (others are ignored); a [h, w] resolution becomes a tuple."""
+        res = d.get("resolution")
+        if isinstance(res, (list, tuple)):
+            res = (int(res[0]), int(res[1])) if len(res) == 2 else None
+        elif res is not None:
+            res = int(res)
+        as_int = {key: int(d[key]) if d.get(key) is not None else None
+                  for key in ("num_frames", "latent_channels", "spatial_factor")}
+        return cls(res, fps=float(d["fps"]) if d.get("fps") is not None else None, **as_int)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.resolution, tuple):
+            d["resolution"] = list(self.resolution)
+        return d
+
+
+@dataclass
+class ModelIndex:
+    """``model_index.json`` as data; :meth:`from_dict` is tolerant, unknown fields land in ``extra``."""
+
+    num_experts: int | None = None
+    experts: list[str] | None = None
+    expert_architecture: str | None = None
+    router_architecture: str | None = "dit-router"
+    router: str | dict[str, str] | None = None
+    vae: str | dict[str, Any] | None = None
+    text_encoder: str = "t5"
+    text_encoder_2: str = "clip"
+    tokenizer: str = "t5"
+    tokenizer_2: str = "clip"
+    stages: dict[str, StageGeometry] = field(default_factory=dict)
+    default_stage: str | None = None
+    null_text: dict[str, str] = field(default_factory=lambda: {"t5": NULL_T5_FILE, "clip": NULL_CLIP_FILE})
+    text_pad_to: int | None = None
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = MODEL_INDEX) -> ModelIndex:
+        """Build from parsed JSON. Component fields that are not a name (diffusers-style ``[lib, class]``
+        pairs) fall back to our defaults; wrong types of the fields we rely on raise a ValueError."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"stages", "scheduler", "extra"}
+        reserved = known | {"stages", "scheduler", "_class_name", "_ddm_version"}
+        index = cls(extra={k: v for k, v in d.items() if k not in reserved})
+        for name in known:
+            value = d.get(name)
+            if value is None:
+                continue
+            if name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") and not isinstance(value, str):
+                continue  # e.g. ["transformers", "T5EncoderModel"]: the folder name stays the default
+            if name in ("num_experts", "text_pad_to") and not isinstance(value, int):
+                raise ValueError(f"{source}: '{name}' must be an integer, got {value!r}")
+            if name == "experts" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{source}: 'experts' must be a list of folder names, got {value!r}")
+            setattr(index, name, value)
+        stages = d.get("stages") or {}
+        if not isinstance(stages, Mapping):
+            raise ValueError(f"{source}: 'stages' must map stage names to geometry, got {stages!r}")
+        index.stages = {str(k): StageGeometry.from_dict(v or {}) for k, v in stages.items()}
+        index.scheduler = {**DEFAULT_SCHEDULER, **(d.get("scheduler") or {})}
+        return index
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, ``_class_name`` and ``_ddm_version`` first, unknown fields preserved."""
+        d: dict[str, Any] = {"_class_name": CLASS_NAME, "_ddm_version": ddm_version()}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            d[f.name] = {k: g.to_dict() for k, g in value.items()} if f.name == "stages" else value
+        return {**d, **{k: v for k, v in self.extra.items() if k not in d}}
+
+
+def read_model_index(folder: str | Path) -> ModelIndex:
+    """Parse ``folder/model_index.json``; a FileNotFoundError says the folder is not a model folder."""
+    folder = Path(folder)
+    path = folder / MODEL_INDEX
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: '{folder}'")
+    if not path.is_file():
+        raise FileNotFoundError(f"'{folder}' is not a DDM model folder: it has no {MODEL_INDEX} (write one with "
+                                "python -m ddm.export or DDMPipeline.save_pretrained)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if data.get("_class_name", CLASS_NAME) != CLASS_NAME:
+        log.warning("%s names _class_name %r, not %r: reading it anyway", path, data["_class_name"], CLASS_NAME)
+    return ModelIndex.from_dict(data, str(path))
+
+
+def write_model_index(folder: str | Path, index: ModelIndex) -> Path:
+    """Write ``folder/model_index.json`` atomically (it is the commit point of a folder write)."""
+    text = json.dumps(index.to_dict(), indent=2) + "\n"
+    return atomic_write(Path(folder) / MODEL_INDEX, lambda tmp: tmp.write_text(text))
+
+
+# --- the folder layout ------------------------------------------------------------------------------------------
+_EXPERT_NAME = re.compile(r"^experts?[\s_\-]?(\d+)$", re.IGNORECASE)
+_EXPERT_IN_EXPERTS = re.compile(r"^(?:experts?[\s_\-]?)?(\d+)$", re.IGNORECASE)
+_STAGE_NAME = re.compile(r"^(?:stage|s)[\s_\-]?(\d+)$", re.IGNORECASE)
+_RESOLUTION_NAME = re.compile(r"^(\d+)(?:x(\d+))?(?:px|p)?$", re.IGNORECASE)
+
+
+def is_export_dir(path: Path) -> bool:
+    """True when ``path`` holds a checkpoint: ``master.safetensors`` or a sharded ``model/`` index."""
+    return (path / MASTER_FILE).is_file() or (path / SHARD_DIR / INDEX_FILE).is_file() or (path / INDEX_FILE).is_file()
+
+
+def stage_order(name: str) -> tuple[int, str]:
+    """Sort key for stage names: the number in the name (stage2 < stage3), then the name."""
+    digits = re.findall(r"\d+", name)
+    return (int(digits[-1]) if digits else -1, name)
+
+
+def canonical_stage(name: str, stages: Mapping[str, StageGeometry] | None = None) -> str | None:
+    """``stage2`` for ``stage2``/``stage_2``/``S2``; the stage whose resolution is ``256px``/``256``/``256x256``
+    (from ``stages``); None when the name says nothing."""
+    if m := _STAGE_NAME.match(name):
+        return f"stage{int(m.group(1))}"
+    if (m := _RESOLUTION_NAME.match(name)) and stages:
+        h = int(m.group(1))
+        size = (h, int(m.group(2) or h))
+        matches = [s for s, g in stages.items() if g.size == size]
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+@dataclass
+class FolderLayout:
+    """Where the checkpoints of a model folder are: ``experts[k][stage]`` (k = 1..K) and ``routers[stage]``
+    (key None for a stage-independent ``Router/``)."""
+
+    root: Path
+    experts: dict[int, dict[str, Path]]
+    routers: dict[str | None, Path]
+
+    @property
+    def stages(self) -> list[str]:
+        """Stages every expert has, in stage order."""
+        common = set.intersection(*(set(s) for s in self.experts.values())) if self.experts else set()
+        return sorted(common, key=stage_order)
+
+
+def _stage_of_export(path: Path, stages: Mapping[str, StageGeometry], fallback: str | None) -> str:
+    name = canonical_stage(path.name, stages)
+    if name is None:
+        name = read_export_metadata(path).get("stage") or fallback
+    if not name:
+        raise ValueError(f"cannot tell which stage '{path}' holds: its name is not like stage2/s2/256px and its "
+                         "metadata has no 'stage'")
+    return str(name)
+
+
+def _stage_dirs(folder: Path, stages: Mapping[str, StageGeometry], default_stage: str | None,
+                what: str) -> dict[str, Path]:
+    """Stage → checkpoint folder for an expert (or router) folder; a flat folder is its own one stage."""
+    if is_export_dir(folder):
+        return {_stage_of_export(folder, stages, default_stage or "default"): folder}
+    found: dict[str, Path] = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and is_export_dir(p)):
+        stage = _stage_of_export(child, stages, None)
+        if stage in found:
+            raise ValueError(f"{what}: both '{found[stage]}' and '{child}' hold {stage}")
+        found[stage] = child
+    return found
+
+
+def _discover_experts(root: Path) -> dict[int, Path]:
+    found: dict[int, list[Path]] = {}
+    children = [p for p in root.iterdir() if p.is_dir()]
+    for child in children:
+        if m := _EXPERT_NAME.match(child.name):
+            found.setdefault(int(m.group(1)), []).append(child)
+        elif child.name.lower() == "experts":
+            for sub in (p for p in child.iterdir() if p.is_dir()):
+                if m := _EXPERT_IN_EXPERTS.match(sub.name):
+                    found.setdefault(int(m.group(1)), []).append(sub)
+    clashes = {k: v for k, v in found.items() if len(v) > 1}
+    if clashes:
+        k, paths = next(iter(clashes.items()))
+        raise ValueError(f"'{root}' holds expert {k} twice: {', '.join(str(p) for p in sorted(paths))}")
+    return {k: v[0] for k, v in sorted(found.items())}
+
+
+def scan_model_folder(folder: str | Path, index: ModelIndex) -> FolderLayout:
+    """Find every expert and router checkpoint of a model folder (see the module docstring for the variants).
+
+    Raises FileNotFoundError for an expert the index names but the folder lacks, and ValueError when the
+    expert ids found are not 1..K or disagree with the index's ``num_experts``.
+    """
+    root = Path(folder)
+    if index.experts is not None:
+        expert_dirs = {}
+        for k, name in enumerate(index.experts, start=1):
+            path = root / name
+            if not path.is_dir():
+                raise FileNotFoundError(f"{MODEL_INDEX} names expert {k} '{name}', but '{path}' does not exist")
+            expert_dirs[k] = path
+    else:
+        expert_dirs = _discover_experts(root)
+    if not expert_dirs:
+        raise FileNotFoundError(f"'{root}' holds no expert folders (expected expert1/ … expertK/)")
+    ids = sorted(expert_dirs)
+    if ids != list(range(1, len(ids) + 1)):
+        missing = sorted(set(range(1, max(ids) + 1)) - set(ids))
+        raise ValueError(f"'{root}': expert ids must be 1..K, found {ids} (missing expert {missing})")
+    if index.num_experts is not None and index.num_experts != len(ids):
+        raise ValueError(f"{MODEL_INDEX} says num_experts={index.num_experts} but '{root}' holds {len(ids)} "
+                         f"expert folder(s): {', '.join(p.name for p in expert_dirs.values())}")
+    experts = {}
+    for k, path in expert_dirs.items():
+        experts[k] = _stage_dirs(path, index.stages, index.default_stage, f"expert {k}")
+        if not experts[k]:
+            raise FileNotFoundError(f"expert {k} folder '{path}' holds no checkpoint (master.safetensors or "
+                                    f"{SHARD_DIR}/{INDEX_FILE}), directly or in a stage folder")
+    return FolderLayout(root, experts, _find_routers(root, index))
+
+
+def _find_routers(root: Path, index: ModelIndex) -> dict[str | None, Path]:
+    if isinstance(index.router, Mapping):
+        routers: dict[str | None, Path] = {}
+        for stage, name in index.router.items():
+            if not (root / name).is_dir():
+                raise FileNotFoundError(f"{MODEL_INDEX} names router '{name}' for {stage}, but '{root / name}' "
+                                        "does not exist")
+            routers[str(stage)] = root / name
+        return routers
+    if isinstance(index.router, str):
+        folder = root / index.router
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{MODEL_INDEX} names router '{index.router}', but '{folder}' does not exist")
+    else:
+        folder = next((p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() == "router"), None)
+        if folder is None:
+            return {}
+    if is_export_dir(folder):
+        return {None: folder}
+    return dict(_stage_dirs(folder, index.stages, None, "the router"))
+
+
+# --- copying checkpoints and third-party folders ------------------------------------------------------------------
+def copy_export(src: str | Path, dst: str | Path, *, single_file: bool = True, sharded: bool = True,
+                state_dict: Mapping[str, torch.Tensor] | None = None,
+                metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the checkpoint at ``src`` (or the given ``state_dict``/``metadata``) to ``dst`` in the requested
+    forms, keeping its metadata and shard size, and remove a form of an earlier write that was not requested
+    (so ``dst`` never holds two different weights)."""
+    if state_dict is None or metadata is None:
+        state_dict, metadata = load_export(src)
+    dst = Path(dst)
+    save_export(state_dict, dst, metadata, single_file=single_file, sharded=sharded,
+                max_shard_bytes=int(metadata.get("max_shard_bytes") or 2 * 1024**3))
+    if not single_file:
+        (dst / MASTER_FILE).unlink(missing_ok=True)
+    if not sharded and (dst / SHARD_DIR).exists():
+        shutil.rmtree(dst / SHARD_DIR)
+    return dst
+
+
+def place_folder(src: str | Path, dst: str | Path, mode: str = "copy") -> Path:
+    """Put a file or folder ``src`` at ``dst`` by ``copy`` (through a temporary name, then renamed) or
+    ``link`` (a symlink to the absolute source). An existing ``dst`` is replaced."""
+    src, dst = Path(src).resolve(), Path(dst)
+    if mode not in ("copy", "link"):
+        raise ValueError(f"mode must be 'copy' or 'link', got {mode!r}")
+    if dst.resolve() == src:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+    if mode == "link":
+        tmp.symlink_to(src, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, tmp, symlinks=False)
+    else:
+        shutil.copy2(src, tmp)
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
+    return dst
+
+
+# --- the pipeline -----------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    """What :meth:`DDMPipeline.generate` returns.
+
+    ``videos`` uint8 (N, F, H, W, 3); ``latents`` float32 (N, C, T, h, w) on the CPU (the sampler's output,
+    conditioning frames written back); ``traces`` one :class:`RoutingTrace` over all N samples (weights
+    (steps, N, K)) when asked for; ``seeds`` the per-sample seeds used; ``fps`` the stage's frame rate.
+    """
+
+    videos: np.ndarray
+    latents: torch.Tensor
+    traces: RoutingTrace | None
+    seeds: list[int]
+    prompts: list[str]
+    fps: float | None = None
+
+
+def stage_geometry_from_metadata(meta: Mapping[str, Any], stage: str) -> StageGeometry:
+    """A stage's geometry from an export's ``train_config`` (``recipe.<stage>``, ``recipe.vae_spatial_factor``)."""
+    recipe = (meta.get("train_config") or {}).get("recipe") or {}
+    geometry = StageGeometry.from_dict(recipe.get(stage) or {})
+    if geometry.spatial_factor is None and recipe.get("vae_spatial_factor") is not None:
+        geometry.spatial_factor = int(recipe["vae_spatial_factor"])
+    if geometry.latent_channels is None and isinstance(meta.get("config"), Mapping):
+        geometry.latent_channels = meta["config"].get("latent_channels")
+    return geometry
+
+
+def _resolve_devices(device: torch.device, placement: str, devices: Sequence[str | torch.device] | None
+                     ) -> list[torch.device]:
+    if devices:
+        return [torch.device(d) for d in devices]
+    if placement == "spread" and device.type == "cuda":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+class DDMPipeline:
+    """K experts, a router, a VAE and the text encoders of one stage, ready to sample (see ``generate``)."""
+
+    def __init__(self, experts: Sequence[torch.nn.Module], router: torch.nn.Module | None, vae: torch.nn.Module,
+                 text: TextEncoders | None, null_text: tuple[torch.Tensor, torch.Tensor] | None, index: ModelIndex,
+                 stage: str, *, geometry: StageGeometry | None = None,
+                 prior_correction: Sequence[float] | None = None, device: str | torch.device = "cpu",
+                 placement: str = "same", devices: Sequence[str | torch.device] | None = None,
+                 layout: FolderLayout | None = None, expert_metadata: Sequence[Mapping[str, Any]] | None = None,
+                 router_metadata: Mapping[str, Any] | None = None,
+                 text_dirs: tuple[Path, Path] | None = None) -> None:
+        if not experts:
+            raise ValueError("a DDMPipeline needs at least one expert")
+        if router is None and len(experts) > 1:
+            raise ValueError(f"{len(experts)} experts need a router to be mixed (a routerless folder must hold "
+                             "exactly one expert, the monolith)")
+        self.experts = list(experts)
+        self.router = router
+        self.vae = vae
+        self.text = text
+        self.null_text = null_text
+        self.index = index
+        self.stage = stage
+        self.geometry = geometry or index.stages.get(stage) or StageGeometry()
+        self.prior_correction = list(prior_correction) if prior_correction is not None else None
+        self.device = torch.device(device)
+        self.placement = ExpertPlacement(self.experts, placement, _resolve_devices(self.device, placement, devices))
+        self.layout = layout
+        self.expert_metadata = [dict(m) for m in expert_metadata] if expert_metadata else [{} for _ in experts]
+        self.router_metadata = dict(router_metadata or {})
+        self.text_dirs = text_dirs
+        self._check_compatible()
+
+    @property
+    def num_experts(self) -> int:
+        """K (1 for a monolith folder)."""
+        return len(self.experts)
+
+    @property
+    def fps(self) -> float | None:
+        return self.geometry.fps
+
+    def _check_compatible(self) -> None:
+        configs = [e.config for e in self.experts]
+        for name in ("latent_channels", "context_in_dim", "vec_in_dim"):
+            values = [getattr(c, name) for c in configs]
+            if len(set(values)) > 1:
+                raise ValueError(f"the experts disagree on {name}: {values}")
+        cfg = configs[0]
+        if self.vae.latent_channels != cfg.latent_channels:
+            raise ValueError(f"the VAE gives {self.vae.latent_channels} latent channels but the experts take "
+                             f"{cfg.latent_channels}")
+        if self.router is not None:
+            predicted = self.router.cfg.num_experts
+            if predicted != self.num_experts:
+                raise ValueError(f"the router predicts {predicted} experts but {self.num_experts} experts are loaded")
+            if self.router.cfg.latent_channels != cfg.latent_channels:
+                raise ValueError(f"the router reads {self.router.cfg.latent_channels} latent channels but the "
+                                 f"experts take {cfg.latent_channels}")
+        if self.text is not None and (self.text.t5_dim, self.text.clip_dim) != (cfg.context_in_dim, cfg.vec_in_dim):
+            raise ValueError(f"the text encoders give T5 width {self.text.t5_dim} and CLIP width {self.text.clip_dim}"
+                             f" but the experts take {cfg.context_in_dim} and {cfg.vec_in_dim}")
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, stage: str | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, placement: str = "same", load_text: bool = True,
+                        devices: Sequence[str | torch.device] | None = None) -> DDMPipeline:
+        """Load one stage of a model folder (module docstring: layout and tolerated variants).
+
+        Args:
+            stage: ``stage2``/``stage3`` (variants like ``s3`` accepted); default: the index's
+                ``default_stage``, else the highest stage every expert has.
+            device, dtype: where and in which dtype the experts and router compute (default dtype: as stored);
+                the VAE runs in ``dtype`` or float32; the text encoders in their default (fp32 on CPU).
+            placement: ``same`` | ``spread`` | ``offload`` (:class:`ddm.sampler.ExpertPlacement`); ``devices``
+                for ``spread`` defaults to every CUDA device.
+            load_text: load ``t5/`` and ``clip/`` (needed by :meth:`generate`); the null tensors are made
+                from them when the folder lacks ``null_t5.pt``/``null_clip.pt``.
+        """
+        root = Path(folder).expanduser()
+        index = read_model_index(root)
+        layout = scan_model_folder(root, index)
+        stage = cls._choose_stage(layout, index, stage)
+        device = torch.device(device)
+        build_device = "cpu" if placement != "same" else device  # ExpertPlacement moves the others
+        experts, metas = [], []
+        for k, stages in tqdm(layout.experts.items(), desc="loading experts", disable=len(layout.experts) < 2):
+            meta = read_export_metadata(stages[stage])
+            if meta.get("kind") not in (None, "expert"):
+                raise ValueError(f"'{stages[stage]}' holds a {meta.get('kind')!r} export, not an expert")
+            log.info("expert %d: %s (%s)", k, stages[stage], meta.get("stage", stage))
+            experts.append(build_model_from_export(stages[stage], device=str(build_device), dtype=dtype))
+            metas.append(meta)
+        router, router_meta = cls._load_router(layout, stage, len(experts), str(device), dtype)
+        geometry = index.stages.get(stage) or stage_geometry_from_metadata(metas[0], stage)
+        vae = cls._load_vae(root, index, metas[0], device, dtype)
+        if geometry.spatial_factor is None:
+            geometry.spatial_factor = vae.spatial_factor
+        text, text_dirs, null = None, None, None
+        if load_text:
+            text_dirs = (root / index.text_encoder, root / index.text_encoder_2)
+            text = TextEncoders.from_folder(*text_dirs, device=device)
+            null = load_null_tensors(root, text)
+        elif (root / NULL_T5_FILE).exists() and (root / NULL_CLIP_FILE).exists():
+            null = load_null_tensors(root)
+        return cls(experts, router, vae, text, null, index, stage, geometry=geometry,
+                   prior_correction=router_meta.get("prior_correction"), device=device, placement=placement,
+                   devices=devices, layout=layout, expert_metadata=metas, router_metadata=router_meta,
+                   text_dirs=text_dirs)
+
+    @staticmethod
+    def _choose_stage(layout: FolderLayout, index: ModelIndex, stage: str | None) -> str:
+        available = layout.stages
+        if stage is None:
+            if index.default_stage in available:
+                return index.default_stage
+            if not available:
+                found = {k: sorted(s) for k, s in layout.experts.items()}
+                raise ValueError(f"'{layout.root}': no stage is held by every expert (found {found})")
+            return available[-1]
+        wanted = stage if stage in available else (canonical_stage(stage, index.stages) or stage)
+        for k, stages in layout.experts.items():
+            if wanted not in stages:
+                raise FileNotFoundError(f"expert {k} has no {wanted} checkpoint in '{layout.root}' (it has: "
+                                        f"{', '.join(sorted(stages, key=stage_order)) or 'none'})")
+        return wanted
+
+    @staticmethod
+    def _load_router(layout: FolderLayout, stage: str, num_experts: int, device: str, dtype: torch.dtype | None
+                     ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+        routers = layout.routers
+        if not routers:
+            if num_experts > 1:
+                raise FileNotFoundError(f"'{layout.root}' holds {num_experts} experts but no Router/ folder: "
+                                        "the router mixes them (only a one-expert monolith folder needs none)")
+            return None, {}
+        if stage in routers:
+            path = routers[stage]
+        elif None in routers:
+            path = routers[None]
+        else:  # the router is resolution-agnostic: another stage's router serves this one
+            other = sorted((s for s in routers if s is not None), key=stage_order)[-1]
+            log.info("no %s router: using the %s router (routers are resolution-agnostic)", stage, other)
+            path = routers[other]
+        meta = read_export_metadata(path)
+        if meta.get("kind") != "router":
+            raise ValueError(f"'{path}' holds a {meta.get('kind')!r} export, not a router")
+        predicted = int(meta.get("num_experts") or (meta.get("config") or {}).get("num_experts") or 0)
+        if predicted != num_experts:
+            raise ValueError(f"the router predicts {predicted} experts but {num_experts} experts are loaded "
+                             f"(router '{path}')")
+        log.info("router: %s", path)
+        meta["_path"] = str(path)
+        return build_model_from_export(path, device=device, dtype=dtype), meta
+
+    @staticmethod
+    def _load_vae(root: Path, index: ModelIndex, expert_meta: Mapping[str, Any], device: torch.device,
+                  dtype: torch.dtype | None) -> torch.nn.Module:
+        vae_dtype = dtype or torch.float32
+        spec = index.vae
+        if spec is None:  # a foreign index: vae.pt if present, else a weight-free spec from training
+            trained = (expert_meta.get("train_config") or {}).get("vae") or {}
+            spec = dict(trained) if trained.get("type") in ("pixel", "hunyuan-tiny") and \
+                not (root / VAE_FILE).exists() else VAE_FILE
+        if isinstance(spec, str):
+            log.info("VAE: %s", root / spec)
+            return load_vae(require_path(root / spec, "vae"), device=device, dtype=vae_dtype)
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{MODEL_INDEX}: 'vae' must be a file name or a VAE spec, got {spec!r}")
+        spec = dict(spec)
+        if spec.get("path"):
+            spec["path"] = str(require_path(root / spec["path"], "vae"))  # relative to the folder (or absolute)
+        if spec.get("type") != "pixel":
+            spec.update(device=str(device), dtype=str(vae_dtype).removeprefix("torch."))
+        log.info("VAE: %s", spec)
+        return build_vae(spec)
+
+    # --- saving -----------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, single_file: bool = True, sharded: bool = True) -> Path:
+        """Write this pipeline as a model folder: every stage of the folder it was loaded from (the loaded
+        stage from memory, the others copied), the router(s), the VAE (spec or ``vae.pt``), the text encoders
+        (copied) and the null tensors; ``model_index.json`` last. Returns the folder."""
+        out = Path(folder)
+        if self.layout is not None and out.resolve() == self.layout.root.resolve():
+            raise ValueError(f"save_pretrained into the folder the pipeline was loaded from ('{out}') would "
+                             "overwrite checkpoints it still reads; choose another folder")
+        out.mkdir(parents=True, exist_ok=True)
+        forms = dict(single_file=single_file, sharded=sharded)
+        names = [f"expert{k}" for k in range(1, self.num_experts + 1)]
+        for k, (name, expert) in enumerate(zip(names, self.experts), start=1):
+            stages = self.layout.experts[k] if self.layout else {self.stage: None}
+            for stage, src in stages.items():
+                if stage == self.stage:
+                    copy_export(src, out / name / stage, state_dict=expert.state_dict(),
+                                metadata=self.expert_metadata[k - 1] or {"kind": "expert", "config":
+                                                                          expert.config.to_dict()}, **forms)
+                else:
+                    copy_export(src, out / name / stage, **forms)
+        router_index = self._save_routers(out, forms)
+        stages = {self.stage: self.geometry}
+        for stage, src in (self.layout.experts[1].items() if self.layout else ()):
+            if stage not in stages:
+                stages[stage] = self.index.stages.get(stage) or \
+                    stage_geometry_from_metadata(read_export_metadata(src), stage)
+        index = dataclasses.replace(
+            self.index, num_experts=self.num_experts, experts=names, router=router_index,
+            vae=self._save_vae(out), stages=dict(sorted(stages.items(), key=lambda kv: stage_order(kv[0]))),
+            default_stage=self.index.default_stage or self.stage,
+            expert_architecture=self.index.expert_architecture or ARCHITECTURES.get(self.experts[0].config.layout),
+            text_encoder="t5", text_encoder_2="clip", tokenizer="t5", tokenizer_2="clip")
+        if self.text_dirs is not None:
+            place_folder(self.text_dirs[0], out / "t5")
+            place_folder(self.text_dirs[1], out / "clip")
+        if self.null_text is not None:
+            atomic_save_torch(self.null_text[0], out / NULL_T5_FILE)
+            atomic_save_torch(self.null_text[1], out / NULL_CLIP_FILE)
+        write_model_index(out, index)
+        log.info("saved the %d-expert pipeline to %s", self.num_experts, out)
+        return out
+
+    def _save_routers(self, out: Path, forms: dict[str, bool]) -> str | dict[str, str] | None:
+        if self.router is None:
+            return None
+        routers = self.layout.routers if self.layout else {None: None}
+        loaded = self.router_metadata.get("_path")
+        written: dict[str, str] = {}
+        for stage, src in routers.items():
+            rel = ROUTER_DIR if stage is None else f"{ROUTER_DIR}/{stage}"
+            if src is None or str(src) == loaded:
+                meta = {k: v for k, v in self.router_metadata.items() if k != "_path"} or \
+                    {"kind": "router", "config": self.router.cfg.to_dict(), "num_experts": self.num_experts}
+                copy_export(src, out / rel, state_dict=self.router.state_dict(), metadata=meta, **forms)
+            else:
+                copy_export(src, out / rel, **forms)
+            written[str(stage)] = rel
+        return ROUTER_DIR if None in routers else written
+
+    def _save_vae(self, out: Path) -> str | dict[str, Any]:
+        if isinstance(self.vae, PixelVAE):
+            return {"type": "pixel", "spatial_factor": self.vae.spatial_factor,
+                    "temporal_factor": self.vae.temporal_factor}
+        spec = self.index.vae
+        if isinstance(spec, Mapping) and not spec.get("path"):
+            return dict(spec)  # e.g. a seeded hunyuan-tiny: rebuilt from the spec
+        src = self.layout.root / (spec["path"] if isinstance(spec, Mapping) else spec or VAE_FILE) \
+            if self.layout else None
+        if src is not None and src.is_file():
+            place_folder(src, out / VAE_FILE)
+        else:
+            atomic_save_torch({k: v.cpu() for k, v in self.vae.state_dict().items()}, out / VAE_FILE)
+        return {**spec, "path": VAE_FILE} if isinstance(spec, Mapping) else VAE_FILE
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+    def shift_alpha(self, latent_shape: Sequence[int], shift: float | str | None = None) -> float:
+        """The schedule's shift for a latent (C, T, h, w): a number, or ``"video"`` (Open-Sora's
+        :func:`ddm.flow.video_shift_alpha` over the experts' tokens per frame); default: the index's."""
+        shift = self.index.scheduler.get("shift", "video") if shift is None else shift
+        if shift != "video":
+            return float(shift)
+        _, t, h, w = latent_shape
+        _, ph, pw = self.experts[0].config.patch_size
+        return video_shift_alpha((h // ph) * (w // pw), t)
+
+    def _video_size(self, num_frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+        size = self.geometry.size
+        height = height or (size[0] if size else None)
+        width = width or (size[1] if size else None)
+        num_frames = num_frames or self.geometry.num_frames
+        if not (num_frames and height and width):
+            raise ValueError(f"stage {self.stage!r} has no known geometry in {MODEL_INDEX}: pass num_frames, "
+                             "height and width")
+        return int(num_frames), int(height), int(width)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"t5": (B, L, D), "clip": (B, D)}`` on the pipeline's device. T5 states (true length) are
+        zero-padded to the index's ``text_pad_to``, else to the encoder's max length: a fixed L, so a
+        sample does not depend on the prompts it is batched with."""
+        if self.text is None:
+            raise ValueError("this pipeline was loaded with load_text=False: it cannot encode prompts")
+        t5, clip = self.text.encode(list(prompts))
+        t5, _ = pad_tokens(t5, self.index.text_pad_to or self.text.t5_max_length)
+        return {"t5": t5.to(self.device), "clip": clip.to(self.device)}
+
+    def encode_images(self, images: Sequence[np.ndarray | str | Path | None], latent_shape: Sequence[int],
+                      size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        """The sampler's ``i2v`` dict for a batch: each image resized and centre-cropped to ``size``, encoded
+        alone as a 1-frame video into the first latent frame; mask True there. None when no image is given."""
+        if all(image is None for image in images):
+            return None
+        if not self.experts[0].config.cond_embed:
+            raise ValueError(f"the {self.experts[0].config.preset} experts have no image conditioning (cond_embed "
+                             "is false): they cannot do image-to-video")
+        from data.encode import resize_center_crop  # the data pipeline's resize, so i2v sees training's crops
+
+        c, t, h, w = latent_shape
+        latent = torch.zeros(len(images), c, t, h, w, device=self.device)
+        mask = torch.zeros(len(images), t, dtype=torch.bool)
+        for i, image in enumerate(images):
+            if image is None:
+                continue
+            frame = resize_center_crop(_read_image(image)[None], size)  # (1, H, W, 3)
+            pixels = torch.from_numpy(frame).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, 1, H, W)
+            latent[i, :, :1] = self.vae.encode(pixels.to(self.device)).to(latent)
+            mask[i, 0] = True
+        return {"latent": latent, "mask": mask}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
+                 strategy: str = "topk", k: int = 2, threshold: float = 0.1, seeds: Sequence[int] | int | None = None,
+                 images: Sequence[np.ndarray | str | Path | None] | None = None, batch_size: int = 4,
+                 trace: bool = False, progress: bool = True, oracle_ids: Sequence[int] | int | None = None,
+                 shift: float | str | None = None) -> GenerationResult:
+        """Text-to-video (and image-to-video) with the routed sampler.
+
+        Args:
+            prompts: one caption per sample.
+            num_frames, height, width: default: the stage's (num_frames must be 4k+1).
+            num_steps, cfg_scale, shift: Euler steps, guidance scale and schedule shift; default: the index's
+                scheduler (50, 7.5, ``"video"``).
+            strategy, k, threshold, oracle_ids: routing (:func:`ddm.sampler.routing_weights`); ignored by a
+                one-expert folder.
+            seeds: one per prompt, or an int s for s, s+1, …; None draws them (returned in the result).
+                A sample depends only on its prompt, image and seed, not on its batch mates.
+            images: per prompt an RGB uint8 (H, W, 3) array, an image path, or None (t2v); the image becomes
+                the first frame, kept exactly (up to the VAE round trip).
+            batch_size: samples per sampler call. trace: also return the routing trace.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("generate() takes a list of prompts, not a single string")
+        prompts = list(prompts)
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("generate() needs at least one prompt")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        seeds = _per_sample_seeds(seeds, n)
+        images = [None] * n if images is None else list(images)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images for {n} prompts (give one per prompt, None for text-only)")
+        oracle = [oracle_ids] * n if oracle_ids is None or isinstance(oracle_ids, int) else list(oracle_ids)
+        if len(oracle) != n:
+            raise ValueError(f"{len(oracle)} oracle_ids for {n} prompts")
+        num_frames, height, width = self._video_size(num_frames, height, width)
+        latent_shape = self.vae.latent_shape(num_frames, height, width)
+        scheduler = self.index.scheduler
+        num_steps = int(num_steps if num_steps is not None else scheduler.get("num_steps", 50))
+        cfg_scale = float(cfg_scale if cfg_scale is not None else scheduler.get("cfg_scale", 7.5))
+        alpha = self.shift_alpha(latent_shape, shift)
+        uncond = None
+        if cfg_scale != 1.0:
+            if self.null_text is None:
+                raise FileNotFoundError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs {NULL_T5_FILE} and "
+                                        f"{NULL_CLIP_FILE}: load the text encoders or use cfg_scale=1")
+            uncond = {"t5": self.null_text[0], "clip": self.null_text[1]}
+        log.info("generating %d video(s) of %d x %dx%d (stage %s, %d experts, %s, %d steps, cfg %.3g, shift %.3g)",
+                 n, num_frames, height, width, self.stage, self.num_experts, strategy, num_steps, cfg_scale, alpha)
+
+        videos, latents, traces = [], [], []
+        bar = tqdm(total=n, desc="generating", unit="video", disable=not progress)
+        for start in range(0, n, batch_size):
+            rows = slice(start, start + batch_size)
+            cond = self.encode_prompts(prompts[rows])
+            i2v = self.encode_images(images[rows], latent_shape, (height, width))
+            ids = None if oracle[start] is None else oracle[rows]
+            out = sample(self.experts, self.router, (len(prompts[rows]), *latent_shape), cond, uncond=uncond,
+                         num_steps=num_steps, shift_alpha=alpha, cfg_scale=cfg_scale, strategy=strategy, k=k,
+                         threshold=threshold, oracle_ids=ids, prior_correction=self.prior_correction,
+                         seeds=seeds[rows], i2v=i2v, trace=trace, progress=progress, placement=self.placement)
+            latent, batch_trace = out if trace else (out, None)
+            videos.append(self.decode(latent))
+            latents.append(latent.float().cpu())
+            if batch_trace is not None:
+                traces.append(batch_trace)
+            bar.update(len(prompts[rows]))
+        bar.close()
+        merged = None
+        if traces:
+            merged = RoutingTrace(strategy, traces[0].t, torch.cat([tr.weights for tr in traces], dim=1))
+        return GenerationResult(np.concatenate(videos), torch.cat(latents), merged, seeds, prompts, self.fps)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """VAE-decode latents (B, C, T, h, w) to uint8 videos (B, F, H, W, 3), clamped to [-1, 1] first."""
+        video = self.vae.decode(latent.to(self.device)).float().clamp(-1.0, 1.0)
+        pixels = ((video + 1.0) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:
+    if seeds is None:
+        return torch.randint(0, 2**31 - 1, (n,)).tolist()
+    if isinstance(seeds, (int, np.integer)):
+        return [int(seeds) + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts (give one per prompt, or one int)")
+    return seeds
+
+
+def _read_image(image: np.ndarray | str | Path) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) array from an array or an image/video path (its first frame)."""
+    if isinstance(image, (str, Path)):
+        from ddm.video_io import read_video
+
+        image = read_video(image, max_frames=1)[0][0]
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"an i2v image must be an RGB uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+    return image
