@@ -393,7 +393,8 @@ class GenerationResult:
 
     ``videos`` uint8 (N, F, H, W, 3); ``latents`` float32 (N, C, T, h, w) on the CPU (the sampler's output,
     conditioning frames written back); ``traces`` one :class:`RoutingTrace` over all N samples (weights
-    (steps, N, K)) when asked for; ``seeds`` the per-sample seeds used; ``fps`` the stage's frame rate.
+    (steps, N, K)) when asked for; ``seeds`` the per-sample seeds used; ``fps`` the stage's frame rate;
+    ``settings`` the resolved sampling settings (stage, size, steps, cfg, shift, strategy, ...).
     """
 
     videos: np.ndarray
@@ -402,6 +403,7 @@ class GenerationResult:
     seeds: list[int]
     prompts: list[str]
     fps: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def stage_geometry_from_metadata(meta: Mapping[str, Any], stage: str) -> StageGeometry:
@@ -804,7 +806,11 @@ class DDMPipeline:
         merged = None
         if traces:
             merged = RoutingTrace(strategy, traces[0].t, torch.cat([tr.weights for tr in traces], dim=1))
-        return GenerationResult(np.concatenate(videos), torch.cat(latents), merged, seeds, prompts, self.fps)
+        settings = {"stage": self.stage, "num_experts": self.num_experts, "num_frames": num_frames, "height": height,
+                    "width": width, "num_steps": num_steps, "cfg_scale": cfg_scale, "shift_alpha": alpha,
+                    "strategy": strategy, "k": k, "threshold": threshold}
+        return GenerationResult(np.concatenate(videos), torch.cat(latents), merged, seeds, prompts, self.fps,
+                                settings)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
