@@ -1,0 +1,121 @@
+"""``python -m ddm.generate``: sample videos from a model folder with the routed sampler.
+
+::
+
+    python -m ddm.generate --model FOLDER --prompt "a red car" "a cat" [--image first_frame.png]
+        [--strategy top1|topk|full|threshold|oracle] [--k 2] [--steps 50] [--cfg 7.5] [--seed 0]
+        [--stage stage2|stage3] [--frames 129] [--out samples] [--trace]
+
+Writes ``<out>/<index>_<slug>.mp4`` and ``.gif`` per sample, ``<out>/samples.json`` (prompt, seed and files
+of every sample, and the settings), and with ``--trace`` the routing trace as ``routing_trace.json`` and
+``routing_trace.png``. Sample i uses seed ``--seed + i``, so a run is reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddm.pipeline import DDMPipeline
+from ddm.sampler import STRATEGIES
+from ddm.video_io import write_gif, write_video
+
+log = logging.getLogger("ddm.generate")
+
+DEFAULT_FPS = 8.0  # when the model folder records no frame rate for the stage
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    """A file-name-safe slug of a prompt: lower-case words joined by '-', at most ``max_length`` chars."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:max_length].strip("-")
+    return slug or "sample"
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"'{path}' holds no prompts (one per line expected)")
+    return prompts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ddm.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="the model folder (model_index.json, expert*/, ...)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
+    source.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    parser.add_argument("--image", type=Path, action="append", default=None,
+                        help="first-frame image (i2v): once for every prompt, or once per prompt")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="topk")
+    parser.add_argument("--k", type=int, default=2, help="experts kept by --strategy topk")
+    parser.add_argument("--threshold", type=float, default=0.1, help="weight threshold of --strategy threshold")
+    parser.add_argument("--expert", type=int, default=None, help="the expert (1..K) of --strategy oracle")
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 50)")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 7.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample 0; sample i uses seed + i")
+    parser.add_argument("--stage", default=None, help="stage2 | stage3 (default: the model's default stage)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per video, 4k+1 (default: the stage's)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("samples"))
+    parser.add_argument("--trace", action="store_true", help="write the routing trace (json + png)")
+    parser.add_argument("--no-gif", action="store_true", help="write only mp4 files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="expert/router dtype (default: as stored)")
+    parser.add_argument("--placement", choices=["same", "spread", "offload"], default="same")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Run the CLI; returns the written video paths."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    prompts = list(args.prompt) if args.prompt else read_prompts(args.prompts)
+    images = None
+    if args.image:
+        if len(args.image) not in (1, len(prompts)):
+            raise SystemExit(f"--image given {len(args.image)} times for {len(prompts)} prompts: give it once "
+                             "(for every prompt) or once per prompt")
+        images = args.image * len(prompts) if len(args.image) == 1 else list(args.image)
+    if args.strategy == "oracle" and args.expert is None:
+        raise SystemExit("--strategy oracle needs --expert K (the expert every sample uses)")
+
+    log.info("loading %s (stage %s) on %s", args.model, args.stage or "default", args.device)
+    pipe = DDMPipeline.from_pretrained(args.model, stage=args.stage, device=args.device,
+                                       dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                       placement=args.placement)
+    result = pipe.generate(prompts, num_frames=args.frames, height=args.height, width=args.width,
+                           num_steps=args.steps, cfg_scale=args.cfg, strategy=args.strategy, k=args.k,
+                           threshold=args.threshold, seeds=args.seed, images=images, batch_size=args.batch_size,
+                           trace=args.trace, oracle_ids=args.expert)
+    fps = result.fps or DEFAULT_FPS
+    written, records = [], []
+    for i, (prompt, video) in enumerate(tqdm(list(zip(prompts, result.videos)), desc="writing", unit="video")):
+        stem = args.out / f"{i:03d}_{slugify(prompt)}"
+        mp4 = write_video(stem.with_suffix(".mp4"), video, fps)
+        gif = None if args.no_gif else write_gif(stem.with_suffix(".gif"), video, fps)
+        written.append(mp4)
+        records.append({"index": i, "prompt": prompt, "seed": result.seeds[i], "mp4": mp4.name,
+                        "gif": gif.name if gif else None,
+                        "image": str(images[i]) if images else None})
+        print(mp4)
+    settings = {"model": str(args.model), **result.settings, "fps": fps}
+    (args.out / "samples.json").write_text(json.dumps({"settings": settings, "samples": records}, indent=2) + "\n")
+    if result.traces is not None:
+        print(result.traces.to_json(args.out / "routing_trace.json"))
+        print(result.traces.plot(args.out / "routing_trace.png"))
+    log.info("%d video(s) written to %s", len(written), args.out)
+    return written
+
+
+if __name__ == "__main__":
+    main()
