@@ -10,23 +10,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export, state_dict_sha256
+from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export
 from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import RoutingTrace
 from ddm.video_io import probe_video, read_video
-from tests.fixtures.pipeline import STAGES, VAE_SPEC, build_runs_tree, router_metadata, tiny_router, train_config
+from tests.fixtures.pipeline import (STAGES, VAE_SPEC, build_runs_tree, router_metadata, tiny_router, train_config,
+                                     weight_hashes)
 from tests.fixtures.train import run_cli
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +32,6 @@ def exported(runs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exported") / "model"
     export_main(["--runs", str(runs[0]), "--out", str(out)])
     return out
-
-
-def _hashes(p: DDMPipeline) -> list[str]:
-    return [state_dict_sha256(e.state_dict()) for e in p.experts] + \
-        ([state_dict_sha256(p.router.state_dict())] if p.router is not None else [])
 
 
 def test_export_writes_the_paris_layout_from_the_runs_metadata(runs, exported):
@@ -67,7 +54,7 @@ def test_export_writes_the_paris_layout_from_the_runs_metadata(runs, exported):
     # each stage loads the runs' weights, and its own router
     for stage in STAGES:
         p = DDMPipeline.from_pretrained(exported, stage=stage, load_text=False)
-        assert _hashes(p) == [hashes[f"expert{k}/{stage}"] for k in (1, 2, 3)] + [hashes[f"router/{stage}"]]
+        assert weight_hashes(p) == [hashes[f"expert{k}/{stage}"] for k in (1, 2, 3)] + [hashes[f"router/{stage}"]]
     # the metadata travels with the weights
     assert load_export(exported / "expert2" / "stage2")[1]["expert_id"] == 2
 
@@ -81,14 +68,14 @@ def test_export_options_stages_no_sharded_and_monolith(runs, tmp_path):
     assert not (out / "expert1" / "stage2" / SHARD_DIR).exists()
     index = json.loads((out / "model_index.json").read_text())
     assert index["router"] == "Router" and index["default_stage"] == "stage2"
-    assert _hashes(DDMPipeline.from_pretrained(out, load_text=False))[-1] == hashes["router/stage2"]
+    assert weight_hashes(DDMPipeline.from_pretrained(out, load_text=False))[-1] == hashes["router/stage2"]
 
     mono = tmp_path / "mono"
     export_main(["--runs", str(root), "--out", str(mono), "--monolith"])
     assert not (mono / "Router").exists() and not (mono / "expert2").exists()
     p = DDMPipeline.from_pretrained(mono, stage="stage2", load_text=False)
     assert p.num_experts == 1 and p.router is None
-    assert _hashes(p) == [hashes["monolith/stage2"]]
+    assert weight_hashes(p) == [hashes["monolith/stage2"]]
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_main(["--runs", str(root), "--out", str(mono), "--monolith"])

@@ -15,22 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export, state_dict_sha256
+from ddm.checkpoint import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export
 from ddm.flow import video_shift_alpha
 from ddm.models.text import TextEncoders, load_null_tensors, pad_tokens
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import sample
-from tests.fixtures.pipeline import STAGES, build_model_folder, router_metadata, tiny_router, train_config
+from tests.fixtures.pipeline import (STAGES, build_model_folder, router_metadata, tiny_router, train_config,
+                                     weight_hashes)
 
 PROMPTS = ["a red car drives along the coast", "a cat sleeps on a windowsill", "fireworks over a harbour"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +51,13 @@ def _variant(folder: Path, dst: Path, index_update: dict | None = None, drop: tu
     return dst
 
 
-def _hashes(p: DDMPipeline) -> list[str]:
-    return [state_dict_sha256(e.state_dict()) for e in p.experts] + \
-        ([state_dict_sha256(p.router.state_dict())] if p.router is not None else [])
-
-
 def test_loads_the_default_stage_with_the_weights_written(pipe, model_folder):
     folder, hashes = model_folder
     assert pipe.stage == "stage2" and pipe.num_experts == 3
-    assert _hashes(pipe) == [hashes[f"expert{k}/stage2"] for k in (1, 2, 3)] + [hashes["router"]]
+    assert weight_hashes(pipe) == [hashes[f"expert{k}/stage2"] for k in (1, 2, 3)] + [hashes["router"]]
     stage3 = DDMPipeline.from_pretrained(folder, stage="s3", load_text=False)  # a variant spelling of stage3
     assert stage3.stage == "stage3"
-    assert _hashes(stage3)[:3] == [hashes[f"expert{k}/stage3"] for k in (1, 2, 3)]
+    assert weight_hashes(stage3)[:3] == [hashes[f"expert{k}/stage3"] for k in (1, 2, 3)]
 
 
 def test_round_trip_reproduces_samples_bit_for_bit(pipe, tmp_path):
@@ -109,7 +97,7 @@ def test_single_file_and_sharded_checkpoints_load_identical_weights(pipe, model_
         a = DDMPipeline.from_pretrained(single, stage=stage, load_text=False)
         b = DDMPipeline.from_pretrained(sharded, stage=stage, load_text=False)
         expected = [hashes[f"expert{k}/{stage}"] for k in (1, 2, 3)] + [hashes["router"]]
-        assert _hashes(a) == _hashes(b) == expected
+        assert weight_hashes(a) == weight_hashes(b) == expected
 
 
 def test_reader_tolerates_variant_names_and_foreign_indexes(model_folder, tmp_path):
@@ -133,7 +121,7 @@ def test_reader_tolerates_variant_names_and_foreign_indexes(model_folder, tmp_pa
     (a / "Router").rename(a / "router")
     p = DDMPipeline.from_pretrained(a, load_text=False)
     assert p.stage == "stage3"  # the only stage every expert has
-    assert _hashes(p) == [hashes[f"expert{k}/stage3"] for k in (1, 2, 3)] + [hashes["router"]]
+    assert weight_hashes(p) == [hashes[f"expert{k}/stage3"] for k in (1, 2, 3)] + [hashes["router"]]
     # the index round-trips what it did not understand
     out = p.save_pretrained(tmp_path / "a_saved")
     assert json.loads((out / "model_index.json").read_text())["some_future_field"] == {"x": 1}
@@ -146,7 +134,7 @@ def test_reader_tolerates_variant_names_and_foreign_indexes(model_folder, tmp_pa
     for k in (1, 2, 3):
         (b / f"expert{k}" / "stage2").rename(b / f"expert{k}" / "low_res")
     p = DDMPipeline.from_pretrained(b, stage="stage2")
-    assert _hashes(p) == [hashes[f"expert{k}/stage2"] for k in (1, 2, 3)] + [hashes["router"]]
+    assert weight_hashes(p) == [hashes[f"expert{k}/stage2"] for k in (1, 2, 3)] + [hashes["router"]]
     assert (b / "null_t5.pt").is_file()
     for made, original in zip(load_null_tensors(b), load_null_tensors(folder)):
         assert torch.equal(made, original)
@@ -253,7 +241,7 @@ def test_one_expert_folder_without_router_samples(model_folder, tmp_path, tiny_t
     p = DDMPipeline.from_pretrained(folder)
     assert p.num_experts == 1 and p.router is None
     assert read_export_metadata(folder / "expert1" / "stage2")["expert_id"] == "all"
-    assert _hashes(p) == [hashes["expert1/stage2"]]
+    assert weight_hashes(p) == [hashes["expert1/stage2"]]
     result = p.generate(PROMPTS[:2], num_steps=2, seeds=[0, 1], progress=False)
     cond = p.encode_prompts(PROMPTS[:2])
     res, frames, _ = STAGES["stage2"]
