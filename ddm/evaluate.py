@@ -1,0 +1,738 @@
+"""``python -m ddm.evaluate``: DDM routing strategies against the compute-matched monolith, Paris 2.0's table.
+
+For one prompt set and several model folders (``ddm.export``'s DDM folder with strategies, the monolith
+folder as the baseline) it generates the videos — or reuses the ones already generated — computes FVD,
+CLIP text-video, aesthetic and motion, and writes ``<out>/metrics.json`` first, then ``report.md`` and
+``plots/*.png`` from it (:mod:`ddm.eval.report`)::
+
+    python -m ddm.evaluate --model ddm=paris:top1,top2,full --model mono=paris_mono --baseline mono \\
+        --out eval/ --prompts-from-shards prep/shards/stage2 --num-videos 256 \\
+        --real-videos prep/manifest.parquet --i3d i3d_torchscript.pt --clip paris/clip \\
+        --aesthetic sac+logos+ava1-l14-linearMSE.pth
+
+Runs. ``--model NAME=FOLDER[:STRATEGY,...]``; strategies are ``top1``, ``topN`` (top-N renormalised,
+``top2`` = Paris 1.0's best), ``full`` and ``threshold``. A DDM folder without strategies runs
+``top1,top2,full``; a monolith folder (one expert) runs once, as strategy ``single``. Each run is named
+``NAME/STRATEGY`` (or ``NAME`` for a monolith); ``--baseline`` takes either form when unambiguous.
+
+Every run shares the prompts and the seeds (video i: prompt i mod P, seed ``--seed`` + i), so the runs are
+paired video by video and the report adds the paired difference's SE to each comparison.
+
+Resumable generation. Videos go to ``<out>/videos/<NAME>/<STRATEGY>/<i>.mp4`` (6-digit i), each batch's
+routing trace to ``trace-*.json`` beside them, and ``run.json`` records the generation settings and, per
+video, its prompt, seed and trace row. ``run.json`` is the commit point: it is rewritten (atomically) only
+after a batch's trace and mp4 files are in place, and the mp4 files are written atomically, so a killed run
+never leaves a video a rerun would trust half-written. A rerun regenerates only the videos ``run.json`` does
+not list; other settings, prompts or seeds than recorded raise instead of mixing two evaluations.
+
+FVD needs ``--real-videos`` (a folder of videos or a prep ``manifest.parquet``); the real statistics are
+cached (:func:`ddm.eval.fvd.real_feature_stats`). Without them FVD is skipped and the report says so.
+
+Tiny mode. ``--tiny-backbones DIR`` builds (once) a random-init I3D, CLIP and aesthetic head in DIR; every
+number is then labelled ``tiny-random (test only)``. FVD needs 16-frame clips and the tiny models are
+trained on 9 frames, so in tiny mode videos are generated with 17 frames unless ``--num-frames`` says
+otherwise; FVD never pads or loops frames (a too-short video raises, naming the run).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddm.checkpoint import atomic_write
+from ddm.eval.report import EVAL_FORMAT, METRICS, compare_runs, write_report
+from ddm.eval.stats import TINY_LABEL, MetricResult
+from ddm.eval.videos import to_uint8_video
+from ddm.sampler import RoutingTrace
+
+__all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_prompt_file", "shard_captions",
+           "Backbones", "build_tiny_backbones", "load_backbones", "SharedImageEmbeddings", "RunFolder",
+           "generate_run", "real_video_paths", "compute_metrics", "check_metric_names", "evaluate",
+           "main"]
+
+log = logging.getLogger("ddm.evaluate")
+
+DDM_DEFAULT_STRATEGIES = ("top1", "top2", "full")
+MONOLITH_STRATEGY = "single"
+TINY_EVAL_FRAMES = 17  # the smallest 4k+1 frame count that holds FVD's 16-frame clip
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_STRATEGY_RE = re.compile(r"^(top(\d+)|full|threshold)$")
+
+
+# --- what to evaluate ------------------------------------------------------------------------------------------
+
+def parse_strategy(label: str) -> tuple[str, int]:
+    """A strategy label → the sampler's ``(strategy, k)``: ``top1``, ``topN`` → ``("topk", N)``, ``full``,
+    ``threshold``."""
+    m = _STRATEGY_RE.match(label)
+    if not m or m.group(2) == "0":
+        raise ValueError(f"unknown routing strategy {label!r}: expected top1, topN (N >= 2, e.g. top2), full or "
+                         "threshold")
+    if m.group(2) is None:
+        return label, 1
+    n = int(m.group(2))
+    return ("top1", 1) if n == 1 else ("topk", n)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model NAME=FOLDER[:STRATEGY,...]`` argument (``strategies`` None = the default set)."""
+
+    name: str
+    folder: Path
+    strategies: tuple[str, ...] | None = None
+
+
+def parse_model_arg(text: str) -> ModelSpec:
+    """Parse ``NAME=FOLDER[:STRATEGY[,STRATEGY...]]`` (the part after the last ``:`` is read as strategies
+    when it looks like a list of names)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise ValueError(f"--model expects NAME=FOLDER[:STRATEGY,...], got {text!r}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"model name {name!r} may only hold letters, digits, '_', '-' and '.' (it names a folder)")
+    folder, strategies = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head and re.fullmatch(r"[A-Za-z0-9_,.]+", tail):
+        folder, strategies = head, tuple(s for s in tail.split(",") if s)
+        for s in strategies:
+            parse_strategy(s)
+        if len(set(strategies)) != len(strategies):
+            raise ValueError(f"model {name!r}: strategy listed twice in {tail!r}")
+    return ModelSpec(name, Path(folder), strategies)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model folder sampled with one strategy."""
+
+    model: str
+    folder: Path
+    strategy: str  # label: top1, top2, full, threshold, or "single" for a monolith
+    num_experts: int
+
+    @property
+    def name(self) -> str:
+        """``model/strategy``, or just ``model`` for a monolith."""
+        return self.model if self.strategy == MONOLITH_STRATEGY else f"{self.model}/{self.strategy}"
+
+    def sampler_args(self, threshold: float) -> dict[str, Any]:
+        """The routing arguments of ``DDMPipeline.generate`` for this run."""
+        if self.strategy == MONOLITH_STRATEGY:
+            return {"strategy": "top1", "k": 1}  # one expert, no router: every strategy is the same
+        strategy, k = parse_strategy(self.strategy)
+        return {"strategy": strategy, "k": k, **({"threshold": threshold} if strategy == "threshold" else {})}
+
+
+def model_runs(spec: ModelSpec, num_experts: int) -> list[RunSpec]:
+    """The runs of one model: its strategies (checked against its number of experts) or the default set."""
+    if num_experts == 1:
+        if spec.strategies:
+            raise ValueError(f"model {spec.name!r} ({spec.folder}) has one expert (a monolith): routing strategies "
+                             f"{list(spec.strategies)} do not apply; pass it as {spec.name}={spec.folder}")
+        return [RunSpec(spec.name, spec.folder, MONOLITH_STRATEGY, 1)]
+    runs = []
+    for label in spec.strategies or DDM_DEFAULT_STRATEGIES:
+        strategy, k = parse_strategy(label)
+        if strategy == "topk" and k > num_experts:
+            raise ValueError(f"model {spec.name!r}: strategy {label} keeps {k} experts but the folder has "
+                             f"{num_experts}")
+        runs.append(RunSpec(spec.name, spec.folder, label, num_experts))
+    return runs
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines ignored); ValueError when there are none."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file '{p}' does not exist")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompt file '{p}' holds no prompts (one per line expected)")
+    return prompts
+
+
+def shard_captions(shards_dir: str | Path, split: str = "val") -> list[str]:
+    """The captions of one split of a shards dir (``data.shards`` index order): the held-out prompts."""
+    from data.shards import check_split, iter_shard, read_index  # data/ only when this source is used
+
+    index = read_index(shards_dir).to_pydict()
+    wanted = {k for k, s in zip(index["key"], index["split"]) if s == check_split(split)}
+    shards = sorted({sh for sh, s in zip(index["shard"], index["split"]) if s == split})
+    captions = []
+    for shard in shards:
+        for key, members in iter_shard(Path(shards_dir) / shard):
+            if key in wanted:
+                if "txt" not in members:
+                    raise ValueError(f"sample {key} in '{shard}' has no caption (txt member)")
+                captions.append(members["txt"].decode("utf-8").strip())
+    if not captions:
+        raise ValueError(f"the '{split}' split of '{shards_dir}' holds no samples, so there is no prompt to "
+                         "evaluate on")
+    return captions
+
+
+# --- backbones -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Backbones:
+    """The loaded metric networks (None where the metric is not computed)."""
+
+    i3d: Any = None  # ddm.eval.i3d.I3DBackbone
+    clip: Any = None  # ddm.eval.clip_score.ClipEmbedder
+    aesthetic: Any = None  # ddm.eval.aesthetic.AestheticHead
+
+
+def build_tiny_backbones(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Build the random-init test backbones once in ``folder``: ``i3d_tiny.pt``, ``clip/``, ``aesthetic_tiny.pth``.
+
+    ``tiny_backbones.json`` is written last, so a killed build is redone rather than half reused.
+    """
+    from ddm.eval.aesthetic import make_tiny_aesthetic_head
+    from ddm.eval.i3d import make_tiny_i3d
+    from ddm.models.text import make_tiny_clip
+
+    folder = Path(folder)
+    paths = {"i3d": folder / "i3d_tiny.pt", "clip": folder / "clip", "aesthetic": folder / "aesthetic_tiny.pth"}
+    marker = folder / "tiny_backbones.json"
+    if marker.is_file() and all(p.exists() for p in paths.values()):
+        log.info("tiny backbones: reusing %s", folder)
+        return paths
+    log.info("tiny backbones: building random-init I3D, CLIP and aesthetic head in %s (%s)", folder, TINY_LABEL)
+    make_tiny_i3d(paths["i3d"], seed=seed)
+    make_tiny_clip(paths["clip"], seed=seed)
+    clip_config = json.loads((paths["clip"] / "config.json").read_text())
+    make_tiny_aesthetic_head(paths["aesthetic"], in_dim=int(clip_config["projection_dim"]), seed=seed)
+    atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"label": TINY_LABEL, "seed": seed})))
+    return paths
+
+
+def load_backbones(metrics: Sequence[str], *, i3d: str | Path | None, clip: str | Path | None,
+                   aesthetic: str | Path | None, device: str = "cpu") -> Backbones:
+    """Load what ``metrics`` need; a missing path raises FileNotFoundError saying where to get the file."""
+    def need(path: Any, flag: str, metric: str) -> Any:
+        if path is None:
+            raise ValueError(f"the {metric} metric needs {flag} PATH (or --tiny-backbones DIR for a test run, or "
+                             f"leave {metric} out of --metrics)")
+        return path
+
+    out = Backbones()
+    if "fvd" in metrics:
+        from ddm.eval.i3d import load_i3d
+
+        out.i3d = load_i3d(need(i3d, "--i3d", "fvd"), device=device)
+    if "clip" in metrics or "aesthetic" in metrics:
+        from ddm.eval.clip_score import ClipEmbedder
+
+        out.clip = ClipEmbedder.from_folder(need(clip, "--clip", "clip/aesthetic"), device=device)
+    if "aesthetic" in metrics:
+        from ddm.eval.aesthetic import load_aesthetic_head
+
+        out.aesthetic = load_aesthetic_head(need(aesthetic, "--aesthetic", "aesthetic"), device=device)
+    return out
+
+
+class SharedImageEmbeddings:
+    """A :class:`~ddm.eval.clip_score.ClipEmbedder` that embeds each video's frames once.
+
+    CLIP score and the aesthetic score read the same frames through the same CLIP, and CLIP's image tower is
+    the dominant cost of an evaluation (docs/bench/eval.md), so the second metric reuses the first one's
+    embeddings, keyed by a hash of the frames. Use one per run, so the cache lives as long as the run's metrics.
+    """
+
+    def __init__(self, embedder: Any):
+        self._embedder = embedder
+        self._cache: dict[str, torch.Tensor] = {}
+        self.frames_embedded = 0  # frames that really went through CLIP
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
+
+    def image_embeddings(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+        """As ``ClipEmbedder.image_embeddings``, computed once per distinct frame array."""
+        frames = np.ascontiguousarray(frames)
+        key = hashlib.sha1(frames.tobytes()).hexdigest() + str(frames.shape)
+        if key not in self._cache:
+            self._cache[key] = self._embedder.image_embeddings(frames, batch_size)
+            self.frames_embedded += len(frames)
+        return self._cache[key]
+
+
+# --- resumable generation --------------------------------------------------------------------------------------
+
+class RunFolder:
+    """``<out>/videos/<model>/<strategy>/``: the videos of one run, their traces and ``run.json``."""
+
+    MANIFEST = "run.json"
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.settings = settings
+        self.videos: dict[str, dict[str, Any]] = {}
+        self.resolved: dict[str, Any] = {}  # what the pipeline made of the settings (stage, size, shift, ...)
+        manifest = self.path / self.MANIFEST
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            differ = {k: (data["settings"].get(k), v) for k, v in settings.items() if data["settings"].get(k) != v}
+            if differ:
+                raise ValueError(f"'{self.path}' holds videos generated with other settings "
+                                 + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+                                 + ". Use another --out, or delete that folder to regenerate.")
+            self.videos, self.resolved = data["videos"], data.get("resolved") or {}
+        # Leftovers of writes a kill interrupted (video_io and atomic_write temp names) are never trusted.
+        for tmp in self.path.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+    def video_path(self, index: int) -> Path:
+        """Where video ``index`` lives."""
+        return self.path / f"{index:06d}.mp4"
+
+    def is_done(self, index: int, prompt: str, seed: int) -> bool:
+        """True when video ``index`` was committed for this prompt and seed (ValueError for another one)."""
+        entry = self.videos.get(str(index))
+        if entry is None or not self.video_path(index).is_file():
+            return False
+        if entry["prompt"] != prompt or entry["seed"] != seed:
+            raise ValueError(f"'{self.video_path(index)}' was generated for prompt {entry['prompt']!r} with seed "
+                             f"{entry['seed']}, but video {index} is now prompt {prompt!r} with seed {seed}. Use "
+                             "another --out for another prompt set or seed.")
+        return True
+
+    def commit(self, entries: dict[int, dict[str, Any]], resolved: dict[str, Any] | None = None) -> None:
+        """Record finished videos in ``run.json`` (atomically: the file is the commit point)."""
+        self.videos.update({str(i): e for i, e in entries.items()})
+        self.resolved = dict(resolved or self.resolved)
+        data = {"settings": self.settings, "resolved": self.resolved,
+                "videos": dict(sorted(self.videos.items(), key=lambda kv: int(kv[0])))}
+        atomic_write(self.path / self.MANIFEST, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+    def routing_trace(self, count: int) -> RoutingTrace | None:
+        """The routing weights of videos 0..count-1 as one trace (steps, count, K); None without traces."""
+        entries = [self.videos[str(i)] for i in range(count)]
+        if any(e.get("trace") is None for e in entries):
+            return None
+        traces = {name: RoutingTrace.from_json(self.path / name) for name in {e["trace"] for e in entries}}
+        first = traces[entries[0]["trace"]]
+        rows = [traces[e["trace"]].weights[:, e["row"]] for e in entries]
+        return RoutingTrace(first.strategy, first.t, torch.stack(rows, dim=1))
+
+
+def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *,
+                 generate_kwargs: dict[str, Any], batch_size: int, fps: float | None = None, progress: bool = True,
+                 name: str = "run") -> tuple[int, int]:
+    """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated)``.
+
+    ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, seeds=..., trace=True, **generate_kwargs)``).
+    Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else 16), then the
+    ``run.json`` commit.
+    """
+    from ddm.video_io import write_video
+
+    pending = [i for i in range(len(prompts)) if not folder.is_done(i, prompts[i], seeds[i])]
+    reused = len(prompts) - len(pending)
+    if not pending:
+        log.info("%s: all %d videos already generated in %s (reused)", name, reused, folder.path)
+        return reused, 0
+    log.info("%s: generating %d video(s) into %s (%d reused)", name, len(pending), folder.path, reused)
+    bar = tqdm(total=len(pending), desc=f"generate {name}", unit="video", disable=not progress)
+    for start in range(0, len(pending), batch_size):
+        batch = pending[start : start + batch_size]
+        result = pipe.generate([prompts[i] for i in batch], seeds=[seeds[i] for i in batch], batch_size=len(batch),
+                               trace=True, progress=False, **generate_kwargs)
+        videos = [to_uint8_video(v, where=f"{name} video {i}") for i, v in zip(batch, result.videos)]
+        if len(videos) != len(batch):
+            raise ValueError(f"{name}: the pipeline returned {len(videos)} videos for {len(batch)} prompts")
+        trace, trace_name = result.traces, None
+        if trace is not None:
+            ids = hashlib.sha1(json.dumps(batch).encode()).hexdigest()[:8]
+            trace_name = f"trace-{batch[0]:06d}-{batch[-1]:06d}-{ids}.json"
+            atomic_write(folder.path / trace_name, lambda tmp: trace.to_json(tmp))
+        for i, video in zip(batch, videos):
+            write_video(folder.video_path(i), video, fps or result.fps or 16.0)
+        folder.commit({i: {"prompt": prompts[i], "seed": seeds[i], "trace": trace_name, "row": row}
+                       for row, i in enumerate(batch)}, resolved=result.settings)
+        bar.update(len(batch))
+    bar.close()
+    return reused, len(pending)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+def real_video_paths(source: str | Path, min_frames: int) -> tuple[list[Path], int]:
+    """Real videos for FVD from a folder (searched recursively) or a prep ``manifest.parquet``.
+
+    Returns ``(paths with at least min_frames frames, number skipped for being shorter)``.
+    """
+    from ddm.video_io import probe_video
+
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"--real-videos '{src}' does not exist")
+    if src.is_dir():
+        candidates = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+        frames = [probe_video(p, exact=False)["num_frames"] for p in candidates]
+    elif src.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = [r for r in pq.read_table(src).to_pylist() if r.get("kind", "video") == "video"]
+        candidates = [Path(r["path"]) if Path(r["path"]).is_absolute() else src.parent / r["path"] for r in rows]
+        frames = [int(r["num_frames"]) for r in rows]
+    else:
+        raise ValueError(f"--real-videos must be a folder of videos or a manifest.parquet, got '{src}'")
+    kept = [p for p, n in zip(candidates, frames) if n >= min_frames]
+    if len(kept) < 2:
+        raise ValueError(f"FVD needs at least 2 real videos with >= {min_frames} frames; '{src}' has {len(kept)} "
+                         f"(of {len(candidates)})")
+    return kept, len(candidates) - len(kept)
+
+
+def _decoded(paths: Sequence[Path]):
+    from ddm.eval.fvd import _DecodedFiles  # the sized, lazily decoding iterable FVD uses for real videos
+    from ddm.video_io import read_video
+
+    return _DecodedFiles(list(paths), lambda p: read_video(p)[0])
+
+
+def compute_metrics(paths: Sequence[Path], captions: Sequence[str], metrics: Sequence[str], backbones: Backbones, *,
+                    real_stats: Any = None, frame_stride: int = 1, motion_resolution: int | None = None,
+                    batch_size: int = 8, progress: bool = True, name: str = "run") -> dict[str, MetricResult]:
+    """The requested metrics of one run's video files; FVD only when ``real_stats`` is given.
+
+    Errors from the metric modules (too few frames, mixed sizes, ...) are re-raised naming the run.
+    """
+    from ddm.eval.aesthetic import aesthetic_score
+    from ddm.eval.clip_score import clip_score
+    from ddm.eval.fvd import fvd
+    from ddm.eval.motion import motion_score
+
+    out: dict[str, MetricResult] = {}
+    shared = SharedImageEmbeddings(backbones.clip) if backbones.clip is not None else None
+    jobs = {
+        "fvd": lambda: fvd(_decoded(paths), real_stats, backbones.i3d, batch_size=batch_size, progress=progress),
+        "clip": lambda: clip_score(_decoded(paths), captions, shared, frame_stride=frame_stride, progress=progress),
+        "aesthetic": lambda: aesthetic_score(_decoded(paths), shared, backbones.aesthetic, frame_stride=frame_stride,
+                                             progress=progress),
+        "motion": lambda: motion_score(_decoded(paths), resolution=motion_resolution, progress=progress),
+    }
+    for key in metrics:
+        if key == "fvd" and real_stats is None:
+            continue
+        log.info("%s: computing %s over %d videos", name, METRICS[key].label, len(paths))
+        try:
+            out[key] = jobs[key]()
+        except ValueError as e:
+            raise ValueError(f"{name}: {METRICS[key].label}: {e}") from e
+    return out
+
+
+# --- the evaluation --------------------------------------------------------------------------------------------
+
+def check_metric_names(metrics: Sequence[str]) -> None:
+    """ValueError unless ``metrics`` is a non-empty list of names from :data:`ddm.eval.report.METRICS`."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown or list(metrics)}; choose from {','.join(METRICS)}")
+
+
+def _model_error(spec: ModelSpec, e: Exception) -> Exception:
+    """A loading failure of a model folder, re-raised naming the model (missing files stay FileNotFoundError)."""
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"model {spec.name!r} ({spec.folder}): {e}")
+    return ValueError(f"model {spec.name!r}: '{spec.folder}' does not load as a DDM or monolith model folder "
+                      f"({type(e).__name__}: {e})")
+
+
+def _declared_num_experts(spec: ModelSpec) -> int | None:
+    """``num_experts`` from the folder's ``model_index.json`` (None when it does not say)."""
+    from ddm.pipeline import read_model_index
+
+    try:
+        return read_model_index(spec.folder).num_experts
+    except (OSError, ValueError) as e:
+        raise _model_error(spec, e) from e
+
+
+def _load_pipeline(spec: ModelSpec, *, stage: str | None, device: str, dtype: Any) -> Any:
+    from ddm.pipeline import DDMPipeline
+
+    log.info("model %s: loading %s", spec.name, spec.folder)
+    try:
+        return DDMPipeline.from_pretrained(spec.folder, stage=stage, device=device, dtype=dtype)
+    except Exception as e:  # any failure to load is the same problem to the user: this folder is not usable
+        raise _model_error(spec, e) from e
+
+
+def _video_shape(path: Path) -> tuple[int, int, int]:
+    from ddm.video_io import probe_video
+
+    info = probe_video(path, exact=False)
+    return info["num_frames"], info["height"], info["width"]
+
+
+def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompts: Sequence[str], *,
+             prompt_source: str = "prompts", num_videos: int | None = None, seed: int = 0, steps: int = 50,
+             cfg: float = 7.5, stage: str | None = None, num_frames: int | None = None, height: int | None = None,
+             width: int | None = None, threshold: float = 0.1, metrics: Sequence[str] = tuple(METRICS),
+             backbones: Backbones | None = None, real_videos: str | Path | None = None,
+             cache_dir: str | Path | None = None, batch_size: int = 4, fps: float | None = None,
+             frame_stride: int = 1, motion_resolution: int | None = None, device: str = "cpu", dtype: Any = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Generate (or reuse) every run's videos, compute the metrics, write ``metrics.json``, ``report.md``, plots.
+
+    Everything that can be checked before generating is checked first (prompts, metric names, backbones,
+    model folders, strategies, the baseline, the real videos). Returns the evaluation record (the content of
+    ``metrics.json``); see the module docstring.
+    """
+    from ddm.eval.fvd import ClipSettings
+
+    out, prompts, backbones = Path(out), list(prompts), backbones or Backbones()
+    if not prompts:
+        raise ValueError("the prompt set is empty: there is nothing to evaluate")
+    check_metric_names(metrics)
+    _check_backbones(metrics, backbones, fvd_wanted=real_videos is not None)
+    names = [m.name for m in models]
+    if not models or len(set(names)) != len(names):
+        raise ValueError(f"give each --model a distinct NAME, got {names}")
+    n = num_videos if num_videos is not None else len(prompts)
+    if n < 1:
+        raise ValueError(f"--num-videos must be >= 1, got {n}")
+    clip_settings = ClipSettings()
+    fvd_on = "fvd" in metrics and real_videos is not None
+    if fvd_on and num_frames is not None and num_frames < clip_settings.frames_needed:
+        raise ValueError(f"FVD needs videos of at least {clip_settings.frames_needed} frames, but --num-frames is "
+                         f"{num_frames}: use 17 (or drop fvd from --metrics)")
+    declared = {m.name: _declared_num_experts(m) for m in models}
+    planned = {m.name: model_runs(m, declared[m.name]) for m in models if declared[m.name] is not None}
+    if len(planned) == len(models):  # every run is known: a wrong --baseline fails before any generation
+        _resolve_baseline(baseline, [{"name": r.name, "model": r.model} for rs in planned.values() for r in rs])
+
+    video_prompts = [prompts[i % len(prompts)] for i in range(n)]
+    seeds = [seed + i for i in range(n)]
+    notes: list[str] = []
+    if n > len(prompts):
+        notes.append(f"{n} videos from {len(prompts)} prompts: prompts repeat (video i uses prompt i mod "
+                     f"{len(prompts)}, each with its own seed).")
+    real_stats = None
+    if fvd_on:
+        real_stats = _real_stats(real_videos, backbones.i3d, Path(cache_dir or out / "fvd_cache"), clip_settings,
+                                 batch_size=batch_size, progress=progress, notes=notes)
+    elif "fvd" in metrics:
+        notes.append("FVD skipped: no --real-videos given (FVD compares generated with real videos).")
+
+    gen = {"num_steps": steps, "cfg_scale": cfg, "num_frames": num_frames, "height": height, "width": width}
+    runs: list[dict[str, Any]] = []
+    for spec in models:
+        runs += _generate_model(spec, planned.get(spec.name), out, video_prompts, seeds, gen, threshold=threshold,
+                                stage=stage, device=device, dtype=dtype, batch_size=batch_size, fps=fps,
+                                progress=progress)
+        sizes = {(r["videos"]["frames"], r["videos"]["height"], r["videos"]["width"]): r["name"] for r in runs}
+        if len(sizes) > 1:
+            raise ValueError("runs made videos of different sizes: " + ", ".join(
+                f"{name} {_fmt_shape(shape)}" for shape, name in sizes.items())
+                + "; compare models at one size (--num-frames, --height, --width)")
+        short = [r for r in runs if r["videos"]["frames"] < clip_settings.frames_needed]
+        if fvd_on and short:
+            raise ValueError(f"{short[0]['name']}: FVD needs videos of at least {clip_settings.frames_needed} frames "
+                             f"but this run's have {short[0]['videos']['frames']}; generate longer videos with "
+                             "--num-frames 17")
+    baseline = _resolve_baseline(baseline, runs)
+
+    for r in runs:
+        results = compute_metrics(r.pop("_paths"), video_prompts, metrics, backbones, real_stats=real_stats,
+                                  frame_stride=frame_stride, motion_resolution=motion_resolution,
+                                  batch_size=batch_size, progress=progress, name=r["name"])
+        r["metrics"] = {k: v.to_dict() for k, v in results.items()}
+        for v in results.values():
+            log.info("%s: %s", r["name"], v)
+    record = {
+        "format": EVAL_FORMAT, "baseline": baseline, "notes": notes, "runs": runs,
+        "settings": {"num_videos": n, "num_prompts": len(prompts), "prompt_source": prompt_source, "seed": seed,
+                     "steps": steps, "cfg": cfg, "stage": stage, "num_frames": num_frames, "height": height,
+                     "width": width, "metrics": list(metrics), "frame_stride": frame_stride,
+                     "motion_resolution": motion_resolution, "fps": fps, "runs": [r["name"] for r in runs],
+                     "tiny_backbones": any(getattr(b, "tiny", False) for b in (backbones.i3d, backbones.clip))},
+        "comparison": compare_runs(runs, baseline),
+    }
+    metrics_path = atomic_write(out / "metrics.json",
+                                lambda tmp: tmp.write_text(json.dumps(record, indent=1, allow_nan=False)))
+    written = write_report(metrics_path)
+    log.info("wrote %s, %s and %d plot(s) in %s", metrics_path, written["report"], len(written) - 1, out / "plots")
+    return record
+
+
+def _check_backbones(metrics: Sequence[str], backbones: Backbones, *, fvd_wanted: bool) -> None:
+    missing = [m for m, net in (("clip", backbones.clip), ("aesthetic", backbones.aesthetic))
+               if m in metrics and net is None]
+    if "fvd" in metrics and fvd_wanted and backbones.i3d is None:
+        missing.append("fvd")
+    if missing:
+        raise ValueError(f"metrics {missing} need their backbones loaded (see load_backbones)")
+
+
+def _real_stats(real_videos: str | Path, i3d: Any, cache_dir: Path, settings: Any, *, batch_size: int,
+                progress: bool, notes: list[str]) -> Any:
+    """The real set's cached I3D statistics; notes say how many videos were used and left out."""
+    from ddm.eval.fvd import real_feature_stats
+
+    paths, short = real_video_paths(real_videos, settings.frames_needed)
+    if short:
+        notes.append(f"FVD: {short} real video(s) shorter than {settings.frames_needed} frames left out.")
+    try:
+        stats = real_feature_stats(paths, i3d, cache_dir, settings, batch_size=batch_size, progress=progress)
+    except ValueError as e:
+        raise ValueError(f"real videos '{real_videos}': {e}") from e
+    notes.append(f"FVD real set: {stats.n} videos from {real_videos}.")
+    return stats
+
+
+def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prompts: list[str], seeds: list[int],
+                    gen: dict[str, Any], *, threshold: float, stage: str | None, device: str, dtype: Any,
+                    batch_size: int, fps: float | None, progress: bool) -> list[dict[str, Any]]:
+    """Generate (or reuse) the videos of every run of one model; the model is loaded only if needed."""
+    pipe = None
+    if runs is None:  # the index does not say how many experts: the loaded model does
+        pipe = _load_pipeline(spec, stage=stage, device=device, dtype=dtype)
+        runs = model_runs(spec, int(pipe.num_experts))
+    records = []
+    for run in runs:
+        sampler = run.sampler_args(threshold)
+        settings = {"folder": str(spec.folder.resolve()), "stage": stage, "num_experts": run.num_experts,
+                    **sampler, **gen}
+        folder = RunFolder(out / "videos" / run.model / run.strategy, settings)
+        if pipe is None and not all(folder.is_done(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))):
+            pipe = _load_pipeline(spec, stage=stage, device=device, dtype=dtype)
+            if int(pipe.num_experts) != run.num_experts:
+                raise ValueError(f"model {spec.name!r}: model_index.json says {run.num_experts} experts but "
+                                 f"{pipe.num_experts} loaded")
+        reused, generated = generate_run(pipe, folder, prompts, seeds, generate_kwargs={**sampler, **gen},
+                                         batch_size=batch_size, fps=fps, progress=progress, name=run.name)
+        frames, height, width = _video_shape(folder.video_path(0))
+        trace = folder.routing_trace(len(prompts))
+        records.append({
+            "name": run.name, "model": run.model, "strategy": run.strategy, "folder": str(spec.folder),
+            "num_experts": run.num_experts, "generation": settings, "resolved": folder.resolved,
+            "videos": {"n": len(prompts), "reused": reused, "generated": generated, "frames": frames,
+                       "height": height, "width": width, "dir": str(folder.path)},
+            "routing": None if trace is None else {
+                "strategy": trace.strategy, "t": [float(t) for t in trace.t],
+                "mean_weights": trace.mean_weights.double().tolist(),
+                "samples_per_expert": trace.samples_per_expert.tolist()},
+            "_paths": [folder.video_path(i) for i in range(len(prompts))]})
+    return records
+
+
+def _fmt_shape(shape: tuple[int, int, int]) -> str:
+    return f"({shape[0]} frames, {shape[1]}x{shape[2]})"
+
+
+def _resolve_baseline(baseline: str, runs: Sequence[dict[str, Any]]) -> str:
+    """A run name, or a model name that has exactly one run."""
+    names = [r["name"] for r in runs]
+    if baseline in names:
+        return baseline
+    of_model = [r["name"] for r in runs if r["model"] == baseline]
+    if len(of_model) == 1:
+        return of_model[0]
+    if of_model:
+        raise ValueError(f"--baseline {baseline!r} has several runs {of_model}: name one of them")
+    raise ValueError(f"--baseline {baseline!r} is none of the evaluated runs {names}")
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddm.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER[:STRATEGY,...]",
+                   help="a model folder to evaluate (repeatable); strategies: top1, topN, full, threshold")
+    p.add_argument("--baseline", required=True, help="the run (NAME or NAME/STRATEGY) the others are compared with")
+    p.add_argument("--out", required=True, type=Path, help="output folder (videos/, metrics.json, report.md, plots/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="text file, one prompt per line")
+    src.add_argument("--prompts-from-shards", type=Path, metavar="SHARDS_DIR",
+                     help="use the held-out captions of a shards dir (see --split)")
+    p.add_argument("--split", default="val", help="split of --prompts-from-shards (default: val)")
+    p.add_argument("--num-videos", type=int, help="videos per run (default: one per prompt; more repeat prompts)")
+    p.add_argument("--seed", type=int, default=0, help="video i uses seed SEED + i in every run (default 0)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--stage", help="checkpoint stage to load (default: the folder's)")
+    p.add_argument("--num-frames", type=int, help=f"frames per video (default: the model's; {TINY_EVAL_FRAMES} "
+                                                   "with --tiny-backbones)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--threshold", type=float, default=0.1, help="weight cut-off of the 'threshold' strategy")
+    p.add_argument("--real-videos", type=Path, metavar="DIR_OR_MANIFEST", help="real videos for FVD")
+    p.add_argument("--cache-dir", type=Path, help="where real-video FVD statistics are cached (default OUT/fvd_cache)")
+    p.add_argument("--i3d", type=Path, help="i3d_torchscript.pt (FVD)")
+    p.add_argument("--clip", type=Path, help="CLIP ViT-L/14 folder (CLIP score, aesthetic)")
+    p.add_argument("--aesthetic", type=Path, help="sac+logos+ava1-l14-linearMSE.pth")
+    p.add_argument("--tiny-backbones", type=Path, metavar="DIR",
+                   help=f"build/reuse random-init test backbones in DIR instead ({TINY_LABEL})")
+    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fps", type=float, help="frame rate stored in the mp4 files (default: the model's, else 16)")
+    p.add_argument("--frame-stride", type=int, default=1, help="score every n-th frame for CLIP and aesthetic")
+    p.add_argument("--motion-resolution", type=int, help="short side motion is measured at (default: native)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: the folder's)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The CLI; returns the evaluation record."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    check_metric_names(metrics)
+    models = [parse_model_arg(m) for m in args.model]
+    if args.prompts is not None:
+        prompts, source = read_prompt_file(args.prompts), str(args.prompts)
+    else:
+        prompts = shard_captions(args.prompts_from_shards, args.split)
+        source = f"{args.prompts_from_shards} ({args.split} split)"
+    num_frames = args.num_frames
+    if args.tiny_backbones is not None:
+        if any(x is not None for x in (args.i3d, args.clip, args.aesthetic)):
+            parser.error("--tiny-backbones replaces --i3d/--clip/--aesthetic: give one or the other")
+        paths = build_tiny_backbones(args.tiny_backbones)
+        i3d, clip, aesthetic = paths["i3d"], paths["clip"], paths["aesthetic"]
+        if num_frames is None:
+            num_frames = TINY_EVAL_FRAMES
+            log.info("tiny mode: generating %d-frame videos so FVD gets its 16-frame clips", num_frames)
+    else:
+        i3d, clip, aesthetic = args.i3d, args.clip, args.aesthetic
+    backbones = load_backbones([m for m in metrics if m != "fvd" or args.real_videos is not None],
+                               i3d=i3d, clip=clip, aesthetic=aesthetic, device=args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    record = evaluate(models, args.baseline, args.out, prompts, prompt_source=source, num_videos=args.num_videos,
+                      seed=args.seed, steps=args.steps, cfg=args.cfg, stage=args.stage, num_frames=num_frames,
+                      height=args.height, width=args.width, threshold=args.threshold, metrics=metrics,
+                      backbones=backbones, real_videos=args.real_videos, cache_dir=args.cache_dir,
+                      batch_size=args.batch_size, fps=args.fps, frame_stride=args.frame_stride,
+                      motion_resolution=args.motion_resolution, device=args.device, dtype=dtype,
+                      progress=not args.no_progress)
+    reused = sum(r["videos"]["reused"] for r in record["runs"])
+    generated = sum(r["videos"]["generated"] for r in record["runs"])
+    print(f"reused {reused} video(s), generated {generated}; report: {Path(args.out) / 'report.md'}")
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a problem with the inputs: the message, not a traceback
+        log.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
