@@ -112,6 +112,11 @@ class StageGeometry:
         return d
 
 
+# index fields naming a component, and the forms we read (others, e.g. diffusers' [library, class], are skipped)
+_COMPONENT_FIELDS = {"vae": (str, dict), "router": (str, dict), "text_encoder": str, "text_encoder_2": str,
+                     "tokenizer": str, "tokenizer_2": str}
+
+
 @dataclass
 class ModelIndex:
     """``model_index.json`` as data; :meth:`from_dict` is tolerant, unknown fields land in ``extra``."""
@@ -145,8 +150,8 @@ class ModelIndex:
             value = d.get(name)
             if value is None:
                 continue
-            if name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") and not isinstance(value, str):
-                continue  # e.g. ["transformers", "T5EncoderModel"]: the folder name stays the default
+            if name in _COMPONENT_FIELDS and not isinstance(value, _COMPONENT_FIELDS[name]):
+                continue  # diffusers-style ["transformers", "T5EncoderModel"]: keep our default location
             if name in ("num_experts", "text_pad_to") and not isinstance(value, int):
                 raise ValueError(f"{source}: '{name}' must be an integer, got {value!r}")
             if name == "experts" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -493,7 +498,8 @@ class DDMPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path, stage: str | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, placement: str = "same", load_text: bool = True,
-                        devices: Sequence[str | torch.device] | None = None) -> DDMPipeline:
+                        devices: Sequence[str | torch.device] | None = None,
+                        vae_tiling: bool | Mapping[str, Any] | None = None) -> DDMPipeline:
         """Load one stage of a model folder (module docstring: layout and tolerated variants).
 
         Args:
@@ -505,6 +511,8 @@ class DDMPipeline:
                 for ``spread`` defaults to every CUDA device.
             load_text: load ``t5/`` and ``clip/`` (needed by :meth:`generate`); the null tensors are made
                 from them when the folder lacks ``null_t5.pt``/``null_clip.pt``.
+            vae_tiling: tile a HunyuanVideo VAE (True, or ``enable_tiling`` kwargs); default: on when the
+                stage's frames are larger than one 256-pixel tile (768² needs it), as the index spec says otherwise.
         """
         root = Path(folder).expanduser()
         index = read_model_index(root)
@@ -523,6 +531,13 @@ class DDMPipeline:
         router, router_meta = cls._load_router(layout, stage, len(experts), str(device), dtype)
         geometry = index.stages.get(stage) or stage_geometry_from_metadata(metas[0], stage)
         vae = cls._load_vae(root, index, metas[0], device, dtype)
+        if hasattr(vae, "enable_tiling"):
+            if vae_tiling is None:
+                vae_tiling = vae.tiling is not None or max(geometry.size or (0,)) > 256
+            if vae_tiling:
+                vae.enable_tiling(**(dict(vae_tiling) if isinstance(vae_tiling, Mapping) else {}))
+            else:
+                vae.disable_tiling()
         if geometry.spatial_factor is None:
             geometry.spatial_factor = vae.spatial_factor
         text, text_dirs, null = None, None, None
@@ -637,9 +652,12 @@ class DDMPipeline:
             default_stage=self.index.default_stage or self.stage,
             expert_architecture=self.index.expert_architecture or ARCHITECTURES.get(self.experts[0].config.layout),
             text_encoder="t5", text_encoder_2="clip", tokenizer="t5", tokenizer_2="clip")
-        if self.text_dirs is not None:
-            place_folder(self.text_dirs[0], out / "t5")
-            place_folder(self.text_dirs[1], out / "clip")
+        text_dirs = self.text_dirs
+        if text_dirs is None and self.layout is not None:  # loaded with load_text=False: copy them all the same
+            text_dirs = (self.layout.root / self.index.text_encoder, self.layout.root / self.index.text_encoder_2)
+        if text_dirs is not None and all(d.is_dir() for d in text_dirs):
+            place_folder(text_dirs[0], out / "t5")
+            place_folder(text_dirs[1], out / "clip")
         if self.null_text is not None:
             atomic_save_torch(self.null_text[0], out / NULL_T5_FILE)
             atomic_save_torch(self.null_text[1], out / NULL_CLIP_FILE)
@@ -814,10 +832,14 @@ class DDMPipeline:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        """VAE-decode latents (B, C, T, h, w) to uint8 videos (B, F, H, W, 3), clamped to [-1, 1] first."""
-        video = self.vae.decode(latent.to(self.device)).float().clamp(-1.0, 1.0)
-        pixels = ((video + 1.0) * 127.5).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
+        """VAE-decode latents (B, C, T, h, w) to uint8 videos (B, F, H, W, 3), clamped to [-1, 1] first.
+        One video at a time: decoder activations, not latents, bound the memory at 768²."""
+        videos = []
+        for row in latent:
+            video = self.vae.decode(row[None].to(self.device)).float().clamp(-1.0, 1.0)
+            pixels = ((video + 1.0) * 127.5).round().to(torch.uint8)
+            videos.append(pixels.permute(0, 2, 3, 4, 1).cpu().numpy())
+        return np.concatenate(videos)
 
 
 def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:

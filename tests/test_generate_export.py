@@ -16,8 +16,8 @@ from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import RoutingTrace
 from ddm.video_io import probe_video, read_video
-from tests.fixtures.pipeline import (STAGES, VAE_SPEC, build_runs_tree, router_metadata, tiny_router, train_config,
-                                     weight_hashes)
+from tests.fixtures.pipeline import (STAGES, VAE_SPEC, build_runs_tree, latent_channels, router_metadata,
+                                     tiny_router, train_config, weight_hashes)
 from tests.fixtures.train import run_cli
 
 
@@ -49,7 +49,7 @@ def test_export_writes_the_paris_layout_from_the_runs_metadata(runs, exported):
     assert index["vae"] == VAE_SPEC and index["expert_architecture"] == "opensora-v2-mmdit"
     for stage, (res, frames, fps) in STAGES.items():
         assert index["stages"][stage] == {"resolution": res, "num_frames": frames, "fps": fps,
-                                          "latent_channels": 3 * 4 * VAE_SPEC["spatial_factor"] ** 2,
+                                          "latent_channels": latent_channels(),
                                           "spatial_factor": VAE_SPEC["spatial_factor"]}
     # each stage loads the runs' weights, and its own router
     for stage in STAGES:

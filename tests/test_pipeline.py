@@ -17,11 +17,12 @@ import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export
 from ddm.flow import video_shift_alpha
+from ddm.models.hunyuan_vae import HunyuanVAEConfig
 from ddm.models.text import TextEncoders, load_null_tensors, pad_tokens
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import sample
-from tests.fixtures.pipeline import (STAGES, build_model_folder, router_metadata, tiny_router, train_config,
-                                     weight_hashes)
+from tests.fixtures.pipeline import (STAGES, build_model_folder, latent_channels, router_metadata, tiny_router,
+                                     train_config, weight_hashes)
 
 PROMPTS = ["a red car drives along the coast", "a cat sleeps on a windowsill", "fireworks over a harbour"]
 
@@ -106,6 +107,7 @@ def test_reader_tolerates_variant_names_and_foreign_indexes(model_folder, tmp_pa
     # component entries and unknown fields; the index lists no experts, so they are discovered
     a = _variant(folder, tmp_path / "a", {"experts": None, "router": None, "default_stage": None,
                                           "text_encoder": ["transformers", "T5EncoderModel"],
+                                          "vae": ["diffusers", "AutoencoderKL"],  # → the checkpoints' VAE spec
                                           "some_future_field": {"x": 1}})
     (a / "expert1").rename(a / "Expert_1")
     (a / "Expert_1" / "stage2").rename(a / "Expert_1" / "stage_2")
@@ -169,6 +171,9 @@ def test_clear_errors_name_what_is_missing_or_inconsistent(model_folder, tmp_pat
 
     _expect(FileNotFoundError, "tencent/HunyuanVideo", _variant(folder, tmp_path / "novae", {"vae": "vae.pt"}),
             load_text=False)
+    other = HunyuanVAEConfig.tiny().latent_channels
+    _expect(ValueError, f"the VAE gives {other} latent channels but the experts take {latent_channels()}",
+            _variant(folder, tmp_path / "othervae", {"vae": {"type": "hunyuan-tiny"}}), load_text=False)
     _expect(FileNotFoundError, "flux_text_encoders", _variant(folder, tmp_path / "not5", drop=("t5",)))
     _expect(FileNotFoundError, "openai/clip-vit-large-patch14", _variant(folder, tmp_path / "noclip", drop=("clip",)))
 
@@ -204,7 +209,8 @@ def test_full_strategy_equals_a_hand_built_mix(pipe, model_folder):
 
     res, frames, _ = STAGES["stage2"]
     channels, latent_t, latent_hw = pipe.vae.latent_channels, 1 + (frames - 1) // 4, res  # spatial factor 1
-    alpha = video_shift_alpha((latent_hw // 2) * (latent_hw // 2), latent_t)  # the experts' 2x2 patches
+    _, ph, pw = experts[0].config.patch_size
+    alpha = video_shift_alpha((latent_hw // ph) * (latent_hw // pw), latent_t)  # Open-Sora's video shift
     with torch.no_grad():
         latents = sample([mixed], None, (2, channels, latent_t, latent_hw, latent_hw), cond,
                          uncond={"t5": null_t5, "clip": null_clip}, num_steps=steps, shift_alpha=alpha,
