@@ -8,8 +8,9 @@ and never hang at the end of an epoch:
   every slot reads all shards instead, each with its own seed (logged as a warning): samples are drawn
   with replacement anyway, so this only costs some repeats across ranks within an epoch;
 * each slot draws shards at random from its subset, so that samples come at their natural frequencies
-  or, with ``balanced=True`` (the router's option), equally from every expert, and streams their
-  samples through a seeded shuffling buffer;
+  or, with ``balanced=True`` (the router's option), equally from every expert; it reads ``interleave``
+  of them at once, taking each next sample from a random open shard (batches mix experts), through a
+  seeded shuffling buffer;
 * every rank yields exactly ``samples_per_epoch // batch_size`` batches per epoch.
 
 Resume: the state is (epoch, batches consumed). A restored loader reseeds from (seed, epoch, batches
@@ -21,7 +22,7 @@ goes to slot i mod slots, so every rank gets an equal share (±1 sample) however
 
 A corrupt sample (unreadable .npy, missing member, truncated tar) is skipped, logged and counted;
 once more than ``max_skip_fraction`` of the samples seen were skipped (measured over at least
-``1 / max_skip_fraction`` samples, so one early bad sample is tolerated) the run stops with an error
+``max(1 / max_skip_fraction, 20)`` samples, so one early bad sample is tolerated) the run stops with an error
 naming the shard.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ddm.models.text import pad_tokens
 
 log = logging.getLogger(__name__)
 
+MIN_SKIP_WINDOW = 20  # samples over which the skip fraction is judged at the earliest (with max_skip_fraction > 0)
 STATS_KEY = "_stats"  # per-batch (seen, skipped) deltas from the worker; removed before the batch is handed out
 
 
@@ -148,7 +150,8 @@ class SkipCounter:
         log.warning("skipped %d sample(s) of shard %s: %s (%d of %d skipped so far)", count, shard, reason,
                     self.skipped, self.seen)
         f = self.max_fraction
-        limit = f * max(self.seen, math.ceil(1 / f)) if f > 0 else 0.0
+        # Judge the fraction only over a minimal window, so a corrupt sample met early is not fatal.
+        limit = f * max(self.seen, math.ceil(1 / f), MIN_SKIP_WINDOW) if f > 0 else 0.0
         if self.skipped > limit:
             raise RuntimeError(f"too many corrupt samples: {self.skipped} of {self.seen} skipped, more than "
                                f"max_skip_fraction={f}; last one in shard '{shard}': {reason}")
@@ -244,8 +247,9 @@ class ResampledShards(IterableDataset):
     """Training stream of one rank: ``num_batches`` batches, drawn with replacement (see module docstring)."""
 
     def __init__(self, cfg: StreamConfig, *, num_batches: int, seed: int, epoch: int, start_batch: int,
-                 balanced: bool, shuffle_buffer: int) -> None:
+                 balanced: bool, shuffle_buffer: int, interleave: int = 8) -> None:
         self.cfg = cfg
+        self.interleave = max(1, interleave)
         self.num_batches = num_batches
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         self.balanced = balanced
@@ -263,11 +267,23 @@ class ResampledShards(IterableDataset):
         counter = SkipCounter(cfg.max_skip_fraction)
         body = "frames" if cfg.raw_frames else "latent"
 
+        def open_shard() -> Iterator[dict]:
+            info = mine[rng.choice(len(mine), p=weights)]
+            return (sample for _, sample in read_shard_samples(Path(cfg.root), info, body, counter))
+
         def stream() -> Iterator[dict]:
+            # Several shards open at once, each next sample from a random one of them: shards hold one
+            # expert each, so reading them one after another would give single-expert batches (fatal for
+            # the router and the monolith). Every opened shard is read to its end, so the long-run sample
+            # frequencies are still those of the shard draws.
+            open_streams = [open_shard() for _ in range(min(self.interleave, len(mine)))]
             while True:
-                info = mine[rng.choice(len(mine), p=weights)]
-                for _, sample in read_shard_samples(Path(cfg.root), info, body, counter):
-                    yield sample
+                j = int(rng.integers(len(open_streams)))
+                sample = next(open_streams[j], None)
+                if sample is None:
+                    open_streams[j] = open_shard()
+                    continue
+                yield sample
 
         if my_batches <= 0:
             return
@@ -399,7 +415,7 @@ class ShardDataModule(L.LightningDataModule):
                  batch_size: int, num_workers: int = 0, samples_per_epoch: int = 100_000, seed: int = 0,
                  text_pad_to: int | None = None, raw_frames: bool = False, max_skip_fraction: float = 0.01,
                  balanced: bool = False, rank: int | None = None, world_size: int | None = None,
-                 shuffle_buffer: int = 64) -> None:
+                 shuffle_buffer: int = 64, interleave: int = 8) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -419,6 +435,7 @@ class ShardDataModule(L.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self.balanced = balanced
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = interleave
         self._rank, self._world_size = rank, world_size
         self.experts, self.train_shards = select_shards(self.shards_dir, experts, split)
         if not self.train_shards:
@@ -445,7 +462,8 @@ class ShardDataModule(L.LightningDataModule):
 
         def make(epoch: int, start_batch: int) -> ResampledShards:
             return ResampledShards(cfg, num_batches=self.num_batches, seed=self.seed, epoch=epoch,
-                                   start_batch=start_batch, balanced=self.balanced, shuffle_buffer=self.shuffle_buffer)
+                                   start_batch=start_batch, balanced=self.balanced, shuffle_buffer=self.shuffle_buffer,
+                                   interleave=self.interleave)
 
         log.info("train data: experts %s, %d '%s' shards in %s; rank %d/%d, %d batches of %d per epoch",
                  self.experts, len(cfg.shards), self.split, self.shards_dir, cfg.rank, cfg.world_size,

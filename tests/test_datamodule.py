@@ -190,7 +190,7 @@ def test_checked_in_test_shards_give_pixel_vae_latents_and_tiny_text(test_shards
     dm = ShardDataModule(test_shards_dir, "all", batch_size=4, samples_per_epoch=8, rank=0, world_size=1)
     assert dm.experts == [1, 2, 3]
     for batch in dm.train_dataloader():
-        assert batch["latent"].shape == (4, 48, 3, 8, 8)
+        assert batch["latent"].shape == (4, 12, 3, 16, 16)
         assert batch["t5"].shape[0] == 4 and batch["t5"].shape[2] == 32 and batch["clip"].shape == (4, 32)
         assert torch.equal(batch["label"], batch["expert"] - 1) and set(batch["expert"].tolist()) <= {1, 2, 3}
     assert len(list(dm.val_dataloader())) >= 1

@@ -258,7 +258,7 @@ def test_config_round_trips_through_json_and_validates():
     assert (tiny.in_channels, tiny.cond_features, tiny.head_dim) == (64, 68, 32)
     real = get_expert_config("opensora-v2-11b")
     assert (real.in_channels, real.cond_features, real.head_dim, real.mlp_hidden_dim) == (64, 68, 128, 12288)
-    assert get_expert_config("tiny-pixel").in_channels == 48 * 4
+    assert get_expert_config("tiny-pixel").in_channels == 12 * 4
     # missing keys come from the named preset
     assert ExpertConfig.from_dict({"preset": "tiny", "depth": 3}) == get_expert_config("tiny", depth=3)
     with pytest.raises(ValueError, match="unknown expert config keys"):

@@ -57,7 +57,7 @@ def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(t
     assert report.ok, report.summary()
     assert report.samples == len(read_index(shards_dir)) == 12 and report.shards > 2
     batch = next(iter(ShardDataModule(shards_dir, "all", batch_size=4, samples_per_epoch=4).train_dataloader()))
-    assert batch["latent"].shape == (4, 48, 3, 8, 8) and batch["clip"].shape == (4, 32)
+    assert batch["latent"].shape == (4, 12, 3, 16, 16) and batch["clip"].shape == (4, 32)
 
     # 3. and once more: nothing is rewritten (markers, parquet files, tars)
     stamps = _stamps(prep)

@@ -106,7 +106,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_config_round_trip_and_presets():
     cfg = get_router_config("tiny-pixel", num_experts=5, text_dim=32)
-    assert cfg.latent_channels == 48 and cfg.num_experts == 5
+    assert cfg.latent_channels == 12 and cfg.num_experts == 5
     back = RouterConfig.from_dict(cfg.to_dict())
     assert back == cfg and isinstance(back.patch_size, tuple)
     with pytest.raises(ValueError, match="unknown RouterConfig keys"):

@@ -8,11 +8,8 @@ through ``cond_in``). The loss is the mean squared velocity error over all laten
 """
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any
 
-import lightning as L
 import torch
 
 from ddm import flow
@@ -20,127 +17,8 @@ from ddm.conditioning import CONDITION_MODES, batch_frame_mask, i2v_condition, s
 from ddm.models.layouts import load_expert_state_dict
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import ExpertConfig
-from train.ema import ema_copy_from, ema_decay_at, ema_update, make_ema_twin
-
-log = logging.getLogger("ddm.train")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of ``values`` (B, C, T, H, W) over the positions where ``mask`` (B, 1, T, 1, 1) is 1."""
-    weight = mask.expand_as(values)
-    return (values * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4)).clamp_min(1)
-
-
-def lr_lambda(warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: float):
-    """LR multiplier: linear warm-up, then constant or cosine down to ``min_lr_ratio``."""
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        if schedule == "cosine":
-            progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        raise ValueError(f"unknown LR schedule {schedule!r}: expected constant or cosine")
-    return fn
-
-
-class FlowMatchingModule(L.LightningModule):
-    """What the expert and router modules share: optimiser, LR schedule, EMA twin, non-finite guard."""
-
-    def __init__(self, optim: dict, max_steps: int, max_nonfinite_steps: int, grad_clip_in_module: bool) -> None:
-        super().__init__()
-        self.optim_cfg = dict(optim)
-        self.max_steps = int(max_steps)
-        self.max_nonfinite_steps = int(max_nonfinite_steps)
-        self.grad_clip_in_module = grad_clip_in_module
-        self.nonfinite_steps = 0
-        self.model: torch.nn.Module | None = None
-        self.ema_model: torch.nn.Module | None = None
-
-    # -- subclasses build self.model in build_network() --------------------------------------------
-    def build_network(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model = self.build_network()
-        self.ema_model = make_ema_twin(self.model)
-        self.after_build()
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
-            self._fully_shard(strategy)
-
-    def after_build(self) -> None:
-        """Hook: switches such as activation checkpointing or torch.compile."""
-
-    def _fully_shard(self, strategy) -> None:
-        """FSDP2: shard every transformer block, then the rest, for both the model and its EMA twin."""
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = strategy.device_mesh["data_parallel"]
-        for net in (self.model, self.ema_model):
-            for block in net.blocks():
-                fully_shard(block, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-
-    def configure_optimizers(self):
-        o = self.optim_cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
-                                weight_decay=float(o["weight_decay"]))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(o["warmup_steps"]), o["schedule"], self.max_steps, float(o["min_lr_ratio"])))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Return None (skip the step on every rank) for a NaN/Inf loss; abort after too many."""
-        finite = bool(torch.isfinite(loss).all())
-        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return loss
-        self.nonfinite_steps += 1
-        log.warning("non-finite loss at step %d: step skipped (%d so far)", self.global_step, self.nonfinite_steps)
-        if self.nonfinite_steps > self.max_nonfinite_steps:
-            raise RuntimeError(f"{self.nonfinite_steps} non-finite losses (limit trainer.max_nonfinite_steps="
-                               f"{self.max_nonfinite_steps}): check the learning rate and the data")
-        return None
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        clip = float(self.optim_cfg.get("grad_clip") or 0.0)
-        if self.grad_clip_in_module and clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
-            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Here rather than in on_train_batch_end: checkpoint callbacks run before the module's batch-end
-        # hook, so an EMA updated there would be one step behind the weights in every checkpoint.
-        decay = ema_decay_at(self.global_step, float(self.optim_cfg["ema_decay"]), bool(self.optim_cfg["ema_warmup"]))
-        ema_update(self.ema_model, self.model, decay)
-        self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "skipped"):
-            self.log("data/skipped_samples", float(dm.skipped), on_step=True, on_epoch=False)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ddm_nonfinite_steps"] = self.nonfinite_steps
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite_steps = int(checkpoint.get("ddm_nonfinite_steps", 0))
-
-    def load_initial_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Weights-only start: load into the model strictly and make the EMA twin equal to it."""
-        self.model.load_state_dict(state_dict, strict=True)
-        ema_copy_from(self.ema_model, self.model)
+from train.ema import ema_copy_from
+from train.flow_module import FlowMatchingModule, masked_mean
 
 
 class ExpertModule(FlowMatchingModule):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ddm import flow
 from ddm.models.router import Router, RouterConfig
-from train.expert_module import FlowMatchingModule
+from train.flow_module import FlowMatchingModule
 
 log = logging.getLogger("ddm.train")
 

@@ -2,7 +2,7 @@
 
 30 synthetic items (27 clips of 24×24 px, 12 frames at 8 fps, and 3 still images, three scene families)
 go through the real ``data.prepare`` path — ingest, colour/motion embedding, balanced clustering into
-K = 3 experts, encoding at 16×16 px, 9 frames, 8 fps with the lossless PixelVAE (latents (48, 3, 8, 8))
+K = 3 experts, encoding at 16×16 px, 9 frames, 8 fps with the lossless PixelVAE (latents (12, 3, 16, 16))
 and the tiny T5 / CLIP (32 dims, seed 0) — with a 20% val split and 3 samples per shard.
 
 What is kept, under ``data/testdata/tiny/``: ``manifest.parquet``, ``assignments.parquet`` and

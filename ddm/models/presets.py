@@ -127,8 +127,9 @@ EXPERT_PRESETS: dict[str, ExpertConfig] = {
     "opensora-v2-11b": ExpertConfig(),
     "flux-dev": ExpertConfig(preset="flux-dev", layout="flux", guidance_embed=True, cond_embed=False),
     "tiny": _tiny(),
-    # 48 latent channels = PixelVAE with spatial factor 2: 3 colours × 4 frames × 2 × 2
-    "tiny-pixel": _tiny(preset="tiny-pixel", latent_channels=48),
+    # 12 latent channels = the PixelVAE stand-in with spatial factor 1: 3 colours × 4 frames. (At spatial
+    # factor 2 a 1×2×2 patch would carry 192 numbers into a 64-wide model: too narrow a bottleneck to learn.)
+    "tiny-pixel": _tiny(preset="tiny-pixel", latent_channels=12),
     "tiny-flux": _tiny(preset="tiny-flux", layout="flux", guidance_embed=True, cond_embed=False),
 }
 

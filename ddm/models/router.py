@@ -98,8 +98,8 @@ ROUTER_PRESETS: dict[str, RouterConfig] = {
     "dit-b": RouterConfig(preset="dit-b", pos_ref_grid=(8, 8)),  # 256² → 32×32 latent → 8×8 patches
     "tiny": RouterConfig(preset="tiny", latent_channels=16, hidden_size=64, depth=2, num_heads=2,
                          pos_ref_grid=(4, 4)),
-    # for the CPU demo's PixelVAE (3 × 4 frames × 2 × 2 = 48 channels)
-    "tiny-pixel": RouterConfig(preset="tiny-pixel", latent_channels=48, hidden_size=64, depth=2, num_heads=2,
+    # for the CPU demo's PixelVAE (3 colours × 4 frames = 12 channels at spatial factor 1)
+    "tiny-pixel": RouterConfig(preset="tiny-pixel", latent_channels=12, hidden_size=64, depth=2, num_heads=2,
                                pos_ref_grid=(4, 4)),
 }
 

@@ -4,7 +4,7 @@ Run: ``python tests/benchmarks/bench_datamodule.py [--samples 4096] [--batch 8] 
 Markdown report (figures recorded in docs/bench/data.md). Three rates, in samples/s:
 
 * the ShardDataModule over latent shards shaped like the tiny recipe's stage 2 (PixelVAE latents
-  (48, 3, 8, 8) float16, T5 (L, 32) float16 with L in 8..24, CLIP (32,)), 64 samples per shard, K = 3;
+  (12, 3, 16, 16) float16, T5 (L, 32) float16 with L in 8..24, CLIP (32,)), 64 samples per shard, K = 3;
 * the same tensors iterated from memory (random picks + the DataModule's own collate): the ceiling;
 * a tiny expert's consumption: MMDiT ``tiny-pixel`` forward + backward + AdamW at the same batch.
 
@@ -24,7 +24,7 @@ import torch
 from data.datamodule import ShardDataModule, collate
 from data.shards import encode_sample, shard_relpath, write_index, write_shard
 
-LATENT = (48, 3, 8, 8)
+LATENT = (12, 3, 16, 16)
 TEXT_DIM = 32
 
 
