@@ -104,7 +104,9 @@ def _shared_fields(meta: Mapping[str, Any], stage: str) -> dict[str, Any]:
         "experiment": meta.get("experiment") or config.get("experiment_name"),
         "centroids_hash": meta.get("centroids_hash"),
         "num_experts": config.get("num_experts"),
-        "vae": config.get("vae"),
+        # where the VAE file sat and how it ran may differ between clusters; the latent space may not
+        "vae": {k: v for k, v in (config.get("vae") or {}).items() if k not in ("path", "device", "dtype", "tiling")}
+        or None,
         "vae_spatial_factor": recipe.get("vae_spatial_factor"),
         f"{stage}:manifest_hash": meta.get("manifest_hash"),
         f"{stage}:geometry": {k: geometry.get(k) for k in ("resolution", "num_frames", "fps")},

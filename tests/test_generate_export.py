@@ -121,6 +121,12 @@ def test_export_errors_name_the_problem(runs, tmp_path, tiny_text_dir):
     _rewrite_meta(other_shards / "expert1" / "stage3" / "export", manifest_hash="another")
     expect(ValueError, "disagree on stage3:manifest_hash", other_shards)
 
+    other_vae = _broken_runs(root, tmp_path, "vae")
+    export = other_vae / "expert2" / "stage2" / "export"
+    config = load_export(export)[1]["train_config"]
+    _rewrite_meta(export, train_config={**config, "vae": {**config["vae"], "spatial_factor": 2}})
+    expect(ValueError, "disagree on vae", other_vae)
+
     other_k = _broken_runs(root, tmp_path, "k")
     for stage in ("stage2", "stage3"):
         shutil.rmtree(other_k / "router" / stage)
