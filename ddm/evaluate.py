@@ -152,14 +152,12 @@ def model_runs(spec: ModelSpec, num_experts: int) -> list[RunSpec]:
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a text file, one per line (blank lines ignored); ValueError when there are none."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file '{p}' does not exist")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"the prompt file '{p}' holds no prompts (one per line expected)")
-    return prompts
+    """Prompts from a text file, one per line (``ddm.generate``'s reader); ValueError when there are none."""
+    from ddm.generate import read_prompts
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prompt file '{path}' does not exist")
+    return read_prompts(Path(path))
 
 
 def shard_captions(shards_dir: str | Path, split: str = "val") -> list[str]:
@@ -333,9 +331,10 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
     """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated)``.
 
     ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, seeds=..., trace=True, **generate_kwargs)``).
-    Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else 16), then the
-    ``run.json`` commit.
+    Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else ``ddm.generate``'s
+    default), then the ``run.json`` commit.
     """
+    from ddm.generate import DEFAULT_FPS
     from ddm.video_io import write_video
 
     pending = [i for i in range(len(prompts)) if not folder.is_done(i, prompts[i], seeds[i])]
@@ -358,7 +357,7 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
             trace_name = f"trace-{batch[0]:06d}-{batch[-1]:06d}-{ids}.json"
             atomic_write(folder.path / trace_name, lambda tmp: trace.to_json(tmp))
         for i, video in zip(batch, videos):
-            write_video(folder.video_path(i), video, fps or result.fps or 16.0)
+            write_video(folder.video_path(i), video, fps or result.fps or DEFAULT_FPS)
         folder.commit({i: {"prompt": prompts[i], "seed": seeds[i], "trace": trace_name, "row": row}
                        for row, i in enumerate(batch)}, resolved=result.settings)
         bar.update(len(batch))
@@ -681,7 +680,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"build/reuse random-init test backbones in DIR instead ({TINY_LABEL})")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--fps", type=float, help="frame rate stored in the mp4 files (default: the model's, else 16)")
+    p.add_argument("--fps", type=float, help="frame rate stored in the mp4 files (default: the model's, else 8)")
     p.add_argument("--frame-stride", type=int, default=1, help="score every n-th frame for CLIP and aesthetic")
     p.add_argument("--motion-resolution", type=int, help="short side motion is measured at (default: native)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

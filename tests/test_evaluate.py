@@ -158,7 +158,8 @@ def _check_plots_match(record: dict, out: Path) -> None:
     for name in ("relative_improvement", "router_weights", "expert_usage"):
         png = (out / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 5000
-    base = {k: v["value"] for k, v in next(r for r in record["runs"] if r["name"] == record["baseline"])["metrics"].items()}
+    baseline_run = next(r for r in record["runs"] if r["name"] == record["baseline"])
+    base = {k: v["value"] for k, v in baseline_run["metrics"].items()}
     bars = json.loads((out / "plots" / "relative_improvement.json").read_text())
     compared = [r for r in record["runs"] if r["name"] != record["baseline"]]
     assert set(bars["runs"]) == {r["name"] for r in compared}
@@ -270,7 +271,8 @@ def test_prompt_sources(tmp_path, test_shards_dir):
     expected = []
     for shard in sorted({r["shard"] for r in val}):
         with tarfile.open(test_shards_dir / shard) as tar:
-            expected += [tar.extractfile(m).read().decode().strip() for m in tar.getmembers() if m.name.endswith(".txt")]
+            expected += [tar.extractfile(m).read().decode().strip()
+                         for m in tar.getmembers() if m.name.endswith(".txt")]
     captions = shard_captions(test_shards_dir, "val")
     assert captions == expected and len(captions) == len(val) > 0
     assert len(shard_captions(test_shards_dir, "train")) == len(index) - len(val)
