@@ -54,6 +54,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``writer(tmp_path)``, then move it into place atomically.
 
@@ -70,6 +79,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions (team-readable)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -266,3 +266,13 @@ def test_expert_weights_in_the_other_layout_name_the_converter(tmp_path):
     save_export(flux.state_dict(), tmp_path / "e", {"kind": "expert", "config": config}, sharded=False)
     with pytest.raises(ValueError, match="convert_state_dict"):
         build_model_from_export(tmp_path / "e")
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """Temp files are created 0600; the final file must be readable as any file the user writes is."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = atomic_write(tmp_path / "shared.txt", lambda tmp: tmp.write_text("team-readable"))
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

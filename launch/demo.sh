@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The whole DDM pipeline, tiny, on CPU, in one command:
+#   synthetic clips -> prepare (ingest, embed, balanced clustering into K=3, shards at two stages)
+#   -> 3 experts trained as independent processes, stage 2 then stage 3 (weights-only from stage 2)
+#   -> the router (its own job, never loads an expert) -> the compute-matched monolith
+#   -> a Paris-style model folder -> t2v and i2v samples with the routed sampler -> evaluation report.
+# Rerunning reuses everything already done. Outputs go to $DDM_DEMO_DIR (default: ./demo_out).
+# DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs).
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo_root/launch/setup_env.sh"
+cd "$repo_root"
+
+demo="$(mkdir -p "${DDM_DEMO_DIR:-$repo_root/demo_out}" && cd "${DDM_DEMO_DIR:-$repo_root/demo_out}" && pwd)"
+export DDM_ROOT="$demo"            # paths.root_dir: prep/ and runs/ go here
+export WANDB_MODE="${WANDB_MODE:-disabled}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: the experts train side by side
+profile="${DDM_DEMO_PROFILE:-full}"
+K=3
+case "$profile" in
+  full)  clips=150; s2_steps=60; s3_steps=30; router_steps=150; gen_steps=20; eval_videos=12 ;;
+  short) clips=45;  s2_steps=8;  s3_steps=4;  router_steps=10;  gen_steps=4;  eval_videos=4 ;;
+  *) echo "DDM_DEMO_PROFILE must be full or short, got '$profile'" >&2; exit 2 ;;
+esac
+common=(experiment=tiny "recipe.stage2.max_steps=$s2_steps" "recipe.stage3.max_steps=$s3_steps"
+        "recipe.router.max_steps=$router_steps" "recipe.router.val_every_n_steps=$router_steps")
+start=$(date +%s)
+step() { printf '\n\033[1m[demo %4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
+logs="$demo/logs"; mkdir -p "$logs"
+
+# Runs one training job (its own process) unless its export exists; its output goes to a log file.
+train_job() {  # train_job <log name> <run dir> <module> <overrides...>
+  local name="$1" run_dir="$2" module="$3"; shift 3
+  if [ -f "$run_dir/export/master.safetensors" ]; then echo "  $name: done before ($run_dir/export)"; return 0; fi
+  if python -m "$module" "$@" >"$logs/$name.log" 2>&1; then
+    echo "  $name: trained -> $run_dir/export"
+  else
+    echo "  $name FAILED; last lines of $logs/$name.log:" >&2; tail -n 30 "$logs/$name.log" >&2; return 1
+  fi
+}
+runs="$demo/runs/tiny"
+
+step "1/8 synthetic data set: $clips clips of moving shapes with captions -> $demo/raw"
+if [ ! -f "$demo/raw/.complete" ]; then
+  python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 >"$logs/synthetic.log" 2>&1
+  touch "$demo/raw/.complete"
+fi
+
+step "2/8 prepare: ingest -> embed -> balanced clustering into K=$K -> shards (stage2 16 px, stage3 24 px)"
+python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
+  cluster.fine_clusters=24 encode.stage=stage2 progress=false 2>&1 | grep -E '^\[|audit|Error' || true
+python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
+  cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false 2>&1 | grep -E '^\[encode\]|audit|Error' || true
+
+step "3/8 experts, stage 2: $K independent training processes (+ the router, which needs no expert)"
+pids=()
+for k in $(seq 1 $K); do train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 & pids+=($!); done
+train_job router "$runs/router/stage2" train.router "${common[@]}" stage=stage2 & pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+
+step "4/8 experts, stage 3: each starts weights-only from its own stage-2 export"
+pids=()
+for k in $(seq 1 $K); do train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 & pids+=($!); done
+for p in "${pids[@]}"; do wait "$p"; done
+
+step "5/8 the monolithic baseline: same code over all shards, compute matched to the $K experts + router"
+train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true stage=stage2
+train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true stage=stage3
+grep -A8 "compute ledger" "$logs/monolith_stage2.log" 2>/dev/null | head -9 || true
+
+step "6/8 export the Paris-style model folders"
+models="$demo/models"
+[ -f "$models/ddm/model_index.json" ] || python -m ddm.export --runs "$runs" --out "$models/ddm"
+[ -f "$models/monolith/model_index.json" ] || python -m ddm.export --runs "$runs" --monolith --out "$models/monolith"
+
+step "7/8 sample with the routed sampler: text-to-video (top-2) and image-to-video"
+python - "$demo" <<'PY'
+import sys
+from pathlib import Path
+import pyarrow.parquet as pq
+from PIL import Image
+from ddm.video_io import read_video
+demo = Path(sys.argv[1])
+manifest = pq.read_table(demo / "prep" / "manifest.parquet").to_pylist()
+videos = [r for r in manifest if r["kind"] == "video"]
+(demo / "prompts.txt").write_text("\n".join(r["caption"] for r in videos[:4]) + "\n")
+frames, _ = read_video(videos[0]["path"], frame_indices=[0])
+Image.fromarray(frames[0]).save(demo / "i2v_first_frame.png")
+PY
+python -m ddm.generate --model "$models/ddm" --prompts "$demo/prompts.txt" --strategy topk --k 2 \
+  --steps "$gen_steps" --seed 0 --trace --out "$demo/samples/t2v" 2>&1 | tail -n 6
+python -m ddm.generate --model "$models/ddm" --prompt "$(head -n 1 "$demo/prompts.txt")" \
+  --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --steps "$gen_steps" --seed 0 \
+  --out "$demo/samples/i2v" 2>&1 | tail -n 3
+
+step "8/8 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions"
+python -m ddm.evaluate --model "ddm=$models/ddm:top1,top2,full" --model "monolith=$models/monolith" \
+  --baseline monolith --prompts-from-shards "$demo/prep/shards/stage2" --num-videos "$eval_videos" \
+  --steps "$gen_steps" --stage stage2 --tiny-backbones "$demo/eval_backbones" --real-videos "$demo/raw" \
+  --no-progress --out "$demo/eval" >"$logs/evaluate.log" 2>&1 \
+  || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
+
+step "done in $(( $(date +%s) - start )) s — results (tiny random backbones: a pipeline check, not a quality claim)"
+sed -n '/^|/p' "$demo/eval/report.md" | head -n 12
+cat <<EOF
+
+  samples (t2v)   $demo/samples/t2v/
+  samples (i2v)   $demo/samples/i2v/
+  routing trace   $(ls "$demo"/samples/t2v/*trace*.png 2>/dev/null | head -n 1)
+  report          $demo/eval/report.md
+  metrics         $demo/eval/metrics.json
+  plots           $demo/eval/plots/
+  model folders   $models/ddm  $models/monolith
+  training runs   $runs/   (logs: $logs/)
+EOF
