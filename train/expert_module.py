@@ -109,6 +109,14 @@ class ExpertModule(FlowMatchingModule):
         per_sample = masked_mean(sq_err, in_loss)
         loss = per_sample.mean()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self.is_log_step():
+            self.log_mode_losses(modes, per_sample, sq_err, generate, n_frames)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return self.guard_nonfinite(loss)
+
+    def log_mode_losses(self, modes: list[str], per_sample: torch.Tensor, sq_err: torch.Tensor,
+                        generate: torch.Tensor, n_frames: int) -> None:
+        """Loss per conditioning mode; and per mode on latent frames 1.. only."""
         # Per mode, also on latent frames 1.. only: the same frames for t2v and first-frame samples, so the
         # two losses compare like with like (is the given first frame used to generate the rest?).
         later = generate.clone()
@@ -119,5 +127,3 @@ class ExpertModule(FlowMatchingModule):
             if sel:
                 self.log(f"train/loss_{mode}", per_sample[sel].mean(), on_step=True, on_epoch=False)
                 self.log(f"train/loss_later_{mode}", later_per_sample[sel].mean(), on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return self.guard_nonfinite(loss)

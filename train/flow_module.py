@@ -97,13 +97,21 @@ class FlowMatchingModule(L.LightningModule):
                                f"{self.max_nonfinite_steps}): check the learning rate and the data")
         return None
 
+    def is_log_step(self) -> bool:
+        """Whether this step's diagnostics reach the loggers (computing them on other steps is waste)."""
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        # The module clips (one norm computation serves clipping and logging) except under DeepSpeed,
+        # whose engine clips through its config.
         clip = float(self.optim_cfg.get("grad_clip") or 0.0)
         if self.grad_clip_in_module and clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
+        elif self.is_log_step():
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        else:
+            return
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)

@@ -256,7 +256,7 @@ def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, A
         "flow": OmegaConf.to_container(cfg.flow, resolve=True),
         "max_steps": int(max_steps),
         "max_nonfinite_steps": int(cfg.trainer.max_nonfinite_steps),
-        "grad_clip_in_module": cfg.strategy.name == "fsdp",
+        "grad_clip_in_module": cfg.strategy.name != "deepspeed",
     }
     out.update(extra)
     return out

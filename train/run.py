@@ -213,7 +213,7 @@ def deepspeed_config(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, max_steps: int):
-    """The Lightning Trainer for a job; gradient clipping is left to the strategy where it owns it."""
+    """The Lightning Trainer for a job. Gradient clipping is the module's (or DeepSpeed's), not Lightning's."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -222,9 +222,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     if SLURMEnvironment.detect():
         # We own requeue (train.callbacks.SignalHandler); Lightning must not requeue a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    clip = float(cfg.optim.grad_clip or 0.0)
-    # DeepSpeed clips through its config; ModelParallelStrategy (FSDP2) clips in the module.
-    lightning_clips = cfg.strategy.name in ("auto", "ddp")
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=cfg.trainer.accelerator,
@@ -236,7 +233,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
         max_steps=max_steps,
         max_epochs=-1,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        gradient_clip_val=clip if (clip and lightning_clips) else None,
         callbacks=callbacks,
         logger=loggers,
         enable_checkpointing=False,  # train.callbacks.StepCheckpoint writes atomic checkpoints
