@@ -144,9 +144,6 @@ def check_embedder_spec(embedder: dict) -> dict:
     return dict(embedder)
 
 
-_check_spec = check_embedder_spec  # the old private name, still imported by data/prepare.py
-
-
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
