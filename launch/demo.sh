@@ -17,13 +17,13 @@ export WANDB_MODE="${WANDB_MODE:-disabled}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: the experts train side by side
 profile="${DDM_DEMO_PROFILE:-full}"
 K=3
-case "$profile" in
-  full)  clips=150; s2_steps=60; s3_steps=30; router_steps=150; gen_steps=20; eval_videos=12 ;;
-  short) clips=45;  s2_steps=8;  s3_steps=4;  router_steps=10;  gen_steps=4;  eval_videos=4 ;;
+case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yaml)
+  full)  clips=150; gen_steps=30; eval_videos=12; common=(experiment=tiny) ;;
+  short) clips=45;  gen_steps=4;  eval_videos=4
+         common=(experiment=tiny recipe.stage2.max_steps=8 recipe.stage3.max_steps=4 recipe.router.max_steps=10
+                 recipe.router.val_every_n_steps=10) ;;
   *) echo "DDM_DEMO_PROFILE must be full or short, got '$profile'" >&2; exit 2 ;;
 esac
-common=(experiment=tiny "recipe.stage2.max_steps=$s2_steps" "recipe.stage3.max_steps=$s3_steps"
-        "recipe.router.max_steps=$router_steps" "recipe.router.val_every_n_steps=$router_steps")
 start=$(date +%s)
 step() { printf '\n\033[1m[demo %4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 logs="$demo/logs"; mkdir -p "$logs"
@@ -40,40 +40,46 @@ train_job() {  # train_job <log name> <run dir> <module> <overrides...>
 }
 runs="$demo/runs/tiny"
 
-step "1/8 synthetic data set: $clips clips of moving shapes with captions -> $demo/raw"
+step "1/7 synthetic data set: $clips clips of moving shapes with captions -> $demo/raw"
 if [ ! -f "$demo/raw/.complete" ]; then
   python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 >"$logs/synthetic.log" 2>&1
   touch "$demo/raw/.complete"
 fi
 
-step "2/8 prepare: ingest -> embed -> balanced clustering into K=$K -> shards (stage2 16 px, stage3 24 px)"
+step "2/7 prepare: ingest -> embed -> balanced clustering into K=$K -> shards (stage2 16 px, stage3 24 px)"
 python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
   cluster.fine_clusters=24 encode.stage=stage2 progress=false 2>&1 | grep -E '^\[|audit|Error' || true
 python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
   cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false 2>&1 | grep -E '^\[encode\]|audit|Error' || true
 
-step "3/8 experts, stage 2: $K independent training processes (+ the router, which needs no expert)"
+step "3/7 stage 2: $K experts, the router and the monolith — independent processes, side by side"
+echo "  (the router needs no expert; the monolith is the same trainer over all shards, its compute matched"
+echo "   to the $K experts + the router)"
 pids=()
-for k in $(seq 1 $K); do train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 & pids+=($!); done
+for k in $(seq 1 $K); do
+  train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 & pids+=($!)
+done
 train_job router "$runs/router/stage2" train.router "${common[@]}" stage=stage2 & pids+=($!)
+train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true \
+  stage=stage2 & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
+grep -A7 "compute ledger" "$logs/monolith_stage2.log" 2>/dev/null | sed 's/^/  /' || true
 
-step "4/8 experts, stage 3: each starts weights-only from its own stage-2 export"
+step "4/7 stage 3: each model starts weights-only from its own stage-2 export (one router serves both stages)"
 pids=()
-for k in $(seq 1 $K); do train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 & pids+=($!); done
+for k in $(seq 1 $K); do
+  train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 & pids+=($!)
+done
+train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true \
+  stage=stage3 & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 
-step "5/8 the monolithic baseline: same code over all shards, compute matched to the $K experts + router"
-train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true stage=stage2
-train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true stage=stage3
-grep -A8 "compute ledger" "$logs/monolith_stage2.log" 2>/dev/null | head -9 || true
-
-step "6/8 export the Paris-style model folders"
+step "5/7 export the Paris-style model folders"
 models="$demo/models"
 [ -f "$models/ddm/model_index.json" ] || python -m ddm.export --runs "$runs" --out "$models/ddm"
 [ -f "$models/monolith/model_index.json" ] || python -m ddm.export --runs "$runs" --monolith --out "$models/monolith"
 
-step "7/8 sample with the routed sampler: text-to-video (top-2) and image-to-video"
+step "6/7 sample with the routed sampler: text-to-video (top-2) and image-to-video"
 python - "$demo" <<'PY'
 import sys
 from pathlib import Path
@@ -93,7 +99,7 @@ python -m ddm.generate --model "$models/ddm" --prompt "$(head -n 1 "$demo/prompt
   --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --steps "$gen_steps" --seed 0 \
   --out "$demo/samples/i2v" 2>&1 | tail -n 3
 
-step "8/8 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions"
+step "7/7 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions"
 python -m ddm.evaluate --model "ddm=$models/ddm:top1,top2,full" --model "monolith=$models/monolith" \
   --baseline monolith --prompts-from-shards "$demo/prep/shards/stage2" --num-videos "$eval_videos" \
   --steps "$gen_steps" --stage stage2 --tiny-backbones "$demo/eval_backbones" --real-videos "$demo/raw" \
@@ -101,7 +107,7 @@ python -m ddm.evaluate --model "ddm=$models/ddm:top1,top2,full" --model "monolit
   || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
 
 step "done in $(( $(date +%s) - start )) s — results (tiny random backbones: a pipeline check, not a quality claim)"
-sed -n '/^|/p' "$demo/eval/report.md" | head -n 12
+awk '/^\|/{p=1} p&&!/^\|/{exit} p' "$demo/eval/report.md"
 cat <<EOF
 
   samples (t2v)   $demo/samples/t2v/

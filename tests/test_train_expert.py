@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import math
 import re
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from ddm.checkpoint import build_model_from_export, load_export, read_export_metadata, state_dict_sha256
+from ddm.video_io import probe_video
 from tests.fixtures.train import compose_config, run_cli, start_cli
 
 
@@ -40,8 +42,12 @@ def wait_for(path: Path, proc, timeout: float = 240) -> None:
 
 
 def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
-    run_cli("train.expert", [*tiny_overrides, "expert=2", "recipe.stage2.max_steps=6", "checkpoint.every_n_steps=3"])
+    run_cli("train.expert", [*tiny_overrides, "expert=2", "recipe.stage2.max_steps=6", "checkpoint.every_n_steps=3",
+                             "trainer.sample_every_n_steps=6"])
     run2 = run_dir(tmp_path, role="expert2")
+    # periodic sample videos from the EMA weights, decodable, at the stage geometry (16 px, 9 frames)
+    assert probe_video(run2 / "samples" / "step-00000006_0.mp4")["num_frames"] == 9
+    assert (run2 / "samples" / "step-00000006_1.gif").stat().st_size > 0
     export = run2 / "export"
     meta = read_export_metadata(export)
     assert (meta["kind"], meta["expert_id"], meta["stage"], meta["step"]) == ("expert", 2, "stage2", 6)
@@ -144,7 +150,7 @@ def test_compute_matched_monolith_ledger_agrees_with_the_formula(tmp_path, tiny_
     out = proc.stdout
     cfg = compose_config("expert", [*tiny_overrides, "expert=all"])
     k, b, n = cfg.num_experts, cfg.stage.batch_size, cfg.stage.max_steps
-    f = training_flops_per_sample(get_expert_config("tiny-pixel"), 16, 16, 9, 32, spatial_factor=1)
+    f = training_flops_per_sample(get_expert_config("tiny-pixel"), 16, 16, 9, 64, spatial_factor=1)
     # Router FLOPs measured independently: forward + backward under torch's FLOP counter, with the input
     # requiring grad so the backward does its full 2x forward (the ledger's 3x-forward convention).
     router = Router(get_router_config("tiny-pixel", num_experts=3))
@@ -246,3 +252,29 @@ def test_init_from_with_other_shapes_lists_the_first_mismatches(tmp_path, tiny_o
     with pytest.raises(ValueError, match=r"(?s)does not match the model; first mismatches:\n.*cond_in.weight: model "
                                          r"\(64, \d+\) vs file \(32, \d+\)"):
         train_expert(compose_config("expert", [*tiny_overrides, f"init_from={tmp_path / 'other'}"]))
+
+
+def test_usr1_checkpoints_and_requeues_sigterm_checkpoints(tmp_path, tiny_overrides):
+    """SLURM sends USR1 before the time limit: the job saves a checkpoint at the current step and asks SLURM
+    to requeue it (a fake `scontrol` records the call); SIGTERM saves and stops. Both exit cleanly."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    for sig, name in ((signal.SIGUSR1, "SIGUSR1"), (signal.SIGTERM, "SIGTERM")):
+        root = tmp_path / name
+        args = [o for o in tiny_overrides if not o.startswith("paths.root_dir=")] + [
+            f"paths.root_dir={root}", "expert=1", "recipe.stage2.max_steps=100000", "checkpoint.every_n_steps=2"]
+        log = tmp_path / f"{name}.log"
+        proc = start_cli("train.expert", args, log, env=env)
+        run = run_dir(root)
+        wait_for(run / "checkpoints" / "step-00000002.ckpt", proc)  # the training loop (and its handler) is live
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"received {name}" in text and f"({name} received)" in text
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert 2 <= ckpt["global_step"] < 100000
+        assert not (run / "export").exists()  # stopped early: no export of an unfinished stage
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # USR1 only

@@ -174,3 +174,58 @@ class ThroughputMonitor(L.Callback):
             metrics["perf/mfu"] = flops_s / (self.peak * world)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
         self._t0, self._steps = time.perf_counter(), 0
+
+
+class SampleVideos(L.Callback):
+    """Every N steps, sample a few videos from the EMA weights (the captions of the first batch seen) and
+    write them as mp4 + gif to ``<run_dir>/samples/step-XXXXXXXX_<i>.{mp4,gif}`` (rank 0 only)."""
+
+    def __init__(self, every_n_steps: int, out_dir: Path, vae_spec: dict, fps: float, num_videos: int = 2,
+                 num_steps: int = 20, cfg_scale: float = 5.0) -> None:
+        self.every = int(every_n_steps)
+        self.out_dir = Path(out_dir)
+        self.vae_spec = dict(vae_spec)
+        self.fps, self.num_videos, self.num_steps, self.cfg_scale = fps, num_videos, num_steps, cfg_scale
+        self._vae = None
+        self._prompts: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._prompts is None:  # fixed prompts for the whole run: the first batch's captions
+            n = min(self.num_videos, len(batch["caption"]))
+            self._prompts = {"t5": batch["t5"][:n].detach().float().cpu(), "clip": batch["clip"][:n].detach().float().cpu(),
+                             "caption": list(batch["caption"][:n]),
+                             "shape": tuple((batch["latent"] if "latent" in batch else batch["frames"]).shape[1:])}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == 0 or step % self.every or not trainer.is_global_zero or self._prompts is None:
+            return
+        if any(hasattr(q, "full_tensor") or hasattr(q, "ds_tensor") for q in pl_module.ema_model.parameters()):
+            if self.every > 0:  # a sharded EMA forward on rank 0 alone would wait for the other ranks forever
+                log.warning("periodic samples are off under sharded strategies; sample from the export instead")
+            self.every = 0
+            return
+        from ddm.models.vae import build_vae
+        from ddm.sampler import sample
+        from ddm.video_io import write_gif, write_video
+
+        if self._vae is None:
+            self._vae = build_vae(self.vae_spec)
+        p = self._prompts
+        shape = p["shape"] if "latent" in batch else self._vae.latent_shape(*p["shape"][1:])
+        device = pl_module.device
+        cond = {"t5": p["t5"].to(device), "clip": p["clip"].to(device)}
+        uncond = {"t5": pl_module.null_t5, "clip": pl_module.null_clip}
+        with torch.no_grad():
+            latents = sample([pl_module.ema_model], None, (len(p["caption"]), *shape), cond, uncond=uncond,
+                             num_steps=self.num_steps, shift_alpha=pl_module.shift_alpha(torch.empty(1, *shape)),
+                             cfg_scale=self.cfg_scale, seeds=list(range(len(p["caption"]))))
+            videos = self._vae.decode(latents.float().cpu())
+        frames = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for i, video in enumerate(frames):
+            stem = self.out_dir / f"step-{step:08d}_{i}"
+            write_video(stem.with_suffix(".mp4"), video, self.fps)
+            write_gif(stem.with_suffix(".gif"), video, self.fps)
+        (self.out_dir / f"step-{step:08d}.txt").write_text("\n".join(p["caption"]) + "\n")
+        log.info("step %d: %d sample videos from the EMA weights → %s", step, len(frames), self.out_dir)

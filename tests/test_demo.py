@@ -1,0 +1,44 @@
+"""The README's first command, in its short profile: the whole pipeline end to end, then a rerun that
+reuses everything already trained."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+from ddm.video_io import probe_video
+
+
+def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_root):
+    env = {**os.environ, "DDM_DEMO_DIR": str(tmp_path / "demo"), "DDM_DEMO_PROFILE": "short"}
+    first = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,
+                           env=env, timeout=1200)
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
+    demo = tmp_path / "demo"
+
+    # the results table, with DDM strategies and the monolith baseline
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ddm") or line.startswith("| monolith")]
+    assert [re.split(r"\s*\|\s*", row)[2] for row in table] == ["top1", "top2", "full", "single"]
+    metrics = json.loads((demo / "eval" / "metrics.json").read_text())
+    assert {run["name"] for run in metrics["runs"]} >= {"ddm/top1", "ddm/top2", "ddm/full", "monolith"}
+    for plot in ("relative_improvement", "router_weights", "expert_usage"):
+        assert (demo / "eval" / "plots" / f"{plot}.png").stat().st_size > 1000
+
+    # videos: t2v samples and an i2v sample at the stage-3 default size (24 px, 9 frames)
+    t2v = sorted((demo / "samples" / "t2v").glob("*.mp4"))
+    i2v = sorted((demo / "samples" / "i2v").glob("*.mp4"))
+    assert len(t2v) == 4 and len(i2v) == 1
+    info = probe_video(t2v[0])
+    assert (info["num_frames"], info["height"], info["width"]) == (9, 24, 24)
+    for role in ("expert1", "expert2", "expert3", "monolith"):
+        for stage in ("stage2", "stage3"):
+            assert (demo / "runs" / "tiny" / role / stage / "export" / "master.safetensors").exists()
+    assert (demo / "runs" / "tiny" / "router" / "stage2" / "export" / "master.safetensors").exists()
+    assert "compute ledger" in first.stdout
+
+    # rerun: nothing is trained again
+    second = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,
+                            env=env, timeout=1200)
+    assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
+    assert second.stdout.count("done before") == 9 and "trained ->" not in second.stdout
