@@ -104,7 +104,8 @@ def expert_costs(x: torch.Tensor, fine: torch.Tensor, fine_expert: torch.Tensor,
     c_sq = (fine_sorted * fine_sorted).sum(1)
     costs = torch.full((len(x), num_experts), math.inf, dtype=torch.float32, device=device)
     step = _chunk_rows(len(fine))
-    for s in tqdm(range(0, len(x), step), desc="assign", disable=not progress, unit_scale=step):
+    bar = tqdm(total=len(x), desc="assign", unit="row", disable=not progress)
+    for s in range(0, len(x), step):
         xb = _rows(x, s, s + step, device)
         d = _partial_sq_dists(xb, fine_sorted, c_sq)
         x_sq = (xb * xb).sum(1)
@@ -113,6 +114,8 @@ def expert_costs(x: torch.Tensor, fine: torch.Tensor, fine_expert: torch.Tensor,
             if stop > start:
                 costs[s:s + step, k] = (d[:, start:stop].amin(1) + x_sq).clamp_min(0)
             start = stop
+        bar.update(len(xb))
+    bar.close()
     return costs
 
 

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,7 +44,7 @@ from data.stage import StageResult, completed_result, fingerprint, mark_stage_do
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
-from ddm.video_io import atomic_output, read_video
+from ddm.video_io import atomic_output, read_video, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +88,6 @@ def sample_frame_indices(native_frames: int, native_fps: float, num_frames: int,
         return None
     start = (native_frames - 1 - offsets[-1]) // 2
     return [start + o for o in offsets]
-
-
-def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize uint8 ``(F, H, W, 3)`` so it covers ``size`` = (h, w) (short side first), then centre-crop."""
-    h, w = size
-    src_h, src_w = frames.shape[1:3]
-    scale = max(h / src_h, w / src_w)
-    new_h, new_w = max(h, round(src_h * scale)), max(w, round(src_w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    top, left = (new_h - h) // 2, (new_w - w) // 2
-    out = np.empty((len(frames), h, w, 3), dtype=np.uint8)
-    for i, f in enumerate(frames):
-        resized = f if (new_h, new_w) == (src_h, src_w) else cv2.resize(f, (new_w, new_h), interpolation=interp)
-        out[i] = resized[top:top + h, left:left + w]
-    return out
 
 
 def split_of(key: str, val_fraction: float) -> str:

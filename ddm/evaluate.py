@@ -396,10 +396,10 @@ def real_video_paths(source: str | Path, min_frames: int) -> tuple[list[Path], i
 
 
 def _decoded(paths: Sequence[Path]):
-    from ddm.eval.fvd import _DecodedFiles  # the sized, lazily decoding iterable FVD uses for real videos
+    from ddm.eval.fvd import DecodedVideos  # the sized, lazily decoding iterable FVD uses for real videos
     from ddm.video_io import read_video
 
-    return _DecodedFiles(list(paths), lambda p: read_video(p)[0])
+    return DecodedVideos(list(paths), lambda p: read_video(p)[0])
 
 
 def compute_metrics(paths: Sequence[Path], captions: Sequence[str], metrics: Sequence[str], backbones: Backbones, *,

@@ -48,6 +48,7 @@ from ddm.flow import video_shift_alpha
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
 from ddm.models.vae import PixelVAE, build_vae, load_vae
 from ddm.sampler import ExpertPlacement, RoutingTrace, sample
+from ddm.video_io import read_video, resize_center_crop
 
 __all__ = ["MODEL_INDEX", "StageGeometry", "ModelIndex", "read_model_index", "write_model_index", "FolderLayout",
            "scan_model_folder", "stage_geometry_from_metadata", "copy_export",
@@ -737,7 +738,6 @@ class DDMPipeline:
         if not self.experts[0].config.cond_embed:
             raise ValueError(f"the {self.experts[0].config.preset} experts have no image conditioning (cond_embed "
                              "is false): they cannot do image-to-video")
-        from data.encode import resize_center_crop  # the data pipeline's resize, so i2v sees training's crops
 
         c, t, h, w = latent_shape
         latent = torch.zeros(len(images), c, t, h, w, device=self.device)
@@ -856,8 +856,6 @@ def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:
 def _read_image(image: np.ndarray | str | Path) -> np.ndarray:
     """An RGB uint8 (H, W, 3) array from an array or an image/video path (its first frame)."""
     if isinstance(image, (str, Path)):
-        from ddm.video_io import read_video
-
         image = read_video(image, max_frames=1)[0][0]
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:

@@ -16,6 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -248,3 +249,18 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> Path:
             for packet in stream.encode():
                 container.mux(packet)
     return Path(path)
+
+
+def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 ``(F, H, W, 3)`` so it covers ``size`` = (h, w) (short side first), then centre-crop."""
+    h, w = size
+    src_h, src_w = frames.shape[1:3]
+    scale = max(h / src_h, w / src_w)
+    new_h, new_w = max(h, round(src_h * scale)), max(w, round(src_w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    top, left = (new_h - h) // 2, (new_w - w) // 2
+    out = np.empty((len(frames), h, w, 3), dtype=np.uint8)
+    for i, f in enumerate(frames):
+        resized = f if (new_h, new_w) == (src_h, src_w) else cv2.resize(f, (new_w, new_h), interpolation=interp)
+        out[i] = resized[top:top + h, left:left + w]
+    return out

@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.encode import (encode, plan_shards, resize_center_crop, sample_frame_indices, shards_dir_for, split_of,
+from data.encode import (encode, plan_shards, sample_frame_indices, shards_dir_for, split_of,
                          target_size)
 from data.ingest import ingest
 from data.shards import decode_sample, iter_shard, read_index
 from data.synthetic import make_synthetic_dataset
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
-from ddm.video_io import write_video
+from ddm.video_io import resize_center_crop, write_video
 
 PIXEL = {"type": "pixel", "spatial_factor": 2}
 

@@ -222,7 +222,7 @@ def test_full_strategy_equals_a_hand_built_mix(pipe, model_folder):
 
 
 def test_i2v_keeps_the_conditioning_frame(pipe):
-    from data.encode import resize_center_crop
+    from ddm.video_io import resize_center_crop
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)  # resized and centre-cropped to the frame

@@ -253,7 +253,7 @@ def fvd(fake_videos: Any, real: Any, backbone: I3DBackbone, settings: ClipSettin
     return MetricResult("fvd", value, None, fake_stats.n, details)
 
 
-class _DecodedFiles:
+class DecodedVideos:
     """Video files decoded one at a time while iterating (a sized iterable, so progress bars know N)."""
 
     def __init__(self, paths: Sequence[Path], read_video: Callable[[Path], Any]):
@@ -302,7 +302,7 @@ def real_feature_stats(paths: Iterable[str | Path], backbone: I3DBackbone, cache
             return _read(p, max_frames=settings.frames_needed)[0]
 
     log.info("FVD: computing real-video statistics for %d files -> %s", len(path_list), cache_file)
-    stats = fvd_stats(_DecodedFiles(path_list, read_video), backbone, settings, batch_size=batch_size,
+    stats = fvd_stats(DecodedVideos(path_list, read_video), backbone, settings, batch_size=batch_size,
                       progress=progress, name="real videos")
     stats.details["cache_key"] = key
     stats.save(cache_file)
