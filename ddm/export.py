@@ -173,10 +173,12 @@ def bundle_text(t5_dir: Path, clip_dir: Path, out: Path, mode: str | None) -> No
 # --- the folder ----------------------------------------------------------------------------------------------------
 def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, stages: Sequence[str] | None = None,
                   sharded: bool = True, text_from: str | Path | None = None, vae: str | None = None,
-                  third_party: str | None = "copy", overwrite: bool = False) -> Path:
+                  third_party: str | None = "copy", overwrite: bool = False,
+                  scheduler: dict[str, Any] | None = None) -> Path:
     """Assemble a model folder from ``runs`` (= ``runs/<experiment>``) into ``out``; see the module docstring.
 
-    ``third_party``: ``copy`` | ``link`` | None (do not bundle vae.pt, t5/, clip/). Returns ``out``.
+    ``third_party``: ``copy`` | ``link`` | None (do not bundle vae.pt, t5/, clip/). ``scheduler``: sampling
+    defaults recorded in the index (``num_steps``, ``cfg_scale``) over the Paris defaults. Returns ``out``.
     """
     runs, out = Path(runs), Path(out)
     if (out / MODEL_INDEX).exists():
@@ -240,7 +242,8 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
         vae=vae_entry(vae_spec, out, third_party),
         stages={s: stage_geometry_from_metadata(metas[f"expert1/{s}"][1], s) for s in stage_names},
         default_stage=stage_names[-1], text_pad_to=(train_config.get("recipe") or {}).get("text_pad_to"),
-        scheduler={**DEFAULT_SCHEDULER, "shift": flow["shift"] if flow.get("shift") is not None else "video"},
+        scheduler={**DEFAULT_SCHEDULER, "shift": flow["shift"] if flow.get("shift") is not None else "video",
+                   **(scheduler or {})},
         extra={"expert_preset": config.get("preset"), "monolith": monolith, "source": {
             "runs": str(runs.resolve()), "experiment": first.get("experiment"),
             "centroids_hash": first.get("centroids_hash"),
@@ -267,12 +270,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     group.add_argument("--no-third-party", action="store_true",
                        help="do not bundle vae.pt, t5/, clip/ (users place them; the index still names them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help=f"default Euler steps recorded in the index (else {DEFAULT_SCHEDULER['num_steps']})")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help=f"default guidance scale recorded in the index (else {DEFAULT_SCHEDULER['cfg_scale']})")
     args = parser.parse_args(argv)
+    scheduler = {key: value for key, value in (("num_steps", args.num_steps), ("cfg_scale", args.cfg_scale))
+                 if value is not None}
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     third_party = None if args.no_third_party else ("link" if args.link else "copy")
     out = export_folder(args.runs, args.out, monolith=args.monolith, stages=stages, sharded=not args.no_sharded,
-                        text_from=args.text_from, vae=args.vae, third_party=third_party, overwrite=args.overwrite)
+                        text_from=args.text_from, vae=args.vae, third_party=third_party, overwrite=args.overwrite,
+                        scheduler=scheduler)
     print(f"model folder written to {out}")
 
 

@@ -76,8 +76,11 @@ for p in "${pids[@]}"; do wait "$p"; done
 
 step "5/7 export the Paris-style model folders"
 models="$demo/models"
-[ -f "$models/ddm/model_index.json" ] || python -m ddm.export --runs "$runs" --out "$models/ddm"
-[ -f "$models/monolith/model_index.json" ] || python -m ddm.export --runs "$runs" --monolith --out "$models/monolith"
+# Sampling defaults recorded in the folders: guidance 3 (Paris' 7.5 over-saturates models this small).
+sampling=(--num-steps "$gen_steps" --cfg-scale 3)
+[ -f "$models/ddm/model_index.json" ] || python -m ddm.export --runs "$runs" --out "$models/ddm" "${sampling[@]}"
+[ -f "$models/monolith/model_index.json" ] || python -m ddm.export --runs "$runs" --monolith --out "$models/monolith" \
+  "${sampling[@]}"
 
 step "6/7 sample with the routed sampler: text-to-video (top-2) and image-to-video"
 python - "$demo" <<'PY'
@@ -94,9 +97,9 @@ frames, _ = read_video(videos[0]["path"], frame_indices=[0])
 Image.fromarray(frames[0]).save(demo / "i2v_first_frame.png")
 PY
 python -m ddm.generate --model "$models/ddm" --prompts "$demo/prompts.txt" --strategy topk --k 2 \
-  --steps "$gen_steps" --seed 0 --trace --out "$demo/samples/t2v" 2>&1 | tail -n 6
+  --seed 0 --trace --out "$demo/samples/t2v" 2>&1 | tail -n 6
 python -m ddm.generate --model "$models/ddm" --prompt "$(head -n 1 "$demo/prompts.txt")" \
-  --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --steps "$gen_steps" --seed 0 \
+  --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --seed 0 \
   --out "$demo/samples/i2v" 2>&1 | tail -n 3
 
 step "7/7 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions"

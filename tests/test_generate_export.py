@@ -62,7 +62,10 @@ def test_export_writes_the_paris_layout_from_the_runs_metadata(runs, exported):
 def test_export_options_stages_no_sharded_and_monolith(runs, tmp_path):
     root, hashes = runs
     out = tmp_path / "s2"
-    export_main(["--runs", str(root), "--out", str(out), "--stages", "stage2", "--no-sharded"])
+    export_main(["--runs", str(root), "--out", str(out), "--stages", "stage2", "--no-sharded", "--cfg-scale", "3",
+                 "--num-steps", "12"])
+    scheduler = json.loads((out / "model_index.json").read_text())["scheduler"]
+    assert (scheduler["cfg_scale"], scheduler["num_steps"]) == (3.0, 12)
     assert not (out / "expert1" / "stage3").exists()
     assert (out / "expert1" / "stage2" / MASTER_FILE).is_file()
     assert not (out / "expert1" / "stage2" / SHARD_DIR).exists()

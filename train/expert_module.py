@@ -28,17 +28,11 @@ class ExpertModule(FlowMatchingModule):
                  null_clip: torch.Tensor, export_metadata: dict[str, Any],
                  init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
-        super().__init__(train["optim"], train["max_steps"], train["max_nonfinite_steps"],
-                         train["grad_clip_in_module"])
+        super().__init__(train, init_state_dict, vae)
         self.save_hyperparameters({"model_cfg": model_cfg, "train": train, "export_metadata": export_metadata})
         self.expert_cfg = ExpertConfig.from_dict(model_cfg)
-        self.train_cfg = train
         self.register_buffer("null_t5", null_t5.float(), persistent=False)
         self.register_buffer("null_clip", null_clip.float(), persistent=False)
-        self._init_state_dict = init_state_dict
-        self.vae = vae  # only in raw-frames mode; frozen, not saved in checkpoints
-        if vae is not None:
-            vae.requires_grad_(False)
 
     def build_network(self) -> torch.nn.Module:
         return MMDiT(self.expert_cfg)

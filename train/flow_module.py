@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,12 +40,20 @@ def lr_lambda(warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: fl
 class FlowMatchingModule(L.LightningModule):
     """What the expert and router modules share: optimiser, LR schedule, EMA twin, non-finite guard."""
 
-    def __init__(self, optim: dict, max_steps: int, max_nonfinite_steps: int, grad_clip_in_module: bool) -> None:
+    def __init__(self, train: dict[str, Any], init_state_dict: dict[str, torch.Tensor] | None = None,
+                 vae: torch.nn.Module | None = None) -> None:
+        """``train``: the job's training settings (optim, max_steps, max_nonfinite_steps, grad_clip_in_module,
+        ...); ``init_state_dict``: weights-only start; ``vae``: only in raw-frames mode (frozen, not saved)."""
         super().__init__()
-        self.optim_cfg = dict(optim)
-        self.max_steps = int(max_steps)
-        self.max_nonfinite_steps = int(max_nonfinite_steps)
-        self.grad_clip_in_module = grad_clip_in_module
+        self.train_cfg = train
+        self.optim_cfg = dict(train["optim"])
+        self.max_steps = int(train["max_steps"])
+        self.max_nonfinite_steps = int(train["max_nonfinite_steps"])
+        self.grad_clip_in_module = train["grad_clip_in_module"]
+        self._init_state_dict = init_state_dict
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False)
         self.nonfinite_steps = 0
         self.model: torch.nn.Module | None = None
         self.ema_model: torch.nn.Module | None = None

@@ -74,15 +74,9 @@ class RouterModule(FlowMatchingModule):
     def __init__(self, router_cfg: dict[str, Any], train: dict[str, Any], export_metadata: dict[str, Any],
                  init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
-        super().__init__(train["optim"], train["max_steps"], train["max_nonfinite_steps"],
-                         train["grad_clip_in_module"])
+        super().__init__(train, init_state_dict, vae)
         self.save_hyperparameters({"router_cfg": router_cfg, "train": train, "export_metadata": export_metadata})
         self.router_cfg = RouterConfig.from_dict(router_cfg)
-        self.train_cfg = train
-        self._init_state_dict = init_state_dict
-        self.vae = vae
-        if vae is not None:
-            vae.requires_grad_(False)
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.calibration: list[dict[str, float]] = []
 
