@@ -479,9 +479,10 @@ def _video_shape(path: Path) -> tuple[int, int, int]:
 
 
 def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompts: Sequence[str], *,
-             prompt_source: str = "prompts", num_videos: int | None = None, seed: int = 0, steps: int = 50,
-             cfg: float = 7.5, stage: str | None = None, num_frames: int | None = None, height: int | None = None,
-             width: int | None = None, threshold: float = 0.1, metrics: Sequence[str] = tuple(METRICS),
+             prompt_source: str = "prompts", num_videos: int | None = None, seed: int = 0,
+             steps: int | None = None, cfg: float | None = None, stage: str | None = None,
+             num_frames: int | None = None, height: int | None = None, width: int | None = None,
+             threshold: float = 0.1, metrics: Sequence[str] = tuple(METRICS),
              backbones: Backbones | None = None, real_videos: str | Path | None = None,
              cache_dir: str | Path | None = None, batch_size: int = 4, fps: float | None = None,
              frame_stride: int = 1, motion_resolution: int | None = None, device: str = "cpu", dtype: Any = None,
@@ -489,7 +490,8 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     """Generate (or reuse) every run's videos, compute the metrics, write ``metrics.json``, ``report.md``, plots.
 
     Everything that can be checked before generating is checked first (prompts, metric names, backbones,
-    model folders, strategies, the baseline, the real videos). Returns the evaluation record (the content of
+    model folders, strategies, the baseline, the real videos). ``steps``/``cfg`` left None use each model
+    folder's scheduler defaults (``model_index.json``). Returns the evaluation record (the content of
     ``metrics.json``); see the module docstring.
     """
     from ddm.eval.fvd import ClipSettings
@@ -663,8 +665,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split of --prompts-from-shards (default: val)")
     p.add_argument("--num-videos", type=int, help="videos per run (default: one per prompt; more repeat prompts)")
     p.add_argument("--seed", type=int, default=0, help="video i uses seed SEED + i in every run (default 0)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--steps", type=int, help="Euler steps (default: each model folder's scheduler, else 50)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: each model folder's scheduler, else 7.5)")
     p.add_argument("--stage", help="checkpoint stage to load (default: the folder's)")
     p.add_argument("--num-frames", type=int, help=f"frames per video (default: the model's; {TINY_EVAL_FRAMES} "
                                                    "with --tiny-backbones)")

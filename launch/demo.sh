@@ -105,7 +105,7 @@ python -m ddm.generate --model "$models/ddm" --prompt "$(head -n 1 "$demo/prompt
 step "7/7 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions"
 python -m ddm.evaluate --model "ddm=$models/ddm:top1,top2,full" --model "monolith=$models/monolith" \
   --baseline monolith --prompts-from-shards "$demo/prep/shards/stage2" --num-videos "$eval_videos" \
-  --steps "$gen_steps" --stage stage2 --tiny-backbones "$demo/eval_backbones" --real-videos "$demo/raw" \
+  --stage stage2 --tiny-backbones "$demo/eval_backbones" --real-videos "$demo/raw" \
   --no-progress --out "$demo/eval" >"$logs/evaluate.log" 2>&1 \
   || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
 

@@ -315,6 +315,18 @@ def test_models_that_make_different_frame_sizes_are_refused(tmp_path, model_fold
                  "mono16", tmp_path / "out", PROMPTS[:2], metrics=["motion"], steps=1, cfg=1.0, progress=False)
 
 
+def test_steps_and_guidance_default_to_each_folders_scheduler(tmp_path, model_folders):
+    folder = tmp_path / "mono_fast"
+    shutil.copytree(model_folders["mono"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = {**index["scheduler"], "num_steps": 2, "cfg_scale": 1.0}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    record = evaluate([ModelSpec("mono", folder)], "mono", tmp_path / "out", PROMPTS[:1], metrics=["motion"],
+                      progress=False)
+    resolved = record["runs"][0]["resolved"]
+    assert (resolved["num_steps"], resolved["cfg_scale"]) == (2, 1.0)
+
+
 # --- end to end through the CLI --------------------------------------------------------------------------------
 
 def _cli_args(out: Path, folders: dict[str, Path], backbone_dir: Path, real: Path, prompts: Path, *extra: str):

@@ -192,17 +192,19 @@ class SampleVideos(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._prompts is None:  # fixed prompts for the whole run: the first batch's captions
             n = min(self.num_videos, len(batch["caption"]))
-            self._prompts = {"t5": batch["t5"][:n].detach().float().cpu(), "clip": batch["clip"][:n].detach().float().cpu(),
-                             "caption": list(batch["caption"][:n]),
-                             "shape": tuple((batch["latent"] if "latent" in batch else batch["frames"]).shape[1:])}
+            raw = "latent" not in batch
+            self._prompts = {"t5": batch["t5"][:n].detach().float().cpu(),
+                             "clip": batch["clip"][:n].detach().float().cpu(),
+                             "caption": list(batch["caption"][:n]), "raw_frames": raw,
+                             "shape": tuple(batch["frames" if raw else "latent"].shape[1:])}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every <= 0 or step == 0 or step % self.every or not trainer.is_global_zero or self._prompts is None:
             return
         if any(hasattr(q, "full_tensor") or hasattr(q, "ds_tensor") for q in pl_module.ema_model.parameters()):
-            if self.every > 0:  # a sharded EMA forward on rank 0 alone would wait for the other ranks forever
-                log.warning("periodic samples are off under sharded strategies; sample from the export instead")
+            # a sharded EMA forward on rank 0 alone would wait for the other ranks forever
+            log.warning("periodic samples are off under sharded strategies; sample from the export instead")
             self.every = 0
             return
         from ddm.models.vae import build_vae
@@ -212,7 +214,7 @@ class SampleVideos(L.Callback):
         if self._vae is None:
             self._vae = build_vae(self.vae_spec)
         p = self._prompts
-        shape = p["shape"] if "latent" in batch else self._vae.latent_shape(*p["shape"][1:])
+        shape = self._vae.latent_shape(*p["shape"][1:]) if p["raw_frames"] else p["shape"]
         device = pl_module.device
         cond = {"t5": p["t5"].to(device), "clip": p["clip"].to(device)}
         uncond = {"t5": pl_module.null_t5, "clip": pl_module.null_clip}

@@ -75,8 +75,15 @@ def train_expert(cfg: DictConfig) -> None:
                                             model_config=model_cfg.to_dict()),
     )
     datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False)
+    extra_callbacks = []
+    if int(cfg.trainer.sample_every_n_steps) > 0:
+        from train.callbacks import SampleVideos
+
+        extra_callbacks.append(SampleVideos(int(cfg.trainer.sample_every_n_steps), run_dir / "samples",
+                                            dict(cfg.vae), float(cfg.stage.fps or 8)))
     job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
-            flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample)
+            flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample,
+            extra_callbacks=extra_callbacks)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expert")

@@ -269,7 +269,7 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
     """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from train.callbacks import SampleVideos, SignalHandler, StepCheckpoint, ThroughputMonitor
+    from train.callbacks import SignalHandler, StepCheckpoint, ThroughputMonitor
 
     ckpt = StepCheckpoint(checkpoint_dir(run_dir), int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
     callbacks = [
@@ -280,9 +280,6 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
         *(extra_callbacks or []),
     ]
-    if int(cfg.trainer.sample_every_n_steps) > 0 and hasattr(module, "null_t5"):  # experts, not the router
-        callbacks.append(SampleVideos(int(cfg.trainer.sample_every_n_steps), run_dir / "samples", dict(cfg.vae),
-                                      float(cfg.stage.fps or 8)))
     trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.checkpoint) if plan.checkpoint else None)
     if trainer.global_step < max_steps and not trainer.interrupted:
