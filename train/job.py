@@ -239,6 +239,7 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
         "manifest_hash": shards.manifest_hash,
         "train_config": resolved,
         "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
+        "export_dtype": str(cfg.checkpoint.get("export_dtype") or "float32"),
     }
     if expert is not None:
         meta["expert_id"] = expert
@@ -291,12 +292,13 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
 
 def export_module(trainer, module, run_dir: Path) -> Path:
     """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes)."""
+    from train.ema import cast_for_export
     from train.export import gather_full_state_dict
 
-    sd = gather_full_state_dict(module.ema_model)
+    meta = dict(module.hparams["export_metadata"])
+    sd = cast_for_export(gather_full_state_dict(module.ema_model), meta.get("export_dtype", "float32"))
     out = export_dir(run_dir)
     if trainer.is_global_zero:
-        meta = dict(module.hparams["export_metadata"])
         meta["step"] = int(trainer.global_step)
         save_export(sd, out, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))
         log.info("exported EMA weights at step %d → %s", trainer.global_step, out)
