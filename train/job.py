@@ -327,7 +327,7 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
         ckpt,
         SignalHandler(ckpt, requeue=bool(cfg.trainer.slurm_auto_requeue)),
         ThroughputMonitor(flops_per_sample, tokens_per_sample, batch_size, cfg.trainer.peak_flops_per_device,
-                          int(cfg.trainer.log_every_n_steps)),
+                          int(cfg.trainer.log_every_n_steps), skip_steps=int(cfg.trainer.get("throughput_skip_steps", 10))),
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
         *(extra_callbacks or []),
     ]
