@@ -116,9 +116,10 @@ def _budget_strategy(cfg: DictConfig) -> str:
 
 
 def _budget_precision(precision: Any) -> str:
+    """The ``ddm.models.budget`` precision of ``trainer.precision`` (fp16 mixed is counted like bf16 mixed)."""
     p = str(precision)
-    return {"32": "32-true", "16-mixed": "bf16-mixed", "bf16": "bf16-mixed"}.get(p, p) \
-        if p not in expert_budget_lib.PRECISIONS else p
+    p = {"32": "32-true", "16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "bf16-true": "bf16-true"}.get(p, p)
+    return p if p in expert_budget_lib.PRECISIONS else "32-true"
 
 
 def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: Geometry, run_dir: Path,
@@ -132,8 +133,6 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
         built = sum(p.numel() for p in MMDiT(model_cfg).parameters())
     strategy = _budget_strategy(cfg)
     precision = _budget_precision(cfg.trainer.precision)
-    if precision not in expert_budget_lib.PRECISIONS:
-        precision = "32-true"
     checkpointing = bool(cfg.model.get("activation_checkpointing", False))
     device_gib = float(cfg.trainer.get("gpu_memory_gb") or 80)
     gib = 1024 ** 3
