@@ -60,25 +60,31 @@ COMMON = ["trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1", "checkpoi
           "optim.ema_warmup=false", f"optim.ema_decay={DECAY}"]
 
 
+# bf16-true is the case a model-dtype EMA gets wrong: it also goes through a resume; bf16-mixed runs once.
+CASES = [("bf16-true", True), ("bf16-mixed", False)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_expert_ema_moves_in_fp32_under_bf16(tmp_path, tiny_overrides, precision):
+@pytest.mark.parametrize("precision, resume", CASES)
+def test_expert_ema_moves_in_fp32_under_bf16(tmp_path, tiny_overrides, precision, resume):
     args = [*tiny_overrides, *COMMON, "expert=1", f"trainer.precision={precision}", "recipe.stage2.lr=1e-3",
             "recipe.stage2.warmup_steps=0"]
-    run_cli("train.expert", [*args, "recipe.stage2.max_steps=3"])
-    resumed = run_cli("train.expert", [*args, "recipe.stage2.max_steps=5"])
-    assert "mode=resume" in resumed.stdout
+    if resume:
+        run_cli("train.expert", [*args, "recipe.stage2.max_steps=3"])
+    last = run_cli("train.expert", [*args, "recipe.stage2.max_steps=5"])
+    assert ("mode=resume" in last.stdout) == resume
     check_run(tmp_path / "runs" / "tiny" / "expert1" / "stage2", precision, 5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_router_ema_moves_in_fp32_under_bf16(tmp_path, test_shards_dir, tiny_text_dir, precision):
+@pytest.mark.parametrize("precision, resume", CASES)
+def test_router_ema_moves_in_fp32_under_bf16(tmp_path, test_shards_dir, tiny_text_dir, precision, resume):
     args = ["experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={test_shards_dir}",
             f"text.folder={tiny_text_dir}", *COMMON, "recipe.router.batch_size=8", "recipe.router.lr=1e-3",
             "recipe.router.warmup_steps=0",
             f"trainer.precision={precision}"]
-    run_cli("train.router", [*args, "recipe.router.max_steps=3"])
-    resumed = run_cli("train.router", [*args, "recipe.router.max_steps=5"])
-    assert "mode=resume" in resumed.stdout
+    if resume:
+        run_cli("train.router", [*args, "recipe.router.max_steps=3"])
+    last = run_cli("train.router", [*args, "recipe.router.max_steps=5"])
+    assert ("mode=resume" in last.stdout) == resume
     check_run(tmp_path / "runs" / "tiny" / "router" / "stage2", precision, 5)
