@@ -143,6 +143,34 @@ def test_export_errors_name_the_problem(runs, tmp_path, tiny_text_dir):
     expect(ValueError, "trained with num_experts=3 but .* holds 2 expert runs", trained_k)
 
 
+def _tree_digest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_overwrite_never_loses_the_existing_folder(runs, exported, tmp_path):
+    """--overwrite validates the runs first and assembles the new folder beside the old one: the old folder
+    survives a bad --runs, a run missing one expert's stage-3 export, and a failure half-way through writing."""
+    root, _ = runs
+    existing = tmp_path / "existing"
+    shutil.copytree(exported, existing)
+    before = _tree_digest(existing)
+    missing_stage = _broken_runs(root, tmp_path, "stage")
+    shutil.rmtree(missing_stage / "expert3" / "stage3" / "export")
+    for error, match, extra in (
+            (FileNotFoundError, "no expert runs", ["--runs", "/no/such/runs"]),
+            (FileNotFoundError, "expert 3 has no stage3 export", ["--runs", str(missing_stage)]),
+            # validation passes; the write fails after the first files are staged
+            (FileNotFoundError, "t5", ["--runs", str(root), "--text-from", str(tmp_path / "no-text")])):
+        with pytest.raises(error, match=match):
+            export_main([*extra, "--out", str(existing), "--overwrite"])
+        assert _tree_digest(existing) == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    export_main(["--runs", str(root), "--out", str(existing), "--overwrite", "--stages", "stage2"])
+    assert json.loads((existing / "model_index.json").read_text())["default_stage"] == "stage2"
+    assert not (existing / "expert1" / "stage3").exists()  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):
     out = tmp_path / "samples"
     proc = run_cli("ddm.generate", ["--model", str(exported), "--prompt", "a red car on a coastal road",
