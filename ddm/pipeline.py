@@ -413,9 +413,16 @@ class GenerationResult:
 
 
 def stage_geometry_from_metadata(meta: Mapping[str, Any], stage: str) -> StageGeometry:
-    """A stage's geometry from an export's ``train_config`` (``recipe.<stage>``, ``recipe.vae_spatial_factor``)."""
+    """A stage's geometry from an export's metadata: ``geometry`` (what the job read from its shards and
+    trained on) when recorded, else ``train_config``'s ``recipe.<stage>``; ``recipe.vae_spatial_factor``."""
     recipe = (meta.get("train_config") or {}).get("recipe") or {}
     geometry = StageGeometry.from_dict(recipe.get(stage) or {})
+    trained = meta.get("geometry")
+    if isinstance(trained, Mapping) and trained.get("height") and trained.get("width"):
+        h, w = int(trained["height"]), int(trained["width"])
+        geometry.resolution = h if h == w else (h, w)
+        geometry.num_frames = int(trained["num_frames"])
+        geometry.fps = float(trained["fps"]) if trained.get("fps") is not None else geometry.fps
     if geometry.spatial_factor is None and recipe.get("vae_spatial_factor") is not None:
         geometry.spatial_factor = int(recipe["vae_spatial_factor"])
     if geometry.latent_channels is None and isinstance(meta.get("config"), Mapping):

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export
 from ddm.export import main as export_main
@@ -169,6 +170,27 @@ def test_failed_overwrite_never_loses_the_existing_folder(runs, exported, tmp_pa
     assert json.loads((existing / "model_index.json").read_text())["default_stage"] == "stage2"
     assert not (existing / "expert1" / "stage3").exists()  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_tampered_export_and_a_nan_expert_are_named(exported, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    # NaN weights in expert 3, written as a consistent export: the sampler names expert 3 at its first call,
+    # not the router one step later
+    export = folder / "expert3" / "stage2"
+    sd, meta = load_export(export)
+    save_export({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()},
+                export, meta, max_shard_bytes=int(meta["max_shard_bytes"]))
+    pipe = DDMPipeline.from_pretrained(folder, stage="stage2")
+    with pytest.raises(FloatingPointError, match="expert 3 returned a non-finite velocity"):
+        pipe.generate(["a cat"], num_steps=2, strategy="full", cfg_scale=1.0, seeds=0, progress=False)
+    # one flipped bit inside expert 2's weights: refused on load, naming the file
+    master = folder / "expert2" / "stage2" / MASTER_FILE
+    data = bytearray(master.read_bytes())
+    data[-1] ^= 0x01
+    master.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"'{master}': tensor .* does not match its recorded sha256"):
+        DDMPipeline.from_pretrained(folder, stage="stage2", load_text=False)
 
 
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):

@@ -64,6 +64,9 @@ def test_router_matches_the_closed_form_posterior(tmp_path):
         "recipe.router.max_steps=1200", "recipe.router.batch_size=64", "recipe.router.lr=2e-3",
         "optim.schedule=cosine", "recipe.router.val_every_n_steps=100000", "checkpoint.every_n_steps=100000",
         "optim.ema_decay=0.995",
+        # the stage geometry the mixture shards record (1 frame of 4x4 px, latents 2x2)
+        "recipe.stage2.resolution=4", "recipe.stage2.num_frames=1", "recipe.stage2.fps=1",
+        "recipe.vae_spatial_factor=2",
     ])
     train_router(cfg)
     router = build_model_from_export(Path(cfg.run_dir) / "export").eval()
