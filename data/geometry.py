@@ -28,8 +28,9 @@ class ShardGeometry:
     """What one shard set holds (``data.encode``'s output), as read from its plan and first sample.
 
     ``latent_shape`` is (C, T, h, w) for latent shards, None for raw-frame shards (``frames_shape``
-    (F, H, W, 3) then); ``vae`` is the encoder's spec without runtime fields, None when the folder has no
-    ``encode_plan.json`` (shards written by other tools) or holds raw frames.
+    (F, H, W, 3) then); ``fps`` is None when the set was encoded at the clips' native rates; ``vae`` is the
+    encoder's spec without runtime fields, None when the folder has no ``encode_plan.json`` (shards written
+    by other tools) or holds raw frames.
     """
 
     shards_dir: str
@@ -110,9 +111,11 @@ def read_shard_geometry(shards_dir: str | Path) -> ShardGeometry:
     plan = json.loads(plan_path.read_text()).get("config", {}) if plan_path.is_file() else {}
     vae = latent_space_spec(plan["vae"]) if plan.get("vae") else None
     source = f"{first.name} sample {key}" + (f" and {PLAN_NAME}" if plan else "")
+    # encoded at the clips' native rates (plan fps null), samples differ in fps: none is the set's
+    fps = float(meta["fps"]) if meta.get("fps") and not (plan and plan.get("fps") is None) else None
     geometry = ShardGeometry(
         shards_dir=str(root), height=int(meta["height"]), width=int(meta["width"]),
-        num_frames=int(meta["num_frames"]), fps=float(meta["fps"]) if meta.get("fps") else None,
+        num_frames=int(meta["num_frames"]), fps=fps,
         latent_shape=latent, frames_shape=frames, vae=vae, t5_dim=int(sample["t5"].shape[-1]),
         clip_dim=int(sample["clip"].shape[-1]), source=f"{first.parent.name}/{source}")
     if plan:
