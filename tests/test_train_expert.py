@@ -244,6 +244,32 @@ def test_a_nonexistent_expert_leaves_no_run_folder(tmp_path, tiny_overrides):
     assert not (tmp_path / "runs" / "tiny").exists()  # nor the experiment folder it left empty
 
 
+def test_a_damaged_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog, monkeypatch):
+    """last.ckpt damaged from outside (not torn by our own writer): resume from the previous checkpoint, with a
+    warning naming the damaged one; when none can be read, an error rather than a silent fresh start."""
+    import logging
+
+    from train.run import plan_start
+
+    monkeypatch.setattr(logging.getLogger("ddm"), "propagate", True)  # an in-process job may have cut it
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (4, 8, 12):  # written as Lightning writes them: torch.save of the checkpoint dict
+        torch.save({"global_step": step, "state_dict": {"w": torch.randn(64, 64)}}, ckpts / f"step-{step:08d}.ckpt")
+    (ckpts / "last.ckpt").symlink_to("step-00000012.ckpt")
+    for name in ("step-00000012.ckpt", "step-00000008.ckpt"):
+        data = bytearray((ckpts / name).read_bytes())
+        data[-200:] = bytes(200)  # the zip's central directory overwritten
+        (ckpts / name).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="ddm.train"):
+        plan = plan_start(tmp_path / "run", resume=True, init_from=None, previous_stage=None, previous_export=None)
+    assert plan.mode == "resume" and plan.checkpoint.name == "step-00000004.ckpt"
+    assert "step-00000012.ckpt, step-00000008.ckpt cannot be read" in caplog.text
+    (ckpts / "step-00000004.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="no readable checkpoint in .*step-00000012.ckpt.*step-00000004.ckpt"):
+        plan_start(tmp_path / "run", resume=True, init_from=None, previous_stage=None, previous_export=None)
+
+
 def test_expert_without_shards_is_a_clear_error(tmp_path, tiny_overrides, test_shards_dir):
     import shutil
 

@@ -121,17 +121,53 @@ def run_job(job: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
         sys.exit(int(code))
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it reads. A file is opened the
+    way Lightning opens it (``torch.load``, memory-mapped: the zip directory and the pickle are read, the
+    tensors are not); a sharded folder needs its metadata file."""
+    if path.is_dir():
+        if (path / ".metadata").exists() or (path / "latest").exists() or any(path.glob("*/mp_rank_*")):
+            return None
+        return "a folder without DCP '.metadata' or DeepSpeed 'latest'"
+    try:
+        import torch
+
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # zip, pickle or I/O errors: any of them means this file cannot resume
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``last`` points at, if it is complete; else the newest complete step checkpoint."""
+    """The checkpoint ``last`` points at if it is complete and readable; else the newest readable step
+    checkpoint, with a warning naming the damaged one(s). Raises when checkpoints exist but none can be read
+    (starting over from scratch would silently throw the run away)."""
     ckpt_dir = checkpoint_dir(run_dir)
     last = ckpt_dir / "last.ckpt"
+    candidates: list[Path] = []
     if last.is_symlink() or last.exists():
         target = last.resolve()
         if target.exists():
-            return target
-        log.warning("checkpoints/last.ckpt points at missing %s; looking for the newest step checkpoint", target)
-    steps = sorted(p for p in ckpt_dir.glob("step-*.ckpt") if not p.name.endswith(".partial"))
-    return steps[-1] if steps else None
+            candidates.append(target)
+        else:
+            log.warning("checkpoints/last.ckpt points at missing %s; looking for the newest step checkpoint",
+                        target)
+    steps = sorted((p for p in ckpt_dir.glob("step-*.ckpt") if not p.name.endswith(".partial")), reverse=True)
+    candidates += [p.resolve() for p in steps if p.resolve() not in candidates]
+    damaged = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s: the newer checkpoint(s) %s cannot be read (%s)", ckpt,
+                            ", ".join(p.name for p, _ in damaged), "; ".join(f"{p.name}: {w}" for p, w in damaged))
+            return ckpt
+        damaged.append((ckpt, problem))
+    if damaged:
+        raise RuntimeError(f"no readable checkpoint in {ckpt_dir}: " + "; ".join(f"{p.name}: {w}" for p, w in damaged)
+                           + ". Restore one from a copy, or move the checkpoints away to start over (resume=false "
+                           "keeps them and starts from scratch)")
+    return None
 
 
 def plan_start(run_dir: Path, *, resume: bool, init_from: str | Path | None,
