@@ -737,9 +737,10 @@ class DDMPipeline:
         return {"t5": t5.to(self.device), "clip": clip.to(self.device)}
 
     def encode_images(self, images: Sequence[np.ndarray | str | Path | None], latent_shape: Sequence[int],
-                      size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """The sampler's ``i2v`` dict for a batch: each image resized and centre-cropped to ``size``, encoded
-        alone as a 1-frame video into the first latent frame; mask True there. None when no image is given."""
+                      size: tuple[int, int], fit: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The sampler's ``i2v`` dict for a batch: each image fitted to ``size`` (:func:`fit_image`: ``fit``
+        ``crop`` | ``resize`` | None), encoded alone as a 1-frame video into the first latent frame, mask True
+        there. None when no image is given."""
         if all(image is None for image in images):
             return None
         if not self.experts[0].config.cond_embed:
@@ -752,7 +753,8 @@ class DDMPipeline:
         for i, image in enumerate(images):
             if image is None:
                 continue
-            frame = resize_center_crop(_read_image(image)[None], size)  # (1, H, W, 3)
+            name = f"'{image}'" if isinstance(image, (str, Path)) else f"image {i + 1} of the batch"
+            frame = fit_image(_read_image(image), size, fit, name)[None]  # (1, H, W, 3)
             pixels = torch.from_numpy(frame).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, 1, H, W)
             latent[i, :, :1] = self.vae.encode(pixels.to(self.device)).to(latent)
             mask[i, 0] = True
@@ -764,7 +766,7 @@ class DDMPipeline:
                  strategy: str = "topk", k: int = 2, threshold: float = 0.1, seeds: Sequence[int] | int | None = None,
                  images: Sequence[np.ndarray | str | Path | None] | None = None, batch_size: int = 4,
                  trace: bool = False, progress: bool = True, oracle_ids: Sequence[int] | int | None = None,
-                 shift: float | str | None = None) -> GenerationResult:
+                 shift: float | str | None = None, image_fit: str | None = None) -> GenerationResult:
         """Text-to-video (and image-to-video) with the routed sampler.
 
         Args:
@@ -778,6 +780,9 @@ class DDMPipeline:
                 A sample depends only on its prompt, image and seed, not on its batch mates.
             images: per prompt an RGB uint8 (H, W, 3) array, an image path, or None (t2v); the image becomes
                 the first frame, kept exactly (up to the VAE round trip).
+            image_fit: how an image of another aspect ratio than the video is fitted: ``crop`` (scale to
+                cover, centre-crop) or ``resize`` (stretch); None refuses such an image (same-aspect images
+                are scaled either way).
             batch_size: samples per sampler call. trace: also return the routing trace.
         """
         if isinstance(prompts, str):
@@ -792,11 +797,17 @@ class DDMPipeline:
         images = [None] * n if images is None else list(images)
         if len(images) != n:
             raise ValueError(f"{len(images)} images for {n} prompts (give one per prompt, None for text-only)")
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
         oracle = [oracle_ids] * n if oracle_ids is None or isinstance(oracle_ids, int) else list(oracle_ids)
         if len(oracle) != n:
             raise ValueError(f"{len(oracle)} oracle_ids for {n} prompts")
         num_frames, height, width = self._video_size(num_frames, height, width)
         latent_shape = self.vae.latent_shape(num_frames, height, width)
+        # every image read and fitted before the first sample is drawn: a bad one fails fast
+        images = [None if im is None else fit_image(_read_image(im), (height, width), image_fit,
+                                                    f"'{im}'" if isinstance(im, (str, Path)) else f"image {i + 1}")
+                  for i, im in enumerate(images)]
         scheduler = self.index.scheduler
         num_steps = int(num_steps if num_steps is not None else scheduler.get("num_steps", 50))
         cfg_scale = float(cfg_scale if cfg_scale is not None else scheduler.get("cfg_scale", 7.5))
@@ -815,7 +826,7 @@ class DDMPipeline:
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
             cond = self.encode_prompts(prompts[rows])
-            i2v = self.encode_images(images[rows], latent_shape, (height, width))
+            i2v = self.encode_images(images[rows], latent_shape, (height, width), image_fit)
             ids = None if oracle[start] is None else oracle[rows]
             out = sample(self.experts, self.router, (len(prompts[rows]), *latent_shape), cond, uncond=uncond,
                          num_steps=num_steps, shift_alpha=alpha, cfg_scale=cfg_scale, strategy=strategy, k=k,
@@ -858,6 +869,33 @@ def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts (give one per prompt, or one int)")
     return seeds
+
+
+IMAGE_FITS = (None, "crop", "resize")
+ASPECT_TOLERANCE = 0.01  # relative: 1% (rounding of odd sizes) counts as the same aspect ratio
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int], fit: str | None, name: str = "the image") -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image fitted to ``size`` = (h, w). Of the same aspect ratio (within 1%) it is
+    scaled (short side, centre-crop of the rounding); otherwise ``fit`` decides: ``crop`` scales it to cover
+    and centre-crops, ``resize`` stretches it, None raises a ValueError naming both sizes (nothing is cut off
+    or distorted without being asked for)."""
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
+    h, w = size
+    src_h, src_w = image.shape[:2]
+    if (src_h, src_w) == (h, w):
+        return image
+    same_aspect = abs((src_w / src_h) / (w / h) - 1.0) <= ASPECT_TOLERANCE
+    if fit == "resize":
+        import cv2
+
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if src_h * src_w > h * w else cv2.INTER_CUBIC)
+    if fit is None and not same_aspect:
+        raise ValueError(f"{name} is {src_w}x{src_h} (aspect {src_w / src_h:.3g}) but the video is {w}x{h} "
+                         f"(aspect {w / h:.3g}): choose how to fit it, image_fit='crop' (scale to cover, then "
+                         f"centre-crop) or 'resize' (stretch to {w}x{h}); CLI: --image-fit crop|resize")
+    return resize_center_crop(image[None], size)[0]
 
 
 def _read_image(image: np.ndarray | str | Path) -> np.ndarray:

@@ -193,6 +193,27 @@ def test_a_tampered_export_and_a_nan_expert_are_named(exported, tmp_path):
         DDMPipeline.from_pretrained(folder, stage="stage2", load_text=False)
 
 
+def test_generate_checks_its_arguments_before_loading_anything(exported, tmp_path):
+    """Bad numbers, a missing image or an unwritable --out stop ddm.generate before any expert is loaded: the
+    folder here holds only model_index.json, so loading would fail with another error."""
+    from ddm.generate import main as generate_main
+
+    folder = tmp_path / "index-only"
+    folder.mkdir()
+    shutil.copy(exported / "model_index.json", folder)
+    base = ["--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "out")]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for extra, match in ((["--k", "0"], "--k must be >= 1"), (["--k", "4"], "--k 4 is more than the 3 experts"),
+                         (["--steps", "0"], "--steps must be >= 1"), (["--frames", "6"], r"4k\+1"),
+                         (["--image", str(tmp_path / "none.png")], "--image file.* not found"),
+                         (["--out", str(blocker / "samples")], "--out .*a-file/samples is not writable")):
+        with pytest.raises(SystemExit, match=match):
+            generate_main([*base, *extra])
+    with pytest.raises(FileNotFoundError, match="expert"):  # valid arguments: now the loading fails
+        generate_main(base)
+
+
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):
     out = tmp_path / "samples"
     proc = run_cli("ddm.generate", ["--model", str(exported), "--prompt", "a red car on a coastal road",
