@@ -254,12 +254,13 @@ def _verify(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], file: 
     recorded = meta.get(HASHES_KEY)
     if not isinstance(recorded, Mapping):
         return
-    for key, t in tensors.items():
+    got = tensor_hashes(tensors)
+    for key in tensors:
         want = recorded.get(key)
         if want is None:
             raise ValueError(f"'{file}': tensor '{key}' has no recorded sha256 in the export metadata; the file "
                              "was modified after the export was written")
-        if tensor_sha256(t) != want:
+        if got[key] != want:
             raise ValueError(f"'{file}': tensor '{key}' does not match its recorded sha256: the file was modified "
                              "or damaged after the export was written; export it again or restore it from a copy")
 
@@ -339,8 +340,16 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def tensor_hashes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """``{name: tensor_sha256(tensor)}`` for every tensor."""
-    return {key: tensor_sha256(t) for key, t in state_dict.items()}
+    """``{name: tensor_sha256(tensor)}`` for every tensor, hashed on several threads (hashlib releases the GIL
+    on large buffers, so this scales with the cores: tests/benchmarks/bench_export_hashes.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = list(state_dict)
+    workers = min(8, os.cpu_count() or 1, max(1, len(keys)))
+    if workers == 1:
+        return {key: tensor_sha256(state_dict[key]) for key in keys}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(keys, pool.map(lambda key: tensor_sha256(state_dict[key]), keys)))
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
