@@ -94,7 +94,7 @@ _SCAFFOLDING = {"hydra", "logs", ".lock"}  # what a job creates before its first
 def remove_unused_run_dir(run_dir: Path, runs_root: Path) -> bool:
     """After a job failed before training: remove ``run_dir`` when it holds only scaffolding (Hydra's output,
     empty logs, the lock), and the parents it leaves empty below ``runs_root``. True when removed."""
-    run_dir, runs_root = Path(run_dir), Path(runs_root)
+    run_dir, runs_root = Path(run_dir).resolve(), Path(runs_root).resolve()
     if not run_dir.is_dir() or any(p.name not in _SCAFFOLDING for p in run_dir.iterdir()):
         return False
     logs = run_dir / "logs"
