@@ -136,7 +136,7 @@ def test_router_job_never_loads_an_expert(tmp_path, test_shards_dir, tiny_text_d
     assert proc.returncode == 0 and "ROUTER-ISOLATED" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_router_with_the_wrong_number_of_experts_is_a_clear_error(tmp_path, test_shards_dir, tiny_text_dir):
+def test_router_with_the_wrong_number_of_experts_or_geometry_is_a_clear_error(tmp_path, test_shards_dir, tiny_text_dir):
     from train.router import train_router
 
     args = router_args(tmp_path, test_shards_dir, tiny_text_dir)
@@ -144,6 +144,8 @@ def test_router_with_the_wrong_number_of_experts_is_a_clear_error(tmp_path, test
         train_router(compose_config("router", [*args, "+router_model.overrides.num_experts=4"]))
     with pytest.raises(ValueError, match="num_experts=4 but .* holds 3"):
         train_router(compose_config("router", [*args, "num_experts=4"]))
+    with pytest.raises(ValueError, match=r"recipe\.stage2\.num_frames=17 but the shards hold num_frames=9"):
+        train_router(compose_config("router", [*args, "recipe.stage2.num_frames=17"]))
 
 
 def test_balanced_sampling_stores_the_log_prior_correction():
