@@ -315,6 +315,7 @@ def _start_and_signal(root: Path, tiny_overrides, sig, env, log: Path) -> int:
     return proc.wait(timeout=120)
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_and_exits_zero_only_when_requeued(tmp_path, tiny_overrides):
     """SLURM sends USR1 before the time limit: the job saves a checkpoint at the current step and asks SLURM
     to requeue it (a fake `scontrol` records the call). Exit 0 only when the requeue succeeded; when
@@ -333,6 +334,7 @@ def test_usr1_checkpoints_and_exits_zero_only_when_requeued(tmp_path, tiny_overr
     assert "Job is not requeueable" in (tmp_path / "failing.log").read_text()
 
 
+@pytest.mark.slow
 def test_one_trainer_per_run_dir_sigterm_exits_143_and_metrics_survive_resumes(tmp_path, tiny_overrides):
     """A second trainer on a live run dir is refused naming the holder; SIGTERM checkpoints and exits 143
     (not 0: the stage is unfinished); two resumes later metrics.csv holds every step's row exactly once."""
