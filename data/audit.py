@@ -83,7 +83,7 @@ def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
     places: dict[str, list[str]] = defaultdict(list)
     for expert in available_experts(shards_dir):
         folder = shards_dir / expert_dirname(expert)
-        leftovers = sorted(p.name for p in folder.glob(".*.tar"))
+        leftovers = sorted(p.name for p in folder.glob(".*.tmp*"))
         if leftovers:
             report.notes.append(f"{folder}: unfinished temp tars {leftovers} (ignored; rerun encode to clean up)")
         for path in sorted(folder.glob("*.tar")):

@@ -44,7 +44,8 @@ from data.stage import StageResult, completed_result, fingerprint, mark_stage_do
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
-from ddm.video_io import atomic_output, read_video, resize_center_crop
+from ddm.checkpoint import atomic_path
+from ddm.video_io import read_video, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,12 @@ def _claim_shards_dir(shards_dir: Path, digest: str, config: Mapping[str, Any]) 
     if any(shards_dir.glob("expert_*/*.tar")):
         raise ValueError(f"'{shards_dir}' holds tars but no {PLAN_NAME}: not written by this encoder; delete it "
                          "or encode under another stage name")
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"plan_hash": digest, "config": config}, indent=2, default=str))
 
 
 def _remove_stale_temp_tars(shards_dir: Path) -> None:
-    stale = list(shards_dir.glob("expert_*/.*.tmp-*.tar"))
+    stale = list(shards_dir.glob("expert_*/.*.tmp*"))  # ddm.checkpoint.atomic_path temp names
     for p in stale:
         p.unlink()
     if stale:

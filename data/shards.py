@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from data.stage import write_parquet_atomic
-from ddm.video_io import atomic_output
+from ddm.checkpoint import atomic_path
 
 SPLITS = ("train", "val")
 INDEX_NAME = "shards.parquet"
@@ -186,7 +186,7 @@ def write_shard(path: str | Path, samples: Iterable[Mapping[str, Any]]) -> list[
     part-way leaves no file under the final name.
     """
     keys: list[str] = []
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f, _tar_writer(f) as tar:
             for sample in samples:
                 keys.append(check_key(sample["__key__"]))
@@ -226,7 +226,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_output(self.directory / self.shard_name))
+        tmp = self._stack.enter_context(atomic_path(self.directory / self.shard_name))
         self._tar = _tar_writer(self._stack.enter_context(open(tmp, "wb")))
 
     def _finish(self) -> None:

@@ -44,7 +44,7 @@ def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(t
     assert (prep / "logs" / "prepare" / ".hydra" / "config.yaml").is_file()
     shards_dir = prep / "shards" / "stage2"
     complete = sorted(shards_dir.glob("expert_*/[tv]*.tar"))
-    assert len(complete) == 2 and len(list(shards_dir.glob("expert_*/.*.tar"))) == 1  # 2 done + 1 torn temp
+    assert len(complete) == 2 and len(list(shards_dir.glob("expert_*/.*.tmp*"))) == 1  # 2 done + 1 torn temp
     assert not (shards_dir / "shards.parquet").exists() and not (shards_dir / "encode.done.json").exists()
     done_stamps = {p: p.stat().st_mtime_ns for p in complete}
 
@@ -52,7 +52,7 @@ def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(t
     results = prepare(compose_config(args))
     assert [name for name, r in results.items() if r.skipped] == ["ingest", "embed", "cluster"]
     assert {p: p.stat().st_mtime_ns for p in complete} == done_stamps  # finished tars were kept, not redone
-    assert not list(shards_dir.glob("expert_*/.*.tar"))  # the torn temp tar was cleaned up
+    assert not list(shards_dir.glob("expert_*/.*.tmp*"))  # the torn temp tar was cleaned up
     report = audit(prep, "stage2")
     assert report.ok, report.summary()
     assert report.samples == len(read_index(shards_dir)) == 12 and report.shards > 2
