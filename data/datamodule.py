@@ -20,7 +20,8 @@ already seen. Batches prefetched but not trained on before a checkpoint are not 
 Validation (``val_dataloader``) is one ordered pass over the ``val`` split; sample i (in index order)
 goes to slot i mod slots, so every rank gets an equal share (±1 sample) however few val shards exist.
 
-A corrupt sample (unreadable .npy, missing member, truncated tar) is skipped, logged and counted;
+A corrupt sample (unreadable .npy, missing member, truncated tar, content that differs from the SHA-256
+the index recorded at encode time) is skipped, logged naming its shard and key, and counted;
 once more than ``max_skip_fraction`` of the samples seen were skipped (measured over at least
 ``max(1 / max_skip_fraction, 20)`` samples, so one early bad sample is tolerated) the run stops with an error
 naming the shard.
@@ -40,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import ShardReadError, available_experts, check_split, decode_sample, iter_shard, shard_sizes
+from data.shards import (ShardReadError, available_experts, check_split, decode_sample, index_digests, iter_shard,
+                          sample_digest, shard_sizes)
 from ddm.models.text import pad_tokens
 
 log = logging.getLogger(__name__)
@@ -163,16 +165,24 @@ class SkipCounter:
         return d
 
 
-def read_shard_samples(root: Path, info: ShardInfo, body: str, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
+def read_shard_samples(root: Path, info: ShardInfo, body: str, counter: SkipCounter,
+                       digests: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(position, decoded sample)`` from one shard, skipping (and counting) what is corrupt.
 
     ``body`` is ``"latent"`` or ``"frames"``: a shard holding the other kind is a configuration error and
-    raises ValueError. Samples missing at the end of a truncated tar count as skipped too.
+    raises ValueError. Samples missing at the end of a truncated tar count as skipped too. ``digests``
+    (``{key: sha256}`` from the index) are checked against each sample's content; keys without one are
+    not verified.
     """
     read = 0  # samples taken out of the tar, good or bad
     try:
         for key, members in iter_shard(root / info.shard):
             position, read = read, read + 1
+            want = digests.get(key) if digests else None
+            if want is not None and (got := sample_digest(members)) != want:
+                counter.skip(info.shard, f"sample {key}: content differs from what encode wrote (sha256 {got[:12]}…, "
+                                         f"the index recorded {want[:12]}…)")
+                continue
             try:
                 sample = decode_sample(key, members)
             except ValueError as e:
@@ -236,6 +246,11 @@ class StreamConfig:
     raw_frames: bool
     text_pad_to: int | None
     max_skip_fraction: float
+    verify_hashes: bool = True
+
+    def digests(self, shards: Sequence[ShardInfo]) -> dict[str, dict[str, str]]:
+        """``{shard: {key: sha256}}`` for ``shards`` from the index ({} when verification is off)."""
+        return index_digests(self.root, {s.shard for s in shards}) if self.verify_hashes else {}
 
 
 def _worker() -> tuple[int, int]:
@@ -266,10 +281,12 @@ class ResampledShards(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.start_batch, cfg.rank, worker])
         counter = SkipCounter(cfg.max_skip_fraction)
         body = "frames" if cfg.raw_frames else "latent"
+        digests = cfg.digests(mine)
 
         def open_shard() -> Iterator[dict]:
             info = mine[rng.choice(len(mine), p=weights)]
-            return (sample for _, sample in read_shard_samples(Path(cfg.root), info, body, counter))
+            return (sample for _, sample in
+                    read_shard_samples(Path(cfg.root), info, body, counter, digests.get(info.shard)))
 
         def stream() -> Iterator[dict]:
             # Several shards open at once, each next sample from a random one of them: shards hold one
@@ -325,11 +342,13 @@ class OrderedShards(IterableDataset):
         slot, num_slots = cfg.rank * workers + worker, cfg.world_size * workers
         counter = SkipCounter(cfg.max_skip_fraction)
         body = "frames" if cfg.raw_frames else "latent"
+        digests = cfg.digests(cfg.shards)
         batch: list[dict] = []
         offset = 0
         for info in cfg.shards:
             if (slot - offset) % num_slots < info.size:  # the shard holds at least one sample of this slot
-                for position, sample in read_shard_samples(Path(cfg.root), info, body, counter):
+                for position, sample in read_shard_samples(Path(cfg.root), info, body, counter,
+                                                           digests.get(info.shard)):
                     if (offset + position) % num_slots == slot:
                         batch.append(sample)
                     if len(batch) == cfg.batch_size:
@@ -408,14 +427,15 @@ class ShardDataModule(L.LightningDataModule):
     Batches: ``latent`` (B, C, T, H, W) float32 — or ``frames`` (B, 3, F, H, W) in [-1, 1] with
     ``raw_frames`` — ``t5`` (B, L, D) zero-padded to ``text_pad_to`` (None: the batch's longest),
     ``t5_len`` (B,), ``clip`` (B, D), ``expert`` (B,) 1..K, ``label`` (B,) 0..K-1, ``key``, ``caption``.
-    ``skipped`` counts the corrupt training samples skipped so far (for logging).
+    ``skipped`` counts the corrupt training samples skipped so far (for logging). ``verify_hashes``: check each
+    sample against the content hash in ``shards.parquet`` (a mismatch is a skipped sample).
     """
 
     def __init__(self, shards_dir: str | Path, experts: int | str | Sequence[int] = "all", split: str = "train", *,
                  batch_size: int, num_workers: int = 0, samples_per_epoch: int = 100_000, seed: int = 0,
                  text_pad_to: int | None = None, raw_frames: bool = False, max_skip_fraction: float = 0.01,
                  balanced: bool = False, rank: int | None = None, world_size: int | None = None,
-                 shuffle_buffer: int = 64, interleave: int = 8) -> None:
+                 shuffle_buffer: int = 64, interleave: int = 8, verify_hashes: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -436,6 +456,7 @@ class ShardDataModule(L.LightningDataModule):
         self.balanced = balanced
         self.shuffle_buffer = shuffle_buffer
         self.interleave = interleave
+        self.verify_hashes = verify_hashes
         self._rank, self._world_size = rank, world_size
         self.experts, self.train_shards = select_shards(self.shards_dir, experts, split)
         if not self.train_shards:
@@ -455,7 +476,7 @@ class ShardDataModule(L.LightningDataModule):
             log.warning("%d shards for %d ranks x %d workers: every slot reads all shards with its own seed "
                         "(write smaller shards for disjoint reads)", len(shards), world_size, workers)
         return StreamConfig(str(self.shards_dir), tuple(shards), rank, world_size, self.batch_size, self.raw_frames,
-                            self.text_pad_to, self.max_skip_fraction)
+                            self.text_pad_to, self.max_skip_fraction, self.verify_hashes)
 
     def train_dataloader(self) -> ShardLoader:
         cfg = self._stream_config(self.train_shards)

@@ -154,11 +154,44 @@ def test_corrupt_npy_over_the_skip_fraction_stops_the_run_naming_the_shard(make_
     raw[start:start + 6] = b"BROKEN"
     path.write_bytes(bytes(raw))
     dm = _dm(shards_dir, experts=3, max_skip_fraction=0.0, samples_per_epoch=400)
-    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*not a readable"):
+    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*e3-train-002-000: "
+                                           "content differs from what encode wrote"):
         list(dm.train_dataloader())
+    unverified = _dm(shards_dir, experts=3, max_skip_fraction=0.0, samples_per_epoch=400, verify_hashes=False)
+    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*not a readable"):
+        list(unverified.train_dataloader())
     tolerant = _dm(shards_dir, experts=3, max_skip_fraction=0.5, samples_per_epoch=40)
     keys = {k for b in tolerant.train_dataloader() for k in b["key"]}
     assert "e3-train-002-000" not in keys and tolerant.skipped > 0
+
+
+def _flip_latent_byte(tar_path, key):
+    """Flip one mantissa bit of the last float16 of ``key``'s latent.npy: still a readable .npy of finite
+    values, so only the content hash can tell."""
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name == f"{key}.latent.npy")
+    raw = bytearray(tar_path.read_bytes())
+    raw[member.offset_data + member.size - 1] ^= 0x01
+    tar_path.write_bytes(bytes(raw))
+
+
+def test_flipped_latent_byte_is_skipped_at_read_time_naming_shard_and_key(make_shards, caplog):
+    shards_dir, truth = make_shards(COUNTS)
+    victim, shard = "e2-val-000-001", "expert_2/val-000000.tar"
+    _flip_latent_byte(shards_dir / shard, victim)
+    loader = _dm(shards_dir, batch_size=2, max_skip_fraction=0.5).val_dataloader()
+    keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(k for k, t in truth.items() if t["split"] == "val" and k != victim)
+    assert loader.progress.skipped == 1
+    assert any(shard in r.message and victim in r.message and "content differs" in r.message for r in caplog.records)
+
+    victim, shard = "e1-train-001-002", "expert_1/train-000001.tar"
+    _flip_latent_byte(shards_dir / shard, victim)
+    dm = _dm(shards_dir, max_skip_fraction=0.5, samples_per_epoch=80)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 20 and dm.skipped > 0
+    read = {k for b in batches for k in b["key"]}
+    assert victim not in read and {f"e1-train-001-00{i}" for i in (0, 1, 3)} <= read  # only that sample is lost
 
 
 def test_resume_continues_with_new_batches_and_is_deterministic(make_shards):
