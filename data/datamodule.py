@@ -21,7 +21,8 @@ Validation (``val_dataloader``) is one ordered pass over the ``val`` split; samp
 goes to slot i mod slots, so every rank gets an equal share (±1 sample) however few val shards exist.
 
 A corrupt sample (unreadable .npy, missing member, truncated tar, content that differs from the SHA-256
-the index recorded at encode time) is skipped, logged naming its shard and key, and counted;
+the index recorded at encode time, NaN or infinity in its latent or text embeddings) is skipped, logged
+naming its shard and key, and counted;
 once more than ``max_skip_fraction`` of the samples seen were skipped (measured over at least
 ``max(1 / max_skip_fraction, 20)`` samples, so one early bad sample is tolerated) the run stops with an error
 naming the shard.
@@ -42,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.shards import (ShardReadError, available_experts, check_split, decode_sample, index_digests, iter_shard,
-                          sample_digest, shard_sizes)
+                          non_finite_members, sample_digest, shard_sizes)
 from ddm.models.text import pad_tokens
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,10 @@ def read_shard_samples(root: Path, info: ShardInfo, body: str, counter: SkipCoun
                 other = "frames" if body == "latent" else "latent"
                 raise ValueError(f"shard '{info.shard}' holds {other}.npy but the DataModule expects {body}.npy: "
                                  f"set raw_frames={other == 'frames'} to match how the shards were encoded")
+            bad = non_finite_members(sample)
+            if bad:  # e.g. a VAE that overflowed at encode time: one such sample would poison a whole batch
+                counter.skip(info.shard, f"sample {key}: non-finite values in {', '.join(bad)}")
+                continue
             if sample["meta"]["expert"] != info.expert:
                 counter.skip(info.shard, f"sample {key} says expert {sample['meta']['expert']}, "
                                          f"its shard belongs to expert {info.expert}")

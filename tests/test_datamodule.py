@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data.datamodule import ShardDataModule, ShardInfo, shards_for_slot
+from data.shards import decode_sample, encode_sample, iter_shard, write_index, write_shard
 
 # 8 train shards over three experts (enough for 2 ranks x 2 workers to read disjoint subsets) + a val split.
 COUNTS = {(1, "train"): [4, 4, 3], (2, "train"): [4, 2], (3, "train"): [3, 3, 1],
@@ -192,6 +193,42 @@ def test_flipped_latent_byte_is_skipped_at_read_time_naming_shard_and_key(make_s
     assert len(batches) == 20 and dm.skipped > 0
     read = {k for b in batches for k in b["key"]}
     assert victim not in read and {f"e1-train-001-00{i}" for i in (0, 1, 3)} <= read  # only that sample is lost
+
+
+def _replace_sample(shards_dir, truth, key, **arrays):
+    """Rewrite ``key`` with some arrays replaced, and re-index (with the new content's hash), as an encode
+    that produced those values would have."""
+    path = shards_dir / truth[key]["shard"]
+    samples = []
+    for k, members in iter_shard(path):
+        if k == key:
+            d = decode_sample(k, members)
+            members = encode_sample(k, meta=d["meta"], **{n: arrays.get(n, d[n]) for n in ("latent", "t5", "clip")})
+        samples.append({"__key__": k, **members})
+    write_shard(path, samples)
+    write_index(shards_dir, [{"key": k, **{f: t[f] for f in ("expert", "split", "shard", "position")}}
+                             for k, t in truth.items()])
+
+
+def test_non_finite_latents_and_text_are_skipped_per_sample_naming_shard_and_key(make_shards, caplog):
+    shards_dir, truth = make_shards(COUNTS)
+    nan_latent = truth["e1-val-000-001"]["latent"].copy()
+    nan_latent[0, 1, 2, 0] = np.nan
+    _replace_sample(shards_dir, truth, "e1-val-000-001", latent=nan_latent)
+    inf_t5 = truth["e3-val-001-000"]["t5"].copy()
+    inf_t5[0, 3] = np.inf
+    _replace_sample(shards_dir, truth, "e3-val-001-000", t5=inf_t5)
+    loader = _dm(shards_dir, batch_size=2, max_skip_fraction=0.5).val_dataloader()
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == ["e1-val-000-000", "e2-val-000-000", "e2-val-000-001", "e2-val-000-002", "e3-val-000-000"]
+    assert all(torch.isfinite(b["latent"]).all() and torch.isfinite(b["t5"]).all() for b in batches)
+    assert loader.progress.skipped == 2
+    messages = [r.message for r in caplog.records]
+    assert any("expert_1/val-000000.tar" in m and "e1-val-000-001: non-finite values in latent.npy" in m
+               for m in messages)
+    assert any("expert_3/val-000001.tar" in m and "e3-val-001-000: non-finite values in t5.npy" in m
+               for m in messages)
 
 
 def test_resume_continues_with_new_batches_and_is_deterministic(make_shards):
