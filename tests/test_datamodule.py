@@ -144,7 +144,7 @@ def test_truncated_tar_is_skipped_and_counted(make_shards):
     assert len(batches) == 20
     lost = {"e1-train-000-002", "e1-train-000-003"}
     assert lost.isdisjoint(k for b in batches for k in b["key"])
-    assert dm.skipped > 0 and dm.skipped % 2 == 0  # two samples lost each time that shard is drawn
+    assert dm.skipped == 2  # the two lost samples, however often that shard was drawn
 
 
 def test_corrupt_npy_over_the_skip_fraction_stops_the_run_naming_the_shard(make_shards):
@@ -229,6 +229,29 @@ def test_non_finite_latents_and_text_are_skipped_per_sample_naming_shard_and_key
                for m in messages)
     assert any("expert_3/val-000001.tar" in m and "e3-val-001-000: non-finite values in t5.npy" in m
                for m in messages)
+
+
+def test_one_bad_sample_redrawn_across_epochs_and_resumes_counts_once(make_shards, caplog):
+    # The router's case: balanced sampling draws the small expert's only shard again and again, so its one
+    # bad sample was met ~20 times in 600 and, counted each time, stopped the run at max_skip_fraction=0.01.
+    shards_dir, truth = make_shards({(1, "train"): [35, 35], (2, "train"): [35, 35], (3, "train"): [10]},
+                                    latent_shape=(2, 1, 2, 2))
+    victim = "e3-train-000-004"
+    _flip_latent_byte(shards_dir / "expert_3" / "train-000000.tar", victim)
+    dm = _dm(shards_dir, balanced=True, max_skip_fraction=0.01, batch_size=10, samples_per_epoch=300)
+    loader = dm.train_dataloader()
+    epochs = [[k for b in loader for k in b["key"]] for _ in range(2)]
+    assert all(len(keys) == 300 and victim not in keys for keys in epochs)
+    assert dm.progress.seen > 600  # every read counted as a read, re-draws of the bad one included...
+    assert dm.skipped == 1 and dm.state_dict()["bad"] == ["expert_3/train-000000.tar#4"]  # ...but it once
+    warned = [r for r in caplog.records if victim in r.message and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "expert_3/train-000000.tar" in warned[0].message
+
+    resumed = _dm(shards_dir, balanced=True, max_skip_fraction=0.01, batch_size=10, samples_per_epoch=300)
+    resumed.load_state_dict(dm.state_dict())
+    list(resumed.train_dataloader())
+    assert resumed.skipped == 1 and len([r for r in caplog.records if victim in r.message
+                                         and r.levelname == "WARNING"]) == 1
 
 
 def test_resume_continues_with_new_batches_and_is_deterministic(make_shards):
