@@ -128,8 +128,8 @@ def _run_stages(cfg: DictConfig, stages: Sequence[str], prep: Path) -> dict[str,
     results: dict[str, StageResult] = {}
     common = {"progress": bool(cfg.progress)}
     if "ingest" in stages:
-        results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, workers=cfg.ingest.workers,
-                                   **common)
+        results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, min_size=cfg.ingest.min_size,
+                                   max_aspect=cfg.ingest.max_aspect, workers=cfg.ingest.workers, **common)
     if "embed" in stages or "cluster" in stages:
         check_enough_samples(manifest, cfg.num_experts)
     if "embed" in stages:

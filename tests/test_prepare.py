@@ -97,7 +97,7 @@ def test_more_experts_than_samples_stops_before_embedding(tmp_path, small_src, t
 
 
 @pytest.mark.parametrize("override, message", [
-    ("embedder=dinov2", "DINOv2 .* not found at .*dinov2"),
+    ("embedder=dinov2", "DINOv2 .* not found at .*dinov2.* given as embedder.path "),
     ("vae=hunyuan", "HunyuanVideo VAE not found at .*vae.pt"),
     ("text=paris", "T5"),
 ])
