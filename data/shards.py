@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
@@ -346,11 +347,13 @@ def read_index(shards_dir: str | Path) -> pa.Table:
 
 def index_digests(shards_dir: str | Path, shards: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
     """``{shard: {key: sha256}}`` from the index (only ``shards`` when given; samples without a hash left out)."""
-    wanted = None if shards is None else set(shards)
-    index = read_index(shards_dir).select(["shard", "key", HASH_COLUMN]).to_pydict()
+    table = read_index(shards_dir).select(["shard", "key", HASH_COLUMN])
+    if shards is not None:  # filter in Arrow: a worker converts only its own shards' rows to Python
+        table = table.filter(pc.is_in(table["shard"], value_set=pa.array(sorted(set(shards)), pa.string())))
+    index = table.to_pydict()
     out: dict[str, dict[str, str]] = {}
     for shard, key, digest in zip(index["shard"], index["key"], index[HASH_COLUMN]):
-        if digest and (wanted is None or shard in wanted):
+        if digest:
             out.setdefault(shard, {})[key] = digest
     return out
 
