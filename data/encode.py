@@ -42,10 +42,10 @@ from tqdm import tqdm
 from data.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
                          shard_relpath, write_index, write_shard)
 from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from ddm.checkpoint import atomic_path
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
-from ddm.checkpoint import atomic_path
 from ddm.video_io import read_video, resize_center_crop
 
 log = logging.getLogger(__name__)
