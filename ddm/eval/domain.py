@@ -317,10 +317,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--resolution", type=int, default=DomainConfig.resolution)
     ap.add_argument("--num-clips", type=int, default=DomainConfig.num_clips)
     ap.add_argument("--epochs", type=int, default=DomainConfig.epochs)
+    ap.add_argument("--families", type=int, default=len(DomainConfig.families),
+                    help="the first N of the generator's scene families (data.synthetic --families)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    if not 1 <= args.families <= len(DomainConfig.families):
+        ap.error(f"--families must be in 1..{len(DomainConfig.families)}")
     config = DomainConfig(num_frames=args.num_frames, resolution=args.resolution, num_clips=args.num_clips,
-                          epochs=args.epochs)
+                          epochs=args.epochs, families=DomainConfig.families[: args.families])
     load_or_build(args.out, config)
     _, meta = DomainBackbone.load(args.out)
     print(f"{DOMAIN_LABEL}: {args.out} (held-out accuracy {meta.get('val_accuracy')})")
