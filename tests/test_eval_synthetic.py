@@ -41,6 +41,7 @@ def setup(tmp_path_factory, tiny_text_dir):
     return root, main(args)
 
 
+@pytest.mark.slow  # ~20 s: three real runs through ddm.evaluate's CLI
 def test_groundtruth_and_domain_fvd_for_every_run(setup):
     root, record = setup
     frames, size = STAGES["stage2"][1], STAGES["stage2"][0]
