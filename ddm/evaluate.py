@@ -533,17 +533,17 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
         raise ValueError("the prompt set is empty: there is nothing to evaluate")
     check_metric_names(metrics)
     _check_backbones(metrics, backbones, fvd_wanted=real_videos is not None)
-    _check_synthetic(metrics, prompts, reference, domain_backbone)
+    if reference is not None or any(m.startswith("gt_") or m == "domain_fvd" for m in metrics):
+        from ddm.eval.reference import check_synthetic_request
+
+        check_synthetic_request(metrics, prompts, reference, domain_backbone,
+                                num_videos if num_videos is not None else len(prompts))
     names = [m.name for m in models]
     if not models or len(set(names)) != len(names):
         raise ValueError(f"give each --model a distinct NAME, got {names}")
     n = num_videos if num_videos is not None else len(prompts)
     if n < 1:
         raise ValueError(f"--num-videos must be >= 1, got {n}")
-    if "domain_fvd" in metrics and reference is not None and len(reference.rows) < 2 * n:
-        raise ValueError(f"the domain FVD with its floor needs 2N = {2 * n} reference clips (two disjoint real sets "
-                         f"of N = {n}), but {reference.root} has {len(reference.rows)}: write more with "
-                         f"python -m data.synthetic --num-videos {2 * n}")
     clip_settings = ClipSettings()
     fvd_on = "fvd" in metrics and real_videos is not None
     notes: list[str] = []
@@ -591,7 +591,11 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
                              "--num-frames 17")
     baseline = _resolve_baseline(baseline, runs)
 
-    synthetic = _SyntheticMetrics(metrics, reference, domain_backbone, runs, notes) if reference else None
+    synthetic = None
+    if reference is not None:
+        from ddm.eval.reference import SyntheticMetrics
+
+        synthetic = SyntheticMetrics(metrics, reference, domain_backbone, runs[0]["videos"], notes)
     run_paths = {r["name"]: r.pop("_paths") for r in runs}
     for r in runs:
         paths = run_paths[r["name"]]
@@ -599,7 +603,7 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
                                   frame_stride=frame_stride, motion_resolution=motion_resolution,
                                   batch_size=batch_size, progress=progress, name=r["name"])
         if synthetic is not None:
-            results.update(synthetic.run_metrics(paths, video_prompts, r["name"]))
+            results.update(synthetic.run_metrics(load_run_videos(paths), video_prompts, r["name"]))
         r["metrics"] = {k: v.to_dict() for k, v in results.items()}
         for v in results.values():
             log.info("%s: %s", r["name"], v)
@@ -624,7 +628,7 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
         rows = min(contact_sheet_rows, n)
         sheet = write_contact_sheet(
             out / "contact_sheet.png", video_prompts[:rows],
-            {"real": synthetic.real_for_prompts(video_prompts[:rows], runs[0]["videos"]),
+            {"real": synthetic.real_for_prompts(video_prompts[:rows]),
              **{r["name"]: load_run_videos(run_paths[r["name"]][:rows]) for r in runs}})
         log.info("wrote %s", sheet)
     return record
@@ -643,76 +647,6 @@ def trained_frames(spec: ModelSpec, stage: str | None) -> int | None:
         return None
     geometry = index.stages.get(name) or index.stages.get(canonical_stage(name, index.stages) or "")
     return geometry.num_frames if geometry is not None else None
-
-
-def _check_synthetic(metrics: Sequence[str], prompts: Sequence[str], reference: Any,
-                     domain_backbone: str | Path | None) -> None:
-    """The synthetic metrics need their reference set, and its prompts must be generator captions."""
-    from ddm.eval.reference import DOMAIN_METRIC, GT_METRICS
-
-    wanted = [m for m in metrics if m in GT_METRICS or m == DOMAIN_METRIC]
-    if wanted and reference is None:
-        raise ValueError(f"metrics {wanted} need --groundtruth DIR (a data.synthetic folder of a held-out seed)")
-    if DOMAIN_METRIC in metrics and domain_backbone is None:
-        raise ValueError(f"the {DOMAIN_METRIC} metric needs --domain-backbone PATH (built there when missing)")
-    if wanted:
-        from ddm.eval.groundtruth import attributes_of
-
-        for p in prompts:
-            try:
-                attributes_of(p)
-            except ValueError as e:
-                raise ValueError(f"the ground-truth metrics score synthetic-generator captions only: {e}") from e
-
-
-class _SyntheticMetrics:
-    """The ground-truth and domain-FVD metrics of every run against one reference set (real stats made once)."""
-
-    def __init__(self, metrics: Sequence[str], reference: Any, domain_backbone: str | Path | None,
-                 runs: Sequence[dict[str, Any]], notes: list[str]):
-        from ddm.eval.reference import DOMAIN_METRIC, DomainReference, GT_METRICS
-
-        self.reference, self.gt_keys = reference, [m for m in metrics if m in GT_METRICS]
-        v = runs[0]["videos"]
-        self.domain = None
-        if DOMAIN_METRIC in metrics:
-            from ddm.eval.domain import DomainBackbone, DomainConfig, load_or_build
-
-            path = Path(domain_backbone)
-            backbone = (DomainBackbone.load(path)[0] if path.is_file() else
-                        load_or_build(path, DomainConfig(num_frames=v["frames"], families=tuple(reference.families))))
-            self.domain = DomainReference(backbone, reference, v["n"], v["frames"], v["height"], v["width"])
-            notes.append(f"Domain FVD real sets: reference clips 0..{v['n'] - 1} (compared with every run) and "
-                         f"{v['n']}..{2 * v['n'] - 1} (the floor) of {reference.root}; backbone {path}.")
-        if self.gt_keys:
-            notes.append(f"Ground truth: each video scored against its prompt; vocabulary = the families of "
-                         f"{reference.root} ({', '.join(reference.families)}).")
-
-    def run_metrics(self, paths: Sequence[Path], prompts: Sequence[str], name: str) -> dict[str, MetricResult]:
-        """The synthetic metrics of one run's videos."""
-        from ddm.eval.reference import groundtruth_metrics
-
-        videos = load_run_videos(paths)
-        out: dict[str, MetricResult] = {}
-        try:
-            if self.gt_keys:
-                gt = groundtruth_metrics(videos, prompts, self.reference.families)
-                out.update({k: gt[k] for k in self.gt_keys if k in gt})
-            if self.domain is not None:
-                out["domain_fvd"] = self.domain.fvd(videos)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from e
-        return out
-
-    def real_for_prompts(self, prompts: Sequence[str], videos: dict[str, Any]) -> list[np.ndarray | None]:
-        """The reference clip with each prompt's caption (None when the reference has none), at the run size."""
-        index = {r["text"]: i for i, r in reversed(list(enumerate(self.reference.rows)))}
-        out: list[np.ndarray | None] = []
-        for p in prompts:
-            i = index.get(p)
-            out.append(None if i is None else
-                       self.reference.real_videos([i], videos["frames"], videos["height"], videos["width"])[0])
-        return out
 
 
 def _check_backbones(metrics: Sequence[str], backbones: Backbones, *, fvd_wanted: bool) -> None:

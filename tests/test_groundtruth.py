@@ -1,8 +1,8 @@
 """Validity of the ground-truth evaluator (ddm.eval.groundtruth) on the generator's own clips.
 
 Held-out real clips come from a seed no test or demo trains on, written to mp4 and decoded like the
-data pipeline does (64 px → resized to the demo's 16 / 24 px, and 40 px). The evaluator must read ≥ 95% of every
-attribute it claims to measure; on pure noise and on shuffled prompts it must score within a few
+data pipeline does (64 px, resized to the demo's 16 / 24 px and to 40 px). The evaluator must read ≥ 95%
+of every attribute it claims to measure; on pure noise and on shuffled prompts it must score within a few
 standard errors of chance — so a high score can only come from a video that shows what was asked.
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def test_noise_and_shuffled_prompts_score_near_chance(real_clips):
     for attr, key in truth.items():
         acc, _, n = res.accuracy[attr]
         baseline = float(np.mean([key(a) == key(b) for a, b in zip(asked, shuffled)]))
-        assert abs(acc - baseline) <= _tolerance(max(baseline, 0.02), n), f"shuffled {attr}: {acc:.3f} vs {baseline:.3f}"
+        assert abs(acc - baseline) <= _tolerance(max(baseline, 0.02), n), f"shuffled {attr}: {acc:.3f} vs " \
+            f"{baseline:.3f}"
         # and that baseline is itself near chance, nowhere near the real-prompt accuracy
         assert acc < 0.5, f"shuffled {attr}: {acc:.3f}"
 

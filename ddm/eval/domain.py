@@ -209,7 +209,8 @@ def _real_clips(folder: Path, config: DomainConfig, n: int, seed: int) -> tuple[
     return [read_video(folder / r["path"])[0] for r in rows], rows
 
 
-def build_domain_backbone(config: DomainConfig = DomainConfig(), *, val_clips: int = 120) -> tuple[DomainBackbone, dict]:
+def build_domain_backbone(config: DomainConfig = DomainConfig(), *,
+                          val_clips: int = 120) -> tuple[DomainBackbone, dict]:
     """Train a domain backbone on ``config.num_clips`` real generator clips (seed ``config.seed``).
 
     Returns the model (eval mode) and a report: held-out accuracy per attribute on ``val_clips`` clips

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,7 +27,8 @@ from ddm.eval.groundtruth import (EVALUATOR_LABEL, Attributes, GroundTruthEvalua
                                   evaluate_videos, families_in, read_manifest)
 from ddm.eval.stats import MetricResult
 
-__all__ = ["GT_METRICS", "DOMAIN_METRIC", "SyntheticReference", "groundtruth_metrics", "DomainReference"]
+__all__ = ["GT_METRICS", "DOMAIN_METRIC", "SyntheticReference", "groundtruth_metrics", "DomainReference",
+           "check_synthetic_request", "SyntheticMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +132,77 @@ class DomainReference:
         result = domain_fvd(videos, self.real, self.backbone, floor_real=self.second)
         result.details["n_floor"] = self.second.n
         return result
+
+
+def check_synthetic_request(metrics: Sequence[str], prompts: Sequence[str], reference: SyntheticReference | None,
+                            domain_backbone: str | Path | None, num_videos: int) -> None:
+    """ValueError, before anything is generated, when the synthetic metrics cannot be computed: no reference
+    set, no backbone path for the domain FVD, fewer than 2N reference clips, or a prompt that is not a
+    generator caption."""
+    wanted = [m for m in metrics if m in GT_METRICS or m == DOMAIN_METRIC]
+    if wanted and reference is None:
+        raise ValueError(f"metrics {wanted} need --groundtruth DIR (a data.synthetic folder of a held-out seed)")
+    if DOMAIN_METRIC in metrics:
+        if domain_backbone is None:
+            raise ValueError(f"the {DOMAIN_METRIC} metric needs --domain-backbone PATH (built there when missing)")
+        assert reference is not None
+        if len(reference.rows) < 2 * num_videos:
+            raise ValueError(f"the domain FVD with its floor needs 2N = {2 * num_videos} reference clips (two "
+                             f"disjoint real sets of N = {num_videos}), but {reference.root} has "
+                             f"{len(reference.rows)}: write more with python -m data.synthetic --num-videos "
+                             f"{2 * num_videos}")
+    if wanted:
+        for p in prompts:
+            try:
+                attributes_of(p)
+            except ValueError as e:
+                raise ValueError(f"the ground-truth metrics score synthetic-generator captions only: {e}") from e
+
+
+class SyntheticMetrics:
+    """The ground-truth and domain-FVD metrics of every run of an evaluation against one reference set.
+
+    ``video_shape``: the runs' ``{"n", "frames", "height", "width"}``. The domain backbone is loaded from
+    ``domain_backbone`` (or built there for these frames and families when missing) and the real sets'
+    statistics are computed once. ``notes`` receives what the report should say about the sets.
+    """
+
+    def __init__(self, metrics: Sequence[str], reference: SyntheticReference, domain_backbone: str | Path | None,
+                 video_shape: Mapping[str, int], notes: list[str]):
+        self.reference, self.shape = reference, dict(video_shape)
+        self.gt_keys = [m for m in metrics if m in GT_METRICS]
+        self.domain: DomainReference | None = None
+        n, frames = self.shape["n"], self.shape["frames"]
+        if DOMAIN_METRIC in metrics:
+            from ddm.eval.domain import DomainBackbone, DomainConfig, load_or_build
+
+            if domain_backbone is None:
+                raise ValueError(f"the {DOMAIN_METRIC} metric needs a domain backbone path")
+            path = Path(domain_backbone)
+            backbone = (DomainBackbone.load(path)[0] if path.is_file() else
+                        load_or_build(path, DomainConfig(num_frames=frames, families=tuple(reference.families))))
+            self.domain = DomainReference(backbone, reference, n, frames, self.shape["height"], self.shape["width"])
+            notes.append(f"Domain FVD real sets: reference clips 0..{n - 1} (compared with every run) and "
+                         f"{n}..{2 * n - 1} (the floor) of {reference.root}; backbone {path}.")
+        if self.gt_keys:
+            notes.append(f"Ground truth: each video scored against its prompt; vocabulary = the families of "
+                         f"{reference.root} ({', '.join(reference.families)}).")
+
+    def run_metrics(self, videos: Sequence[np.ndarray], prompts: Sequence[str], name: str) -> dict[str, MetricResult]:
+        """The synthetic metrics of one run's videos (``prompts[i]`` asked for ``videos[i]``)."""
+        out: dict[str, MetricResult] = {}
+        try:
+            if self.gt_keys:
+                gt = groundtruth_metrics(videos, prompts, self.reference.families)
+                out.update({k: gt[k] for k in self.gt_keys if k in gt})
+            if self.domain is not None:
+                out[DOMAIN_METRIC] = self.domain.fvd(videos)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+        return out
+
+    def real_for_prompts(self, prompts: Sequence[str]) -> list[np.ndarray | None]:
+        """The reference clip with each prompt's caption (None when it has none), at the runs' size."""
+        index = {r["text"]: i for i, r in reversed(list(enumerate(self.reference.rows)))}
+        return [None if p not in index else self.reference.real_videos(
+            [index[p]], self.shape["frames"], self.shape["height"], self.shape["width"])[0] for p in prompts]

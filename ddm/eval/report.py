@@ -30,8 +30,8 @@ import numpy as np
 from ddm.checkpoint import atomic_write
 from ddm.eval.stats import TINY_LABEL, mean_and_stderr
 
-__all__ = ["METRICS", "CLASSIC_METRICS", "MetricInfo", "EVAL_FORMAT", "relative_improvement", "paired_difference", "compare_runs",
-           "render_markdown", "plot_relative_improvement", "plot_router_weights", "plot_expert_usage",
+__all__ = ["METRICS", "CLASSIC_METRICS", "MetricInfo", "EVAL_FORMAT", "relative_improvement", "paired_difference",
+           "compare_runs", "render_markdown", "plot_relative_improvement", "plot_router_weights", "plot_expert_usage",
            "write_report"]
 
 EVAL_FORMAT = "ddm-eval-v1"
