@@ -110,8 +110,8 @@ eval_frames=$(python -c "import sys; from pathlib import Path; from ddm.evaluate
 print(trained_frames(ModelSpec('ddm', Path(sys.argv[1])), sys.argv[2]) or 9)" "$models/ddm" "$eval_stage")
 n_families=$(python -c "import sys; from ddm.eval.groundtruth import families_in, read_manifest
 print(len(families_in(read_manifest(sys.argv[1]))))" "$demo/raw")  # the training set's scene families
-# The domain backbone (a small video CNN trained on real clips of its own seed) trains on the idle core while
-# the videos are generated; a held-out generator set (seed 1, never trained on) gives prompts and real clips.
+# The domain backbone (a small video CNN trained on real clips of its own seed) trains while the videos are
+# generated; a held-out generator set (seed 1, never trained on) gives the prompts and the real clips.
 domain_bb="$demo/eval_backbones/domain_backbone_${profile}_f${eval_frames}.safetensors"
 bb_pid=""
 if [ ! -f "$domain_bb" ]; then
@@ -125,17 +125,23 @@ if [ ! -f "$demo/heldout_n$eval_n/.complete" ]; then
     >"$logs/heldout.log" 2>&1
   touch "$demo/heldout_n$eval_n/.complete"
 fi
-evaluate=(python -m ddm.evaluate --model "ddm=$models/ddm:top1,top2,full" --model "monolith=$models/monolith"
-          --baseline monolith --groundtruth "$demo/heldout_n$eval_n" --num-videos "$eval_n" --stage "$eval_stage"
+evaluate=(python -m ddm.evaluate --groundtruth "$demo/heldout_n$eval_n" --num-videos "$eval_n" --stage "$eval_stage"
           --batch-size 25 --no-progress --out "$demo/eval")
-"${evaluate[@]}" --metrics groundtruth,motion >"$logs/evaluate.log" 2>&1 \
-  || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
+# Generation, split over the two cores (each run has its own video folder, so the two never collide):
+# DDM top-1 + top-2 in the background, DDM full + the monolith here (about equal work).
+"${evaluate[@]}" --model "ddm=$models/ddm:top1,top2" --baseline ddm/top1 --metrics groundtruth \
+  --contact-sheet-rows 0 >"$logs/evaluate_gen_a.log" 2>&1 & gen_pid=$!
+"${evaluate[@]}" --model "ddm=$models/ddm:full" --model "monolith=$models/monolith" --baseline monolith \
+  --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_b.log" 2>&1 \
+  || { tail -n 30 "$logs/evaluate_gen_b.log" >&2; exit 1; }
+wait "$gen_pid" || { tail -n 30 "$logs/evaluate_gen_a.log" >&2; exit 1; }
 if [ -n "$bb_pid" ]; then
   wait "$bb_pid" || { echo "  domain backbone FAILED:" >&2; tail -n 20 "$logs/domain_backbone.log" >&2; exit 1; }
 fi
-# second pass: every video is reused; adds the domain FVD (with its real-vs-real floor) to the same table
-"${evaluate[@]}" --metrics groundtruth,motion,domain_fvd --domain-backbone "$domain_bb" \
-  >>"$logs/evaluate.log" 2>&1 || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
+# The table: every video is reused; ground truth, motion and the domain FVD (with its real-vs-real floor).
+"${evaluate[@]}" --model "ddm=$models/ddm:top1,top2,full" --model "monolith=$models/monolith" --baseline monolith \
+  --metrics groundtruth,motion,domain_fvd --domain-backbone "$domain_bb" >"$logs/evaluate.log" 2>&1 \
+  || { tail -n 30 "$logs/evaluate.log" >&2; exit 1; }
 
 step "done in $(( $(date +%s) - start )) s — results (ground truth measured on each video; N=$eval_n per run)"
 awk '/^\|/{p=1} p&&!/^\|/{exit} p' "$demo/eval/report.md"

@@ -320,8 +320,11 @@ class GroundTruthEvaluator:
         ``None`` means not measured: ``shape`` always (not resolvable at these sizes), ``motion`` and
         ``speed`` for a still prompt or a single-frame video.
         """
-        m = self.measure(frames, n_colours=len(asked.colours))
-        moving = asked.motion is not None and to_frames(frames) >= 2  # no centroid track: counted wrong
+        from ddm.eval.videos import to_uint8_video
+
+        video = to_uint8_video(frames)
+        m = self.measure(video, n_colours=len(asked.colours))
+        moving = asked.motion is not None and len(video) >= 2  # no foreground to track: counted wrong
         return {
             "family": m.family == asked.family,
             "background": m.background == asked.background,
@@ -339,14 +342,6 @@ class GroundTruthEvaluator:
                 "colour": 1 / comb(len(_COLOUR_NAMES), len(asked.colours)),
                 "motion": 1 / len(MOTIONS) if moving else None, "speed": 1 / len(SPEEDS) if moving else None,
                 "shape": None}
-
-
-def to_frames(frames: Any) -> int:
-    """Number of frames of a video in any accepted form (uint8 (F,H,W,3) or float (3,F,H,W))."""
-    shape = getattr(frames, "shape", None)
-    if shape is None:
-        return len(frames)
-    return int(shape[0]) if len(shape) == 4 and shape[-1] == 3 else int(shape[1])
 
 
 # ------------------------------------------------------------------------------------------ aggregation
