@@ -60,6 +60,8 @@ def test_router_matches_the_closed_form_posterior(tmp_path):
     write_gmm_shards(shards, gmm, 10000)
     cfg = compose_config("router", [
         "experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}",
+        # the text-blind router at the experts' logit-normal times (the tiny recipe's router reads text)
+        "use_text=false", "recipe.router.logit_mean=0.0", "recipe.router.logit_std=1.0",
         "+router_model.overrides.latent_channels=4", "+router_model.overrides.patch_size=[1,2,2]",
         "recipe.router.max_steps=1200", "recipe.router.batch_size=64", "recipe.router.lr=2e-3",
         "optim.schedule=cosine", "recipe.router.val_every_n_steps=100000", "checkpoint.every_n_steps=100000",
