@@ -172,6 +172,28 @@ def test_fsdp2_run_resumes_at_world_2_and_1_and_the_loss_curve_continues(tmp_pat
     for after in (mean(after2), mean(after1)):
         assert after < before + 0.5 * (start - before), (start, before, mean(after2), mean(after1))
 
+    # stage 3 starts weights-only from that export under FSDP2 x 2: the rows land in the shards
+    proc = run_cli("train.expert", [*args, "trainer.devices=2", "stage=stage3", "recipe.stage3.max_steps=0"])
+    assert "mode=init" in proc.stdout
+    from ddm.checkpoint import load_export, state_dict_sha256
+
+    stage3, _ = load_export(run.parent / "stage3" / "export")
+    assert state_dict_sha256(stage3) == state_dict_sha256(load_export(run / "export")[0])
+
+
+def test_lazy_export_reads_what_load_export_reads(tmp_path):
+    from ddm.checkpoint import load_export, save_export
+    from train.sharding import LazyExport
+
+    sd = MMDiT(get_expert_config("tiny")).state_dict()
+    save_export(sd, tmp_path / "e", {"kind": "expert"}, max_shard_bytes=20_000)
+    for path in (tmp_path / "e", tmp_path / "e" / "model", tmp_path / "e" / "master.safetensors"):
+        lazy, (full, _) = LazyExport(path), load_export(path)
+        assert sorted(lazy) == sorted(full) and len(lazy) == len(full)
+        assert all(torch.equal(lazy[k], v) for k, v in full.items())
+    with pytest.raises(FileNotFoundError, match="export not found"):
+        LazyExport(tmp_path / "nothing")
+
 
 def available_ram_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ddm.checkpoint import file_sha256, load_export, save_export
+from ddm.checkpoint import file_sha256, read_export_metadata, save_export
 from ddm.flow import latent_frames
 from ddm.models import budget as expert_budget_lib
 from ddm.models.presets import ExpertConfig, get_expert_config
@@ -293,7 +293,10 @@ def shape_mismatches(expected: dict[str, torch.Size], got: dict[str, torch.Tenso
 
 def load_init_weights(plan: StartPlan, net_factory) -> dict[str, torch.Tensor]:
     """Weights for a weights-only start; shapes are checked against a meta-device build first."""
-    sd, meta = load_export(plan.init_from)
+    from train.sharding import LazyExport
+
+    # read tensor by tensor: under FSDP2 each rank keeps only its rows (no full copy per rank)
+    sd, meta = LazyExport(plan.init_from), read_export_metadata(plan.init_from)
     with torch.device("meta"):
         net = net_factory()
     expected = {k: v.shape for k, v in net.state_dict().items()}

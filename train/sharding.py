@@ -17,7 +17,7 @@ FSDP2 shards dim 0 in ``torch.chunk`` order (rank r holds chunk r, possibly empt
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -97,3 +97,37 @@ def load_full_into_shards_(net: nn.Module, state_dict: Mapping[str, torch.Tensor
                          f"{unexpected[:5]}, shapes {shapes[:5]}")
     for name, p in params.items():
         _local(p).copy_(local_rows(state_dict[name].to(device=_local(p).device), p))
+
+
+class LazyExport(Mapping):
+    """An export's tensors read one at a time on access (safetensors, memory-mapped): a weights-only start
+    under FSDP2 then never holds more than one full tensor per rank. Accepts what ``ddm.checkpoint.load_export``
+    accepts (an export folder, a ``.safetensors`` file, a sharded ``model/`` folder or its index)."""
+
+    def __init__(self, path) -> None:
+        from ddm.checkpoint import _read_index, _resolve_export
+
+        kind, file = _resolve_export(path)
+        if kind == "file":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                self._files = {k: file for k in f.keys()}
+        else:
+            self._files = {k: file.parent / v for k, v in sorted(_read_index(file)["weight_map"].items())}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._files:
+            raise KeyError(key)
+        with safe_open(str(self._files[key]), framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"{self._files[key]} does not hold {key}, which its index lists there")
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
