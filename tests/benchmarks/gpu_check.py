@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ddm import flow
+from ddm.conditioning import batch_frame_mask, i2v_condition
 from ddm.models import budget
 from ddm.models.context_parallel import apply_context_parallel, make_dp_cp_mesh
 from ddm.models.hunyuan_vae import HunyuanVAEConfig
@@ -197,16 +198,19 @@ def expert_batch(cfg: ExpertConfig, s: Sizes, batch: int, dtype: torch.dtype, se
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, dtype)
 
-    return {"x0": rnd(batch, cfg.latent_channels, tok["latent_frames"], side, side),
-            "t5": rnd(batch, s.text_tokens, cfg.context_in_dim), "clip": rnd(batch, cfg.vec_in_dim),
-            "tokens": tok}
+    x0 = rnd(batch, cfg.latent_channels, tok["latent_frames"], side, side)
+    cond = {"t5": rnd(batch, s.text_tokens, cfg.context_in_dim), "clip": rnd(batch, cfg.vec_in_dim)}
+    if cfg.cond_embed:  # first-frame i2v, as the training mixture gives (and ZeRO-3 needs cond_in called)
+        mask = batch_frame_mask(["first_frame"] * batch, tok["latent_frames"]).to(dev)
+        cond["i2v"] = i2v_condition(x0, mask).to(dtype)
+    return {"x0": x0, "cond": cond, "tokens": tok}
 
 
 def flow_loss(model: torch.nn.Module, b: dict) -> torch.Tensor:
     x0 = b["x0"]
     t = torch.rand(x0.shape[0], device=x0.device)
     noise = torch.randn_like(x0)
-    v = model(flow.interpolate(x0, noise, t.to(x0.dtype)), t, {"t5": b["t5"], "clip": b["clip"]})
+    v = model(flow.interpolate(x0, noise, t.to(x0.dtype)), t, b["cond"])
     return ((v.float() - flow.velocity_target(x0, noise).float()) ** 2).mean()
 
 
@@ -224,7 +228,7 @@ def build_expert(cfg: ExpertConfig, dtype: torch.dtype, seed: int = 0) -> MMDiT:
 
 def train_flops(cfg: ExpertConfig, b: dict) -> float:
     tok = b["tokens"]
-    return 3 * budget.forward_flops(cfg, tok["image_tokens"], tok["text_tokens"], with_i2v=False)["total"] \
+    return 3 * budget.forward_flops(cfg, tok["image_tokens"], tok["text_tokens"])["total"] \
         * b["x0"].shape[0]
 
 
@@ -317,9 +321,7 @@ def section_b(report: Report, s: Sizes, args) -> None:
     loss.backward()
     sync()
     seconds = time.perf_counter() - start
-    # cond_in gets no gradient without an i2v input (t2v adds only its bias... which it does get)
-    bad = [n for n, p in model.named_parameters() if (p.grad is None and not n.startswith("cond_in.weight"))
-           or (p.grad is not None and not bool(torch.isfinite(p.grad).all()))]
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not bool(torch.isfinite(p.grad).all())]
     if bad:
         report.fail("b", f"{len(bad)} gradients missing or not finite, e.g. {bad[:3]}")
     if finite(report, "b", "loss", loss.detach()):
@@ -339,7 +341,7 @@ def section_c(report: Report, s: Sizes, args) -> None:
     rcfg = get_router_config(s.router, num_experts=num, latent_channels=cfg.latent_channels)
     router = Router(rcfg).to(device(), torch.bfloat16).eval()
     b = expert_batch(cfg, s, num, torch.bfloat16, seed=1)
-    x, t, cond = b["x0"], torch.full((num,), 0.5, device=device()), {"t5": b["t5"], "clip": b["clip"]}
+    x, t, cond = b["x0"], torch.full((num,), 0.5, device=device()), b["cond"]
     offset = torch.eye(num, device=device()) * 1e4  # one sample per expert, whatever the random router says
 
     def routed_router(xx, tt, cc):
