@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,20 +69,22 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``writer(tmp_path)``, then move it into place atomically.
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; when the block succeeds it is fsynced, given the usual
+    permissions and moved into place (``os.replace``), else removed and ``path`` left untouched.
 
-    ``writer`` writes the whole file at the temporary path it is given (same folder, so the final
-    ``os.replace`` is a rename on one file system). If ``writer`` raises, the temporary file is
-    removed and an existing file at ``path`` is left untouched.
+    The context-manager form of :func:`atomic_write`, for writers that stream into the file over many
+    calls (shard tars, videos).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # ".tmp" then the target's own suffix: writers that pick the format from the name (cv2, PIL) still can.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions (team-readable)
@@ -90,7 +93,18 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``writer(tmp_path)``, then move it into place atomically.
+
+    ``writer`` writes the whole file at the temporary path it is given (same folder, so the final
+    ``os.replace`` is a rename on one file system). If ``writer`` raises, the temporary file is
+    removed and an existing file at ``path`` is left untouched.
+    """
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:

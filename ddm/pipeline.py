@@ -43,8 +43,10 @@ from tqdm.auto import tqdm
 
 from ddm.assets import require_path
 from ddm.checkpoint import (INDEX_FILE, MASTER_FILE, SHARD_DIR, atomic_save_torch, atomic_write,
-                            build_model_from_export, load_export, read_export_metadata, save_export)
+                            save_export)
 from ddm.flow import video_shift_alpha
+from ddm.interop import (build_checkpoint_model, is_checkpoint_dir, load_checkpoint, load_vae_diffusers,
+                         read_checkpoint_metadata)
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
 from ddm.models.vae import PixelVAE, build_vae, load_vae
 from ddm.sampler import ExpertPlacement, RoutingTrace, sample
@@ -210,8 +212,10 @@ _RESOLUTION_NAME = re.compile(r"^(\d+)(?:x(\d+))?(?:px|p)?$", re.IGNORECASE)
 
 
 def is_export_dir(path: Path) -> bool:
-    """True when ``path`` holds a checkpoint: ``master.safetensors`` or a sharded ``model/`` index."""
-    return (path / MASTER_FILE).is_file() or (path / SHARD_DIR / INDEX_FILE).is_file() or (path / INDEX_FILE).is_file()
+    """True when ``path`` holds a checkpoint: ``master.safetensors``, a sharded ``model/`` index, or a diffusers /
+    Hugging Face folder (``config.json`` + ``diffusion_pytorch_model*.safetensors`` or ``*model.safetensors``)."""
+    return (path / MASTER_FILE).is_file() or (path / SHARD_DIR / INDEX_FILE).is_file() or \
+        (path / INDEX_FILE).is_file() or is_checkpoint_dir(path)
 
 
 def stage_order(name: str) -> tuple[int, str]:
@@ -253,7 +257,7 @@ class FolderLayout:
 def _stage_of_export(path: Path, stages: Mapping[str, StageGeometry], fallback: str | None) -> str:
     name = canonical_stage(path.name, stages)
     if name is None:
-        name = read_export_metadata(path).get("stage") or fallback
+        name = read_checkpoint_metadata(path).get("stage") or fallback
     if not name:
         raise ValueError(f"cannot tell which stage '{path}' holds: its name is not like stage2/s2/256px and its "
                          "metadata has no 'stage'")
@@ -308,11 +312,19 @@ def scan_model_folder(folder: str | Path, index: ModelIndex) -> FolderLayout:
     else:
         expert_dirs = _discover_experts(root)
     if not expert_dirs:
-        raise FileNotFoundError(f"'{root}' holds no expert folders (expected expert1/ … expertK/)")
+        raise FileNotFoundError(f"'{root}' holds no expert folders (expected expert1/ … expertK/ or Paris 1.0's "
+                                f"expert_0/ … expert_{{K-1}}/); {_found(root)}")
     ids = sorted(expert_dirs)
+    if ids and ids[0] == 0 and index.experts is None:  # Paris 1.0 numbers its folders from 0: expert_0 is expert 1
+        expert_dirs = {k + 1: p for k, p in expert_dirs.items()}
+        ids = sorted(expert_dirs)
+        log.info("'%s': expert folders are numbered from 0 (%s): read as experts 1..%d", root,
+                 ", ".join(p.name for p in expert_dirs.values()), len(ids))
     if ids != list(range(1, len(ids) + 1)):
         missing = sorted(set(range(1, max(ids) + 1)) - set(ids))
-        raise ValueError(f"'{root}': expert ids must be 1..K, found {ids} (missing expert {missing})")
+        raise ValueError(f"'{root}': expert ids must be consecutive (1..K, or 0..K-1 for Paris 1.0 folders), found "
+                         f"{', '.join(p.name for p in expert_dirs.values())} (missing expert {missing}); "
+                         f"{_found(root)}")
     if index.num_experts is not None and index.num_experts != len(ids):
         raise ValueError(f"{MODEL_INDEX} says num_experts={index.num_experts} but '{root}' holds {len(ids)} "
                          f"expert folder(s): {', '.join(p.name for p in expert_dirs.values())}")
@@ -320,9 +332,17 @@ def scan_model_folder(folder: str | Path, index: ModelIndex) -> FolderLayout:
     for k, path in expert_dirs.items():
         experts[k] = _stage_dirs(path, index.stages, index.default_stage, f"expert {k}")
         if not experts[k]:
-            raise FileNotFoundError(f"expert {k} folder '{path}' holds no checkpoint (master.safetensors or "
-                                    f"{SHARD_DIR}/{INDEX_FILE}), directly or in a stage folder")
+            raise FileNotFoundError(f"expert {k} folder '{path}' holds no checkpoint (master.safetensors, "
+                                    f"{SHARD_DIR}/{INDEX_FILE}, or diffusers' config.json + "
+                                    f"diffusion_pytorch_model*.safetensors), directly or in a stage folder; "
+                                    f"{_found(path)}")
     return FolderLayout(root, experts, _find_routers(root, index))
+
+
+def _found(root: Path) -> str:
+    """What a folder holds, for error messages: its entries, each folder marked with a trailing slash."""
+    entries = sorted(f"{p.name}/" if p.is_dir() else p.name for p in root.iterdir()) if root.is_dir() else []
+    return f"found: {', '.join(entries) or 'nothing'}"
 
 
 def _find_routers(root: Path, index: ModelIndex) -> dict[str | None, Path]:
@@ -355,7 +375,7 @@ def copy_export(src: str | Path, dst: str | Path, *, single_file: bool = True, s
     forms, keeping its metadata and shard size, and remove a form of an earlier write that was not requested
     (so ``dst`` never holds two different weights)."""
     if state_dict is None or metadata is None:
-        state_dict, metadata = load_export(src)
+        state_dict, metadata = load_checkpoint(src)
     dst = Path(dst)
     save_export(state_dict, dst, metadata, single_file=single_file, sharded=sharded,
                 max_shard_bytes=int(metadata.get("max_shard_bytes") or 2 * 1024**3))
@@ -530,11 +550,11 @@ class DDMPipeline:
         build_device = "cpu" if placement != "same" else device  # ExpertPlacement moves the others
         experts, metas = [], []
         for k, stages in tqdm(layout.experts.items(), desc="loading experts", disable=len(layout.experts) < 2):
-            meta = read_export_metadata(stages[stage])
+            meta = read_checkpoint_metadata(stages[stage])
             if meta.get("kind") not in (None, "expert"):
                 raise ValueError(f"'{stages[stage]}' holds a {meta.get('kind')!r} export, not an expert")
             log.info("expert %d: %s (%s)", k, stages[stage], meta.get("stage", stage))
-            experts.append(build_model_from_export(stages[stage], device=str(build_device), dtype=dtype))
+            experts.append(build_checkpoint_model(stages[stage], device=str(build_device), dtype=dtype))
             metas.append(meta)
         router, router_meta = cls._load_router(layout, stage, len(experts), str(device), dtype)
         geometry = index.stages.get(stage) or stage_geometry_from_metadata(metas[0], stage)
@@ -594,7 +614,7 @@ class DDMPipeline:
             other = sorted((s for s in routers if s is not None), key=stage_order)[-1]
             log.info("no %s router: using the %s router (routers are resolution-agnostic)", stage, other)
             path = routers[other]
-        meta = read_export_metadata(path)
+        meta = read_checkpoint_metadata(path)
         if meta.get("kind") != "router":
             raise ValueError(f"'{path}' holds a {meta.get('kind')!r} export, not a router")
         predicted = int(meta.get("num_experts") or (meta.get("config") or {}).get("num_experts") or 0)
@@ -603,7 +623,7 @@ class DDMPipeline:
                              f"(router '{path}')")
         log.info("router: %s", path)
         meta["_path"] = str(path)
-        return build_model_from_export(path, device=device, dtype=dtype), meta
+        return build_checkpoint_model(path, device=device, dtype=dtype), meta
 
     @staticmethod
     def _load_vae(root: Path, index: ModelIndex, expert_meta: Mapping[str, Any], device: torch.device,
@@ -614,6 +634,11 @@ class DDMPipeline:
             trained = (expert_meta.get("train_config") or {}).get("vae") or {}
             spec = dict(trained) if trained.get("type") in ("pixel", "hunyuan-tiny") and \
                 not (root / VAE_FILE).exists() else VAE_FILE
+            if spec == VAE_FILE and not (root / VAE_FILE).exists() and (root / "vae").is_dir():
+                spec = "vae"  # a diffusers-style vae/ folder (Paris 1.0's layout)
+        if isinstance(spec, str) and (root / spec).is_dir():  # a diffusers AutoencoderKLHunyuanVideo folder
+            log.info("VAE: %s (diffusers format)", root / spec)
+            return load_vae_diffusers(root / spec, device=device, dtype=vae_dtype)
         if isinstance(spec, str):
             log.info("VAE: %s", root / spec)
             return load_vae(require_path(root / spec, "vae"), device=device, dtype=vae_dtype)
@@ -653,7 +678,7 @@ class DDMPipeline:
         for stage, src in (self.layout.experts[1].items() if self.layout else ()):
             if stage not in stages:
                 stages[stage] = self.index.stages.get(stage) or \
-                    stage_geometry_from_metadata(read_export_metadata(src), stage)
+                    stage_geometry_from_metadata(read_checkpoint_metadata(src), stage)
         index = dataclasses.replace(
             self.index, num_experts=self.num_experts, experts=names, router=router_index,
             vae=self._save_vae(out), stages=dict(sorted(stages.items(), key=lambda kv: stage_order(kv[0]))),

@@ -125,7 +125,7 @@ def test_failed_write_never_replaces_a_good_file(tmp_path, monkeypatch):
         save_export(changed, tmp_path / "exp", METADATA)
     assert (tmp_path / "exp" / "master.safetensors").read_bytes() == good_master
     assert (tmp_path / "exp" / "model" / "model.safetensors.index.json").read_bytes() == good_index
-    assert not list((tmp_path / "exp").rglob("*.tmp"))
+    assert not list((tmp_path / "exp").rglob(".*.tmp*"))
     monkeypatch.undo()
     _assert_bit_identical(load_export(tmp_path / "exp")[0], sd)
 

@@ -158,7 +158,7 @@ def test_clear_errors_name_what_is_missing_or_inconsistent(model_folder, tmp_pat
     _expect(FileNotFoundError, "expert 4 'expert4'", named, load_text=False)
     _expect(ValueError, "num_experts=4 but .* holds 3", _variant(folder, tmp_path / "count", {"num_experts": 4}),
             load_text=False)
-    _expect(ValueError, "expert ids must be 1..K", _variant(folder, tmp_path / "gap", {"experts": None},
+    _expect(ValueError, "expert ids must be consecutive", _variant(folder, tmp_path / "gap", {"experts": None},
                                                            drop=("expert2",)), load_text=False)
     _expect(FileNotFoundError, "no Router", _variant(folder, tmp_path / "norouter", {"router": None},
                                                      drop=("Router",)), load_text=False)

@@ -207,11 +207,11 @@ def test_deepspeed_configs_are_built_for_gpus_and_refused_on_cpu(tiny_overrides)
     from train.run import build_strategy, deepspeed_config
 
     z3 = compose_config("expert", ["strategy=deepspeed_zero3", "trainer.precision=bf16-mixed"])
-    conf = deepspeed_config(z3)
+    conf = deepspeed_config(z3, 5)
     assert conf["zero_optimization"]["stage"] == 3 and conf["bf16"]["enabled"] is True
-    assert conf["train_micro_batch_size_per_gpu"] == z3.stage.batch_size
+    assert conf["train_micro_batch_size_per_gpu"] == 5  # the job's resolved batch (tests/test_scale_batch.py)
     assert conf["gradient_clipping"] == z3.optim.grad_clip
-    assert deepspeed_config(compose_config("expert", ["strategy=deepspeed_zero2"]))["zero_optimization"]["stage"] == 2
+    assert deepspeed_config(compose_config("expert", ["strategy=deepspeed_zero2"]), 1)["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="deepspeed needs GPUs.*strategy=fsdp"):
         build_strategy(compose_config("expert", [*tiny_overrides, "strategy=deepspeed_zero2"]))
 

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ddm.video_io import probe_video, read_video, write_gif, write_video
+from ddm.checkpoint import atomic_path
+from ddm.video_io import atomic_output, probe_video, read_video, write_gif, write_video
 
 
 def moving_square(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -142,3 +143,17 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_fractional_fps_survives(tmp_path):
     path = write_video(tmp_path / "ntsc.mp4", moving_square(6, 32, 32), fps=30000 / 1001)
     assert Fraction(probe_video(path)["fps"]).limit_denominator(1001) == Fraction(30000, 1001)
+
+
+def test_writers_use_the_one_atomic_write_helper_with_a_fresh_temp_file_per_write(tmp_path):
+    # ddm.video_io's atomic output is ddm.checkpoint's (fsync, usual permissions, unique temp name), so a
+    # second write of the same file while one is in progress never takes over the first one's temp file.
+    assert atomic_output is atomic_path
+    target = tmp_path / "a.gif"
+    with atomic_output(target) as first:
+        first.write_bytes(b"partial")
+        write_gif(target, moving_square(3, 32, 32), fps=10)
+        assert first.read_bytes() == b"partial"  # before: both writes shared '.a.tmp-<pid>.gif'
+        assert read_video(target)[0].shape == (3, 32, 32, 3)
+    assert target.read_bytes() == b"partial"  # the write that finished last wins, whole
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"

@@ -6,7 +6,8 @@
 * :class:`SignalHandler` — SLURM's ``USR1`` (sent ``--signal=USR1@<s>`` before the time limit) saves and
   requeues the job; ``SIGTERM`` saves and exits. The decision is synchronised across ranks so every
   rank saves at the same step; :attr:`SignalHandler.exit_code` is what the job exits with (``train.run``).
-* :class:`ThroughputMonitor` — samples/s, tokens/s, achieved TFLOP/s and MFU (peak FLOP/s from config).
+* :class:`ThroughputMonitor` — smoothed samples/s, tokens/s, TFLOP/s and MFU against the device's peak
+  after a warm-up, and every rank's peak memory.
 """
 from __future__ import annotations
 
@@ -172,39 +173,112 @@ class SignalHandler(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs samples/s, tokens/s, TFLOP/s and MFU over each logging window."""
+    """Samples/s, tokens/s, TFLOP/s and MFU, smoothed, after a warm-up; peak memory of every rank.
+
+    * The first ``skip_steps`` steps (compilation, allocator and data-loader warm-up) are not timed.
+    * Every ``log_every_n_steps`` steps the rates over the last ``window`` logging windows are logged
+      (total samples / total time, so one slow window does not dominate).
+    * MFU = achieved FLOP/s / (peak FLOP/s per device × devices). The peak is
+      ``trainer.peak_flops_per_device`` if set, else Lightning's ``get_available_flops`` for the device
+      and precision, else :attr:`PEAK_BF16_FLOPS` by device name; unknown (e.g. a CPU): MFU not logged.
+    * ``mem/peak_gib_rank<r>`` (and ``mem/peak_gib_max``): CUDA max-allocated on GPUs, the process's
+      RSS high-water mark on CPUs, gathered from every rank.
+    """
+
+    # Dense bf16 tensor-core peaks (FLOP/s) by a lower-case substring of the device name, for devices
+    # Lightning's table does not name (it misses e.g. a plain "NVIDIA H200").
+    PEAK_BF16_FLOPS = {"gb200": 2.5e15, "b200": 2.25e15, "h200": 989e12, "h100": 989e12, "h800": 989e12,
+                       "mi300x": 1307e12, "a100": 312e12, "l40s": 362e12}
 
     def __init__(self, flops_per_sample: float, tokens_per_sample: int, batch_size: int,
-                 peak_flops_per_device: float | None, log_every_n_steps: int) -> None:
+                 peak_flops_per_device: float | None, log_every_n_steps: int, skip_steps: int = 10,
+                 window: int = 5) -> None:
+        from collections import deque
+
         self.flops_per_sample = float(flops_per_sample)
         self.tokens_per_sample = int(tokens_per_sample)
         self.batch_size = int(batch_size)
         self.peak = float(peak_flops_per_device) if peak_flops_per_device else None
         self.every = max(1, int(log_every_n_steps))
+        self.skip_steps = max(0, int(skip_steps))
+        self._windows: deque[tuple[int, float]] = deque(maxlen=max(1, int(window)))
         self._t0: float | None = None
+        self._seen = 0
         self._steps = 0
 
+    @classmethod
+    def device_peak_flops(cls, device: torch.device, precision: str) -> float | None:
+        """Peak FLOP/s of one ``device`` at ``precision``: Lightning's table, then ours by name, else None."""
+        if device.type != "cuda":
+            return None
+        dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float16 if "16" in str(precision) \
+            else torch.float32
+        try:
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            found = get_available_flops(device, dtype)
+        except Exception:  # noqa: BLE001 - a missing table entry must not stop training
+            found = None
+        if found:
+            return float(found)
+        name = torch.cuda.get_device_name(device).lower()
+        for key, value in cls.PEAK_BF16_FLOPS.items():
+            if key in name and dtype in (torch.bfloat16, torch.float16):
+                return value
+        return None
+
+    @staticmethod
+    def peak_memory_bytes(device: torch.device) -> int:
+        """CUDA max-allocated bytes on a GPU; the RSS high-water mark of this process elsewhere."""
+        if device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(device))
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.peak is None:
+            self.peak = self.device_peak_flops(pl_module.device, str(trainer.precision))
+        log.info("throughput: first %d steps not timed; MFU %s", self.skip_steps,
+                 f"against {self.peak / 1e12:.0f} TFLOP/s per device" if self.peak else
+                 "not logged (device peak unknown: set trainer.peak_flops_per_device)")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:
+        if self._t0 is None and self._seen >= self.skip_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._seen += 1
+        if self._t0 is None:
+            return
         self._steps += 1
-        if self._steps < self.every or self._t0 is None:
+        if self._steps < self.every:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        dt = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        self._windows.append((self._steps, now - self._t0))
+        steps = sum(n for n, _ in self._windows)
+        seconds = sum(dt for _, dt in self._windows)
         world = trainer.world_size
-        samples_s = self._steps * self.batch_size * world / dt
+        samples_s = steps * self.batch_size * world / seconds
         flops_s = samples_s * self.flops_per_sample
         metrics = {
             "perf/samples_per_s": samples_s,
             "perf/tokens_per_s": samples_s * self.tokens_per_sample,
             "perf/tflops_per_s": flops_s / 1e12,
+            "perf/step_time_s": seconds / steps,
         }
         if self.peak:
             metrics["perf/mfu"] = flops_s / (self.peak * world)
+        # every rank's peak memory, gathered (a collective: every rank reaches it at the same step)
+        mine = torch.tensor([self.peak_memory_bytes(pl_module.device) / 2**30], dtype=torch.float64,
+                            device=pl_module.device)
+        peaks = trainer.strategy.all_gather(mine).reshape(-1).tolist()
+        metrics.update({f"mem/peak_gib_rank{r}": v for r, v in enumerate(peaks)})
+        metrics["mem/peak_gib_max"] = max(peaks)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
         self._t0, self._steps = time.perf_counter(), 0
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
+from train.run import lock_run_dir, plan_start, resolve_batch, run_job, save_resolved_config, setup_logging
 
 log = logging.getLogger("ddm.train")
 
@@ -41,17 +41,12 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     batch_size, max_steps = int(cfg.stage.batch_size), int(cfg.stage.max_steps)
     world = job.world_size(cfg)
 
-    if expert == "all" and cfg.compute_match:
-        ledger = job.compute_ledger(cfg, budget, world)
+    ledger = job.compute_ledger(cfg, budget, world) if expert == "all" and cfg.compute_match else None
+    # One resolved batch for Lightning, DeepSpeed's config and the ledger (train.run.resolve_batch).
+    resolved_batch, ledger = resolve_batch(batch_size, max_steps, world, ledger, by=str(cfg.compute_match_by))
+    batch_size, max_steps = resolved_batch.per_rank, resolved_batch.max_steps
+    if ledger is not None:
         print(ledger.table(), flush=True)
-        if cfg.compute_match_by == "batch":
-            batch_size = ledger.monolith_batch // world
-            if batch_size * world != ledger.monolith_batch:
-                batch_size += 1
-                log.info("monolith global batch %d is not divisible by %d ranks: using %d per rank",
-                         ledger.monolith_batch, world, batch_size)
-        else:
-            max_steps = ledger.monolith_steps
 
     if cfg.dry_run:
         print(job.dry_run_report(cfg, model_cfg, budget, geometry, run_dir, batch_size, max_steps, world), flush=True)

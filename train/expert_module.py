@@ -34,12 +34,28 @@ class ExpertModule(FlowMatchingModule):
         self.register_buffer("null_t5", null_t5.float(), persistent=False)
         self.register_buffer("null_clip", null_clip.float(), persistent=False)
 
+    meta_init = True  # under FSDP2: meta build, shard, then train.sharding.replay_init_
+
     def build_network(self) -> torch.nn.Module:
         return MMDiT(self.expert_cfg)
 
+    def zero_init_modules(self) -> tuple[str, ...]:
+        return ("cond_in",) if self.expert_cfg.cond_embed else ()
+
     def after_build(self) -> None:
         if self._init_state_dict is not None:
-            load_expert_state_dict(self.model, self._init_state_dict)
+            from train.sharding import is_sharded, load_full_into_shards_
+
+            if is_sharded(self.model):
+                from ddm.models.layouts import detect_layout
+
+                found = detect_layout(self._init_state_dict)
+                if found != self.model.layout:
+                    raise ValueError(f"init_from weights are in the {found!r} layout, the model in {self.model.layout!r}"
+                                     ": convert them with ddm.models.layouts.convert_state_dict first")
+                load_full_into_shards_(self.model, self._init_state_dict)
+            else:
+                load_expert_state_dict(self.model, self._init_state_dict)
             ema_copy_from(self.ema_model, self.model)
             self._init_state_dict = None
         if self.train_cfg.get("activation_checkpointing"):

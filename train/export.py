@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ddm.checkpoint import save_export
+from train.ema import cast_for_export
 
 log = logging.getLogger("ddm.train")
 
@@ -81,9 +82,9 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, weights: str = "ema",
     """Export the EMA (or raw) weights of a training checkpoint to ``out_dir``."""
     ckpt = load_training_checkpoint(ckpt_path)
     prefix = {"ema": "ema_model.", "model": "model."}[weights]
-    sd = _strip(ckpt["state_dict"], prefix)
     hp = ckpt.get("hyper_parameters", {})
     meta = dict(hp.get("export_metadata", {}))
+    sd = cast_for_export(_strip(ckpt["state_dict"], prefix), meta.get("export_dtype", "float32"))
     meta.update({"step": int(ckpt.get("global_step", 0)), "weights": weights, "source_checkpoint": str(ckpt_path)})
     meta.update(extra_metadata or {})
     save_export(sd, out_dir, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))

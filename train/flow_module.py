@@ -62,18 +62,45 @@ class FlowMatchingModule(L.LightningModule):
     def build_network(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    # Subclasses whose network train.sharding.replay_init_ can initialise set this: under FSDP2 they are
+    # built on the meta device, sharded, then initialised shard by shard (no full copy on any rank).
+    meta_init = False
+
+    def zero_init_modules(self) -> tuple[str, ...]:
+        """Modules the network's constructor zeroes after its default init (for replay_init_)."""
+        return ()
+
     def configure_model(self) -> None:
         if self.model is not None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fsdp2 = strategy is not None and type(strategy).__name__ == "ModelParallelStrategy"
+        if fsdp2 and self.meta_init:
+            self._build_sharded(strategy)
             return
         self.model = self.build_network()
         self.ema_model = make_ema_twin(self.model)
         self.after_build()
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
+        if fsdp2:
             self._fully_shard(strategy)
 
+    def _build_sharded(self, strategy) -> None:
+        """Meta build → fully_shard → allocate own shards → the single-process init values → EMA = model."""
+        from train.sharding import replay_init_
+
+        with torch.device("meta"):
+            self.model = self.build_network()
+            self.ema_model = make_ema_twin(self.model)
+        self._fully_shard(strategy)
+        device = strategy.root_device
+        self.model.to_empty(device=device)
+        self.ema_model.to_empty(device=device)
+        replay_init_(self.model, device, self.zero_init_modules())
+        ema_copy_from(self.ema_model, self.model)
+        self.after_build()
+
     def after_build(self) -> None:
-        """Hook: switches such as activation checkpointing or torch.compile."""
+        """Hook: weights-only start, switches such as activation checkpointing or torch.compile."""
 
     def _fully_shard(self, strategy) -> None:
         """FSDP2: shard every transformer block, then the rest, for both the model and its EMA twin."""
@@ -146,6 +173,12 @@ class FlowMatchingModule(L.LightningModule):
         self.nonfinite_steps = int(checkpoint.get("ddm_nonfinite_steps", 0))
 
     def load_initial_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Weights-only start: load into the model strictly and make the EMA twin equal to it."""
-        self.model.load_state_dict(state_dict, strict=True)
+        """Weights-only start: load into the model strictly (into its shards when sharded) and make the
+        EMA twin equal to it."""
+        from train.sharding import is_sharded, load_full_into_shards_
+
+        if is_sharded(self.model):
+            load_full_into_shards_(self.model, state_dict)
+        else:
+            self.model.load_state_dict(state_dict, strict=True)
         ema_copy_from(self.ema_model, self.model)

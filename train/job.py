@@ -111,18 +111,43 @@ def compute_ledger(cfg: DictConfig, budget: Budget, world: int) -> ComputeLedger
                           include_router=bool(cfg.compute_match_include_router))
 
 
+def _budget_strategy(cfg: DictConfig) -> str:
+    """The ``ddm.models.budget`` strategy name of ``cfg.strategy`` (auto = one device = ddp)."""
+    name = {"deepspeed": f"zero{cfg.strategy.get('stage', 2)}"}.get(cfg.strategy.name, cfg.strategy.name)
+    return "ddp" if name == "auto" else name
+
+
+def _budget_precision(precision: Any) -> str:
+    p = str(precision)
+    return {"32": "32-true", "16-mixed": "bf16-mixed", "bf16": "bf16-mixed"}.get(p, p) \
+        if p not in expert_budget_lib.PRECISIONS else p
+
+
 def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: Geometry, run_dir: Path,
                    batch_size: int, max_steps: int, world: int) -> str:
-    """What the job would do, computed on the meta device, with nothing allocated."""
+    """What the job would do, computed on the meta device, with nothing allocated: sizes, tokens, FLOPs and
+    the per-GPU memory breakdown (``ddm.models.budget.training_memory``) against ``trainer.gpu_memory_gb``,
+    with a warning naming the strategies that fit when the chosen one does not."""
     with torch.device("meta"):
         from ddm.models.mmdit import MMDiT
 
         built = sum(p.numel() for p in MMDiT(model_cfg).parameters())
-    strategy = {"deepspeed": f"zero{cfg.strategy.get('stage', 2)}"}.get(cfg.strategy.name, cfg.strategy.name)
-    strategy = "ddp" if strategy == "auto" else strategy
-    mem = expert_budget_lib.memory_per_gpu(built, strategy, world)
-    steps_per_epoch = int(cfg.data.samples_per_epoch) // batch_size
+    strategy = _budget_strategy(cfg)
+    precision = _budget_precision(cfg.trainer.precision)
+    if precision not in expert_budget_lib.PRECISIONS:
+        precision = "32-true"
+    checkpointing = bool(cfg.model.get("activation_checkpointing", False))
+    device_gib = float(cfg.trainer.get("gpu_memory_gb") or 80)
     gib = 1024 ** 3
+
+    def memory(strat: str, ckpt: bool) -> dict[str, int]:
+        return expert_budget_lib.training_memory(
+            model_cfg, strategy=strat, world_size=world, batch_size=batch_size, image_tokens=budget.image_tokens,
+            text_tokens=g.text_tokens, precision=precision, activation_checkpointing=ckpt)
+
+    on, off = memory(strategy, True), memory(strategy, False)
+    chosen = on if checkpointing else off
+    steps_per_epoch = int(cfg.data.samples_per_epoch) // batch_size
     lines = [
         f"dry run: {model_cfg.preset} ({model_cfg.layout} layout), stage {cfg.stage.name}",
         f"  parameters            {built:,} (meta-device build; analytic {budget.params:,})",
@@ -130,9 +155,34 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
         f"{g.latent_frames}x{g.latent_size}x{g.latent_size}",
         f"  tokens per sample     {budget.image_tokens:,} image + {g.text_tokens} text",
         f"  training FLOPs/sample {budget.flops_per_sample:.4e}",
-        f"  strategy / world      {strategy} / {world} ranks; batch {batch_size} per rank",
-        f"  model-state memory    {mem['total'] / gib:.2f} GiB per GPU (bf16 weights+grads, fp32 master+AdamW; "
-        "activations and the EMA twin excluded)",
+        f"  strategy / world      {strategy} / {world} ranks; batch {batch_size} per rank ({batch_size * world} "
+        f"global); precision {precision}",
+    ]
+    if cfg.strategy.name == "deepspeed":
+        from train.run import deepspeed_config
+
+        lines.append(f"  deepspeed micro batch {deepspeed_config(cfg, batch_size)['train_micro_batch_size_per_gpu']} "
+                     "per GPU (the resolved batch)")
+    lines += [
+        f"  memory per GPU (GiB)  activation checkpointing:   on{' (chosen)' if checkpointing else '':9s}"
+        f"   off{'' if checkpointing else ' (chosen)'}",
+    ]
+    labels = {"params": "weights", "grads": "gradients", "optimizer": "AdamW moments", "ema": "EMA (fp32)",
+              "master": "master weights (fp32)", "activations": "activations", "total": "total"}
+    for key, label in labels.items():
+        lines.append(f"    {label:26s}{on[key] / gib:12.2f}{'':10s}{off[key] / gib:12.2f}")
+    lines.append(f"  device memory         {device_gib:g} GiB (trainer.gpu_memory_gb); closed form, excludes the "
+                 "CUDA context and fragmentation (docs/bench/scale.md)")
+    if chosen["total"] > device_gib * gib:
+        fits = [f"{s} (activation checkpointing {'on' if c else 'off'})" for s in expert_budget_lib.STRATEGIES
+                for c in (True, False) if memory(s, c)["total"] <= device_gib * gib]
+        lines.append(f"  WARNING: {chosen['total'] / gib:.1f} GiB per GPU exceeds the {device_gib:g} GiB device with "
+                     f"strategy {strategy} at {world} ranks, batch {batch_size}. "
+                     + (f"Fits: {', '.join(fits)}." if fits else
+                        "No strategy fits at this world size and batch: add GPUs or lower the batch."))
+    else:
+        lines.append(f"  fits: {chosen['total'] / gib:.1f} of {device_gib:g} GiB per GPU")
+    lines += [
         f"  steps per epoch       {steps_per_epoch:,}; max steps {max_steps:,}",
         f"  run dir               {run_dir}",
     ]
@@ -276,6 +326,7 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
         "manifest_hash": shards.manifest_hash,
         "train_config": resolved,
         "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
+        "export_dtype": str(cfg.checkpoint.get("export_dtype") or "float32"),
     }
     if expert is not None:
         meta["expert_id"] = expert
@@ -319,11 +370,12 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
         ckpt,
         signals,
         ThroughputMonitor(flops_per_sample, tokens_per_sample, batch_size, cfg.trainer.peak_flops_per_device,
-                          int(cfg.trainer.log_every_n_steps)),
+                          int(cfg.trainer.log_every_n_steps), skip_steps=int(cfg.trainer.get("throughput_skip_steps", 10))),
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
         *(extra_callbacks or []),
     ]
-    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps)
+    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps,
+                            batch_size=batch_size)
     if is_rank_zero_process():
         merge_metrics(run_dir)  # the history so far, also when earlier segments were killed
     try:
@@ -343,12 +395,13 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
 
 def export_module(trainer, module, run_dir: Path) -> Path:
     """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes)."""
+    from train.ema import cast_for_export
     from train.export import gather_full_state_dict
 
-    sd = gather_full_state_dict(module.ema_model)
+    meta = dict(module.hparams["export_metadata"])
+    sd = cast_for_export(gather_full_state_dict(module.ema_model), meta.get("export_dtype", "float32"))
     out = export_dir(run_dir)
     if trainer.is_global_zero:
-        meta = dict(module.hparams["export_metadata"])
         meta["step"] = int(trainer.global_step)
         save_export(sd, out, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))
         log.info("exported EMA weights at step %d → %s", trainer.global_step, out)

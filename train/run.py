@@ -252,6 +252,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
     return loggers
 
 
+ASSUMED_GPUS_PER_NODE = 8
+
+
 def world_size(cfg: DictConfig) -> int:
     """Data-parallel world size implied by the trainer config (devices per node × nodes)."""
     devices = cfg.trainer.devices
@@ -259,11 +262,58 @@ def world_size(cfg: DictConfig) -> int:
         import torch
 
         devices = torch.cuda.device_count() if cfg.trainer.accelerator == "gpu" else 1
+        if cfg.trainer.accelerator == "gpu" and devices == 0:
+            # e.g. a dry run on a login node: plan for a full node rather than for one GPU
+            devices = ASSUMED_GPUS_PER_NODE
+            log.info("trainer.devices=auto but no GPU is visible: assuming %d GPUs per node (set trainer.devices)",
+                     devices)
     return max(1, int(devices)) * int(cfg.trainer.num_nodes)
 
 
-def build_strategy(cfg: DictConfig):
-    """A Lightning strategy from ``cfg.strategy``, or a clear error if the installation cannot provide it."""
+@dataclass(frozen=True)
+class ResolvedBatch:
+    """The one batch a job trains with: Lightning's DataLoader, DeepSpeed's config and the ledger all read it."""
+
+    per_rank: int
+    world: int
+    max_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.world
+
+
+def resolve_batch(per_rank: int, max_steps: int, world: int, ledger=None, by: str = "batch"):
+    """``(ResolvedBatch, ledger)`` for a job of ``per_rank`` × ``world`` samples per step for ``max_steps``.
+
+    With a compute-matched monolith ``ledger`` (:class:`train.ledger.ComputeLedger`), its global batch
+    (``by="batch"``) is rounded up to a multiple of ``world`` or its steps are taken (``by="steps"``), and
+    the returned ledger is rewritten with the batch actually trained, so its table states what runs.
+    """
+    if per_rank < 1 or world < 1:
+        raise ValueError(f"batch per rank and world size must be >= 1, got {per_rank} and {world}")
+    if ledger is None:
+        return ResolvedBatch(int(per_rank), int(world), int(max_steps)), None
+    from dataclasses import replace
+
+    if by == "batch":
+        per_rank = -(-int(ledger.monolith_batch) // world)  # ceil: the monolith never gets less compute
+        if per_rank * world != ledger.monolith_batch:
+            log.info("monolith global batch %d is not divisible by %d ranks: using %d per rank (%d in all)",
+                     ledger.monolith_batch, world, per_rank, per_rank * world)
+        ledger = replace(ledger, monolith_batch=per_rank * world)
+        return ResolvedBatch(per_rank, int(world), int(ledger.monolith_steps)), ledger
+    if by == "steps":
+        if ledger.monolith_batch != per_rank * world:
+            raise ValueError(f"ledger monolith batch {ledger.monolith_batch} != {per_rank} x {world} ranks")
+        return ResolvedBatch(int(per_rank), int(world), int(ledger.monolith_steps)), ledger
+    raise ValueError(f"compute_match_by must be 'batch' or 'steps', got {by!r}")
+
+
+def build_strategy(cfg: DictConfig, batch_size: int | None = None):
+    """A Lightning strategy from ``cfg.strategy``, or a clear error if the installation cannot provide it.
+
+    ``batch_size``: the job's resolved batch per rank (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
     s = cfg.strategy
     accelerator = cfg.trainer.accelerator
     if s.name == "auto":
@@ -288,12 +338,17 @@ def build_strategy(cfg: DictConfig):
             raise ValueError("strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from err
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(config=deepspeed_config(cfg))
+        if batch_size is None:
+            raise ValueError("strategy=deepspeed needs the job's resolved batch per rank (build_trainer(batch_size=))")
+        return DeepSpeedStrategy(config=deepspeed_config(cfg, batch_size))
     raise ValueError(f"unknown strategy {s.name!r}: expected auto, ddp, fsdp or deepspeed (zero2/zero3 configs)")
 
 
-def deepspeed_config(cfg: DictConfig) -> dict:
-    """The DeepSpeed JSON config for ZeRO-2/3 from ``cfg.strategy`` (tested on CPU, run on GPUs)."""
+def deepspeed_config(cfg: DictConfig, micro_batch_size: int) -> dict:
+    """The DeepSpeed JSON config for ZeRO-2/3 from ``cfg.strategy`` (tested on CPU, run on GPUs).
+
+    ``micro_batch_size`` is the job's resolved batch per rank (:func:`resolve_batch`): the stage's for an
+    expert, the compute-matched monolith's, the router's — never read back from ``cfg.stage``."""
     s = cfg.strategy
     zero: dict[str, Any] = {
         "stage": int(s.stage),
@@ -312,17 +367,19 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": str(cfg.trainer.precision).startswith("bf16")},
         "gradient_clipping": float(cfg.optim.grad_clip or 0.0),
-        "train_micro_batch_size_per_gpu": int(cfg.stage.batch_size),
+        "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "zero_allow_untested_optimizer": True,
     }
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, max_steps: int):
-    """The Lightning Trainer for a job. Gradient clipping is the module's (or DeepSpeed's), not Lightning's."""
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, max_steps: int,
+                  batch_size: int | None = None):
+    """The Lightning Trainer for a job. Gradient clipping is the module's (or DeepSpeed's), not Lightning's.
+    ``batch_size``: the resolved batch per rank (needed by DeepSpeed's config)."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, batch_size)
     plugins = []
     if SLURMEnvironment.detect():
         # We own requeue (train.callbacks.SignalHandler); Lightning must not requeue a second time.

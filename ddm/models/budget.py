@@ -1,4 +1,4 @@
-"""Analytic budget of an expert: parameters, tokens, training FLOPs, and per-GPU memory for model state.
+"""Analytic budget of an expert: parameters, tokens, training FLOPs, and per-GPU training memory.
 
 Used by the training dry-run (will it fit, how long will it take), by MFU logging and by the benchmarks.
 Everything here is closed-form from an :class:`~ddm.models.presets.ExpertConfig`; the tests cross-check
@@ -12,7 +12,7 @@ from ddm.flow import latent_frames
 from ddm.models.presets import ExpertConfig
 
 __all__ = ["count_parameters", "tokens_per_sample", "forward_flops", "training_flops_per_sample",
-           "memory_per_gpu", "STRATEGIES"]
+           "memory_per_gpu", "training_memory", "block_parameters", "STRATEGIES", "PRECISIONS"]
 
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 
@@ -135,5 +135,109 @@ def memory_per_gpu(params: int, strategy: str, world_size: int) -> dict[str, int
         "master_fp32": share(4 * params, sharded_rest),
         "adam_moments_fp32": share(8 * params, sharded_rest),
     }
+    out["total"] = sum(out.values())
+    return out
+
+
+# --- training memory: model state + fp32 EMA + activations (the dry run's figure) ------------------------
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+# Bytes per parameter of (weights, gradients, optimizer state, master weights) for each way of training;
+# the EMA is always an fp32 copy (4 B, train/ema.py). Lightning's bf16-mixed keeps fp32 weights and
+# autocasts the matmuls; bf16-true keeps everything in bf16 (AdamW's moments follow the weights' dtype);
+# DeepSpeed's bf16 (either Lightning precision) keeps bf16 weights/grads and fp32 master + moments.
+_STATE_BYTES = {
+    "32-true": (4, 4, 8, 0),
+    "bf16-mixed": (4, 4, 8, 0),
+    "bf16-true": (2, 2, 4, 0),
+    "deepspeed-bf16": (2, 2, 8, 4),
+}
+
+# Saved activations per token of one block, in bytes per hidden unit (a) and per MLP unit (b): the
+# tensors autograd keeps for backward, counted from the code of ddm.models.mmdit. A double-stream block
+# keeps ≈ 17 hidden-sized tensors per token (LayerNorm inputs and outputs, modulated inputs, q/k before
+# and after QK-norm, q/k/v of the joint attention before and after RoPE, the attention output, the
+# projection's input and output, the residual) and 2 MLP-sized ones (GELU input and output); a
+# single-stream block ≈ 13 + 2. Under bf16 the matmul-side tensors halve but QK-norm and RoPE still keep
+# fp32 copies, hence the coefficients below rather than a plain halving. Attention is a fused (flash)
+# kernel: no L×L matrix is stored. tests/test_scale_memory.py checks these against autograd's saved
+# tensors on a small model.
+_ACT = {  # precision: ((a, b) double, (a, b) single, bytes of the residual stream, outside-block a)
+    "32-true": ((69, 8), (53, 8), 4, 16),
+    "bf16-true": ((43, 4), (35, 4), 2, 8),
+    "bf16-mixed": ((54, 4), (42, 4), 2, 8),
+}
+
+
+def block_parameters(cfg: ExpertConfig) -> tuple[int, int]:
+    """Parameters of one double-stream and one single-stream block (the formula of :func:`count_parameters`)."""
+    h, m, d, b = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.head_dim, int(cfg.qkv_bias)
+    return 2 * (10 * h * h + 2 * h * m + (8 + 3 * b) * h + m + 2 * d), 7 * h * h + 2 * h * m + 7 * h + m + 2 * d
+
+
+def training_memory(cfg: ExpertConfig, *, strategy: str, world_size: int, batch_size: int, image_tokens: int,
+                    text_tokens: int, precision: str, activation_checkpointing: bool,
+                    context_parallel: int = 1) -> dict[str, int]:
+    """Bytes per GPU to train ``cfg`` with AdamW and an fp32 EMA: a closed form (docs/bench/scale.md).
+
+    Keys: ``params``, ``grads``, ``optimizer``, ``ema``, ``master``, ``activations``, ``total``.
+
+    * **Model state**, per parameter P (bytes of weights / grads / AdamW moments / master by precision:
+      32-true and bf16-mixed 4/4/8/0, bf16-true 2/2/4/0, DeepSpeed bf16 2/2/8/4) + the EMA, always fp32
+      (4). Sharded over ``world_size`` ranks: ``ddp`` nothing; ``fsdp`` (FSDP2) and ``zero3`` everything,
+      the EMA included; ``zero2`` gradients, moments and master (weights and the frozen EMA replicated).
+      Under ``fsdp``/``zero3`` ``params`` also holds the unsharded weights of two blocks (the one computing
+      and the one prefetched).
+    * **Activations**, per rank: ``batch_size`` × tokens (image + text, divided by ``context_parallel``) ×
+      per-block coefficients (see ``_ACT``: ≈ 17 hidden-sized + 2 MLP-sized saved tensors per token in a
+      double block, 13 + 2 in a single block) over all blocks, plus the embedders / final layer. With
+      ``activation_checkpointing`` only each block's input (the residual stream) is kept, plus one
+      double block's full activations while it is recomputed. Under ``bf16-mixed`` autocast keeps a bf16
+      copy of every weight it casts for backward: 2 B × the block parameters (one block's with
+      checkpointing), on every rank, sharded or not.
+
+    Not counted: the CUDA context and allocator fragmentation (~1–3 GB on a GPU), communication buckets,
+    and transient gradient buffers of one block's backward.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if world_size < 1 or batch_size < 1 or context_parallel < 1:
+        raise ValueError(f"world_size, batch_size and context_parallel must be >= 1, got {world_size}, "
+                         f"{batch_size}, {context_parallel}")
+    params = count_parameters(cfg)
+    deepspeed = strategy in ("zero2", "zero3")
+    key = "deepspeed-bf16" if deepspeed and precision != "32-true" else precision
+    w_b, g_b, o_b, m_b = _STATE_BYTES[key]
+
+    def share(nbytes: int, sharded: bool) -> int:
+        return math.ceil(nbytes / world_size) if sharded else nbytes
+
+    full_shard = strategy in ("fsdp", "zero3")
+    double_p, single_p = block_parameters(cfg)
+    gathered = 2 * max(double_p, single_p) * w_b if full_shard and world_size > 1 else 0
+    out = {
+        "params": share(w_b * params, full_shard) + gathered,
+        "grads": share(g_b * params, strategy != "ddp"),
+        "optimizer": share(o_b * params, strategy != "ddp"),
+        "ema": share(4 * params, full_shard),
+        "master": share(m_b * params, strategy != "ddp"),
+    }
+    act_key = "bf16-true" if deepspeed and precision == "bf16-mixed" else precision  # DeepSpeed: bf16 weights
+    (a_d, b_d), (a_s, b_s), resid, outside = _ACT[act_key]
+    tokens = math.ceil((image_tokens + text_tokens) / context_parallel) * batch_size
+    h, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    per_double, per_single = tokens * (a_d * h + b_d * m), tokens * (a_s * h + b_s * m)
+    n_blocks = cfg.depth + cfg.depth_single_blocks
+    autocast_copy = 2 if act_key == "bf16-mixed" else 0
+    if activation_checkpointing:
+        acts = n_blocks * tokens * h * resid + max(per_double if cfg.depth else 0, per_single)
+        acts += autocast_copy * max(double_p, single_p)
+    else:
+        acts = cfg.depth * per_double + cfg.depth_single_blocks * per_single
+        acts += autocast_copy * (cfg.depth * double_p + cfg.depth_single_blocks * single_p)
+    out["activations"] = acts + tokens * outside * h
     out["total"] = sum(out.values())
     return out
