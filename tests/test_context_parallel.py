@@ -35,12 +35,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _inputs(cfg, seed: int):
-    x, t, cond = make_expert_inputs(cfg, seed=seed, i2v=cfg.cond_embed, **GRID)
+def _inputs(cfg, seed: int, text_len: int = GRID["text_len"]):
+    x, t, cond = make_expert_inputs(cfg, seed=seed, i2v=cfg.cond_embed, **{**GRID, "text_len": text_len})
     return x, t, cond
 
 
-def _check_fwd_bwd(preset: str, cp: ContextParallel) -> dict[str, float]:
+def _check_fwd_bwd(preset: str, cp: ContextParallel, text_len: int = GRID["text_len"],
+                   tag: str = "") -> dict[str, float]:
     cfg = get_expert_config(preset)
     ref = build_seeded_expert(cfg, seed=1)
     if cfg.cond_embed:  # cond_in starts at zero: give it weights so the i2v slice matters
@@ -49,7 +50,7 @@ def _check_fwd_bwd(preset: str, cp: ContextParallel) -> dict[str, float]:
     split = copy.deepcopy(ref)
     split.set_context_parallel(cp)
     split.set_activation_checkpointing(True)  # the recompute re-runs the all-to-alls
-    x, t, cond = _inputs(cfg, seed=3)
+    x, t, cond = _inputs(cfg, seed=3, text_len=text_len)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     v_ref = ref(x, t, cond)
     (v_ref * w).sum().backward()
@@ -60,7 +61,7 @@ def _check_fwd_bwd(preset: str, cp: ContextParallel) -> dict[str, float]:
         g = p_cp.grad.clone()
         dist.all_reduce(g, group=cp.group)  # each rank holds its tokens' share of the gradient
         grad_err = max(grad_err, _rel(g, p_ref.grad))
-    return {f"{preset}_fwd": _rel(v_cp, v_ref), f"{preset}_grad": grad_err}
+    return {f"{preset}{tag}_fwd": _rel(v_cp, v_ref), f"{preset}{tag}_grad": grad_err}
 
 
 def _flow_loss(model: torch.nn.Module, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
@@ -97,6 +98,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         results: dict[str, object] = {}
         for preset in ("tiny", "tiny-flux"):
             results.update(_check_fwd_bwd(preset, cp))
+        results.update(_check_fwd_bwd("tiny", cp, text_len=1, tag="-text1"))  # rank 1 holds no text token
 
         # inputs that differ across the cp group are refused, not silently mixed
         cfg = get_expert_config("tiny-flux")
@@ -136,7 +138,7 @@ def cp_results(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow  # the module's one 2-rank spawn takes ~30 s on the shared 2-core machine
-@pytest.mark.parametrize("preset", ["tiny", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-flux", "tiny-text1"])
 def test_forward_and_gradients_match_unsplit(cp_results: dict, preset: str) -> None:
     assert cp_results[f"{preset}_fwd"] <= TOL, cp_results
     assert cp_results[f"{preset}_grad"] <= TOL, cp_results

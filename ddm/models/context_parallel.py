@@ -227,8 +227,11 @@ def apply_context_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, cp_d
                            check_inputs: bool = True) -> int:
     """Make ``model`` (an MMDiT) split its sequence over ``mesh[cp_dim]``; returns the cp size.
 
-    A cp size of 1 (or no mesh) leaves the model unsplit. Call before FSDP wrapping, on the model and on
-    its EMA twin (the twin's forward, e.g. for sample videos, must be split the same way).
+    A cp size of 1 (or no mesh) leaves the model unsplit. Call on the model and on its EMA twin, before or
+    after :func:`fully_shard_dp_cp` (it only records the group; meta-device models are fine). Every rank of
+    the group must then call the model's forward together — under FSDP2 that is already the rule.
+    With Lightning's ``ModelParallelStrategy(data_parallel_size=world // cp, tensor_parallel_size=cp)`` the
+    cp dimension of ``strategy.device_mesh`` is the one named ``"tensor_parallel"``: pass ``cp_dim`` so.
     """
     if mesh is None or cp_dim not in (mesh.mesh_dim_names or ()):
         return 1
@@ -251,12 +254,13 @@ def fully_shard_dp_cp(model: torch.nn.Module, mesh: DeviceMesh, dp_dim: str = DP
     from torch.distributed.fsdp import fully_shard
 
     names = mesh.mesh_dim_names or ()
-    if cp_dim not in names:
-        flat, dp = mesh[dp_dim], mesh[dp_dim].size()
-    else:
-        flat = mesh[dp_dim, cp_dim]._flatten(f"{dp_dim}_{cp_dim}")
-        dp = mesh[dp_dim].size()
     units = [*model.blocks(), model]
+    if cp_dim not in names or mesh[cp_dim].size() == 1:  # plain FSDP2 over dp (the cp=1 behaviour)
+        for unit in units:
+            fully_shard(unit, mesh=mesh[dp_dim], **fsdp_kwargs)
+        return
+    flat = mesh[dp_dim, cp_dim]._flatten(f"{dp_dim}_{cp_dim}")
+    dp = mesh[dp_dim].size()
     for unit in units:
         fully_shard(unit, mesh=flat, **fsdp_kwargs)
     gloo = dist.get_backend(flat.get_group()) == "gloo"

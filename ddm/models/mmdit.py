@@ -66,8 +66,9 @@ def position_ids(grid: tuple[int, int, int], text_len: int, device: torch.device
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, heads·D) → (B, heads, L, D)."""
-    b, length, _ = x.shape
-    return x.view(b, length, num_heads, -1).transpose(1, 2)
+    b, length, width = x.shape
+    # explicit head width: a context-parallel rank may hold zero tokens of a stream (then -1 is ambiguous)
+    return x.view(b, length, num_heads, width // num_heads).transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: torch.Tensor,
