@@ -118,3 +118,29 @@ def test_malformed_paris1_folders_name_the_path_and_the_problem(tiny_text_dir, t
     for folder, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             DDMPipeline.from_pretrained(folder, load_text=False)
+
+
+def test_export_cli_dtype_formats_and_diffusers(tiny_text_dir, tmp_path):
+    from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export
+    from ddm.export import main
+    from tests.fixtures.pipeline import build_runs_tree
+
+    runs = tmp_path / "runs" / "tiny"
+    hashes = build_runs_tree(runs, tiny_text_dir, monolith=False)
+    main(["--runs", str(runs), "--out", str(tmp_path / "bf16"), "--dtype", "bf16", "--formats", "master",
+          "--stages", "stage2"])
+    stage = tmp_path / "bf16" / "expert1" / "stage2"
+    assert (stage / MASTER_FILE).is_file() and not (stage / SHARD_DIR).exists()
+    sd, meta = load_export(stage)  # verifies the sha256s recorded for the cast weights
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16} and meta["export_dtype"] == "bf16"
+    main(["--runs", str(runs), "--out", str(tmp_path / "sharded"), "--formats", "sharded", "--stages", "stage2"])
+    stage = tmp_path / "sharded" / "expert1" / "stage2"
+    assert (stage / SHARD_DIR).is_dir() and not (stage / MASTER_FILE).exists()
+    assert state_dict_sha256(load_export(stage)[0]) == hashes["expert1/stage2"]
+    main(["--runs", str(runs), "--out", str(tmp_path / "diff"), "--format", "diffusers", "--stages", "stage2"])
+    assert (tmp_path / "diff" / "expert3" / "stage2" / WEIGHTS_FILE).is_file()
+    assert not list(tmp_path.glob(".diff*"))  # the intermediate folder is gone
+    pipe = DDMPipeline.from_pretrained(tmp_path / "diff", load_text=False)
+    assert state_dict_sha256(pipe.experts[0].state_dict()) == hashes["expert1/stage2"]
+    with pytest.raises(SystemExit):
+        main(["--runs", str(runs), "--out", str(tmp_path / "x"), "--formats", "zip"])
