@@ -47,6 +47,17 @@ def test_expert_equals_flux_transformer_2d_model(tiny_text_dir, tmp_path, preset
     assert _rel(flux_output(tokens, x, model.config.patch_size), ours) <= 1e-5
 
 
+def test_diffusers_loads_a_sharded_expert_folder(tiny_text_dir, tmp_path):
+    model = demo_expert(tiny_text_dir, seed=4)
+    save_expert_diffusers(model.state_dict(), model.config, tmp_path / "e", max_shard_bytes=400_000)
+    assert len(list((tmp_path / "e").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "e").eval()
+    x, t, cond = _inputs(model)
+    with torch.no_grad():
+        (tokens,) = theirs(**flux_inputs(x, t, cond))
+        assert _rel(flux_output(tokens, x), model(x, t, cond)) <= 1e-5
+
+
 def test_vae_equals_autoencoder_kl_hunyuan_video(tmp_path):
     from ddm.interop import save_vae_diffusers
     from ddm.models.vae import build_vae
