@@ -127,5 +127,7 @@ def test_docs_snippet_runs(tiny_text_dir, tmp_path):
     export_diffusers(folder, tmp_path / "paris_diffusers")
     text = Path(__file__).resolve().parents[1].joinpath("docs", "model_folder.md").read_text()
     snippet = text.split("<!-- diffusers-snippet -->")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
     exec(compile(snippet.replace('"paris_diffusers"', repr(str(tmp_path / "paris_diffusers"))), "snippet", "exec"),
-         {})
+         namespace)
+    assert namespace["video"].shape == (1, 3, 5, 32, 32) and torch.isfinite(namespace["video"]).all()
