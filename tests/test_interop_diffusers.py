@@ -93,7 +93,6 @@ def test_scheduler_reproduces_our_euler_schedule(tmp_path):
         x = theirs
 
 
-@pytest.mark.slow
 def test_demo_ddm_exported_to_diffusers_runs_in_diffusers_and_reimports(tiny_text_dir, tmp_path):
     """Acceptance (issue 15): export → each expert in diffusers gives our velocity, diffusers' VAE decodes our
     latents, the scheduler is ours, and the re-imported folder samples bit-identically."""
