@@ -35,7 +35,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import fsync_dir, read_export_metadata
+from ddm.checkpoint import fsync_dir, load_export, read_export_metadata
+from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors
 from ddm.pipeline import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
                           copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
@@ -212,12 +213,35 @@ def swap_into_place(staged: Path, out: Path) -> None:
 def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, stages: Sequence[str] | None = None,
                   sharded: bool = True, text_from: str | Path | None = None, vae: str | None = None,
                   third_party: str | None = "copy", overwrite: bool = False,
-                  scheduler: dict[str, Any] | None = None) -> Path:
+                  scheduler: dict[str, Any] | None = None, dtype: str | None = None, single_file: bool = True,
+                  checkpoint_format: str = "ddm") -> Path:
     """Assemble a model folder from ``runs`` (= ``runs/<experiment>``) into ``out``; see the module docstring.
 
     ``third_party``: ``copy`` | ``link`` | None (do not bundle vae.pt, t5/, clip/). ``scheduler``: sampling
-    defaults recorded in the index (``num_steps``, ``cfg_scale``) over the Paris defaults. Returns ``out``.
+    defaults recorded in the index (``num_steps``, ``cfg_scale``) over the Paris defaults. ``dtype``: ``fp32`` |
+    ``bf16`` | ``fp16`` casts every checkpoint (default: as trained). ``single_file`` / ``sharded``: which copies
+    (master.safetensors, model/) to write. ``checkpoint_format="diffusers"``: experts as FluxTransformer2DModel
+    folders, the VAE as AutoencoderKLHunyuanVideo, a scheduler config (``ddm.interop_export``). Returns ``out``.
     """
+    if checkpoint_format not in ("ddm", "diffusers"):
+        raise ValueError(f"checkpoint_format must be 'ddm' or 'diffusers', got {checkpoint_format!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not (single_file or sharded):
+        raise ValueError("write at least one copy: master.safetensors (single_file) or model/ (sharded)")
+    if checkpoint_format == "diffusers":
+        from ddm.interop_export import export_diffusers
+
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"'{out}' already exists; pass --overwrite to replace it")
+        native = out.with_name(f".{out.name}.native")
+        export_folder(runs, native, monolith=monolith, stages=stages, sharded=False, text_from=text_from, vae=vae,
+                      third_party=third_party, overwrite=True, scheduler=scheduler)
+        try:
+            return export_diffusers(native, out, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
+        finally:
+            _remove(native)
     runs, out = Path(runs), Path(out)
     if out.exists() and not overwrite:
         if (out / MODEL_INDEX).exists():
@@ -274,7 +298,13 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
             jobs += [(src, out / (ROUTER_DIR if len(routers) == 1 else f"{ROUTER_DIR}/{s}"))
                      for s, src in routers.items()]
         for src, dst in tqdm(jobs, desc="exporting checkpoints", unit="ckpt"):
-            copy_export(src, dst, single_file=True, sharded=sharded)
+            if dtype is None:
+                copy_export(src, dst, single_file=single_file, sharded=sharded)
+            else:
+                state_dict, meta = load_export(src)
+                state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+                copy_export(src, dst, single_file=single_file, sharded=sharded, state_dict=state_dict,
+                            metadata={**meta, "export_dtype": dtype})
             log.info("%s → %s", src, dst)
 
         config = first.get("config") or {}
@@ -310,6 +340,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--monolith", action="store_true", help="a one-expert folder from runs/<exp>/monolith/")
     parser.add_argument("--stages", default=None, help="comma-separated stages (default: every stage exported)")
     parser.add_argument("--no-sharded", action="store_true", help="write only master.safetensors, no model/")
+    parser.add_argument("--formats", default="master,sharded",
+                        help="copies of each checkpoint: master (master.safetensors), sharded (model/), or both "
+                             "(default: master,sharded, as Paris ships)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast every checkpoint to this dtype (default: as trained)")
+    parser.add_argument("--format", dest="checkpoint_format", choices=("ddm", "diffusers"), default="ddm",
+                        help="ddm: our folder; diffusers: experts as FluxTransformer2DModel folders, the VAE as "
+                             "AutoencoderKLHunyuanVideo, a FlowMatchEulerDiscreteScheduler config")
     parser.add_argument("--text-from", type=Path, default=None,
                         help="folder with t5/ and clip/ (default: the runs' train_config text.t5_dir/clip_dir)")
     parser.add_argument("--vae", default=None, help="a vae.pt path or a JSON VAE spec (default: the runs' config)")
@@ -328,9 +366,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     third_party = None if args.no_third_party else ("link" if args.link else "copy")
-    out = export_folder(args.runs, args.out, monolith=args.monolith, stages=stages, sharded=not args.no_sharded,
+    formats = {f.strip() for f in args.formats.split(",") if f.strip()}
+    if not formats or formats - {"master", "sharded"}:
+        parser.error(f"--formats takes master, sharded or master,sharded; got {args.formats!r}")
+    out = export_folder(args.runs, args.out, monolith=args.monolith, stages=stages,
+                        sharded="sharded" in formats and not args.no_sharded, single_file="master" in formats,
                         text_from=args.text_from, vae=args.vae, third_party=third_party, overwrite=args.overwrite,
-                        scheduler=scheduler)
+                        scheduler=scheduler, dtype=args.dtype, checkpoint_format=args.checkpoint_format)
     print(f"model folder written to {out}")
 
 

@@ -99,6 +99,29 @@ def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
+def _write_weights(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_bytes: int | None) -> None:
+    """``diffusion_pytorch_model.safetensors``, or shards + ``.index.json`` when larger than ``max_shard_bytes``.
+
+    The split is huggingface_hub's ``split_torch_state_dict_into_shards`` (diffusers' own names and index);
+    the index is written last (its commit point) and shards of an earlier export it does not name are removed.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(dict(tensors), filename_pattern="diffusion_pytorch_model{suffix}"
+                                               ".safetensors", max_shard_size=max_shard_bytes or 10 * 1024**3)
+    if not split.is_sharded:
+        _write_safetensors(tensors, folder / WEIGHTS_FILE)
+        (folder / WEIGHTS_INDEX).unlink(missing_ok=True)
+        return
+    for name, keys in split.filename_to_tensors.items():
+        _write_safetensors({k: tensors[k] for k in keys}, folder / name)
+    _write_json(folder / WEIGHTS_INDEX, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    for stale in folder.glob("diffusion_pytorch_model-*-of-*.safetensors"):
+        if stale.name not in split.filename_to_tensors:
+            stale.unlink()
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file, checking the sha256s it records (files without them load unchecked)."""
     from safetensors import safe_open
@@ -201,11 +224,13 @@ def expert_config_from_flux(config: Mapping[str, Any], cond_embed: bool = False,
 
 
 def save_expert_diffusers(state_dict: Mapping[str, torch.Tensor], config: ExpertConfig, folder: str | Path, *,
-                          metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+                          metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None,
+                          max_shard_bytes: int | None = None) -> Path:
     """Write one expert as a ``FluxTransformer2DModel`` folder (module docstring); returns the folder.
 
     ``metadata`` (the export metadata: stage, step, hashes of the training data ...) is kept under
-    ``config.json["_ddm"]["metadata"]`` (diffusers ignores ``_``-prefixed keys); ``dtype`` casts the weights.
+    ``config.json["_ddm"]["metadata"]`` (diffusers ignores ``_``-prefixed keys); ``dtype`` casts the weights;
+    weights above ``max_shard_bytes`` (default 10 GiB, as diffusers) are sharded with an index.
     """
     folder = Path(folder)
     diff_config = flux_config(config)
@@ -221,7 +246,7 @@ def save_expert_diffusers(state_dict: Mapping[str, torch.Tensor], config: Expert
     meta = {k: v for k, v in (metadata or {}).items() if k not in ("tensor_sha256", "format")}
     diff_config[DDM_KEY] = {"config": config.to_dict(), "metadata": {**meta, "kind": "expert"},
                             "cond_in": COND_IN_FILE if cond else None}
-    _write_safetensors(weights, folder / WEIGHTS_FILE)
+    _write_weights(weights, folder, max_shard_bytes)
     _write_json(folder / CONFIG_FILE, diff_config)  # last: a folder with config.json is complete
     return folder
 
@@ -233,7 +258,9 @@ def load_expert_diffusers(folder: str | Path, layout: str | None = None
     folder = Path(folder)
     config = _read_config(folder)
     if config.get("_class_name", FLUX_CLASS) != FLUX_CLASS:
-        raise ValueError(f"'{folder / CONFIG_FILE}' describes a {config.get('_class_name')!r}, not a {FLUX_CLASS}")
+        raise ValueError(f"'{folder / CONFIG_FILE}' describes a {config.get('_class_name')!r}, not a {FLUX_CLASS}: "
+                         "this project's experts are video MM-DiTs in the Flux layout (Paris 1.0's DiT-XL/2 image "
+                         "experts are another architecture and cannot be loaded)")
     ddm = config.get(DDM_KEY) or {}
     layout = layout or (ddm.get("config") or {}).get("layout") or "flux"
     weights = _read_weights(folder)
@@ -266,7 +293,8 @@ def read_diffusers_metadata(folder: str | Path) -> dict[str, Any]:
     meta = dict(ddm.get("metadata") or {})
     meta.setdefault("kind", "expert")
     if meta["kind"] == "expert":
-        cfg = expert_config_from_flux(config, cond_embed=(folder / (ddm.get("cond_in") or COND_IN_FILE)).is_file())
+        cfg = expert_config_from_flux(config, cond_embed=(folder / (ddm.get("cond_in") or COND_IN_FILE)).is_file(),
+                                      layout=(ddm.get("config") or {}).get("layout") or "flux")
         meta["config"] = cfg.to_dict()
     return meta
 

@@ -724,6 +724,11 @@ class DDMPipeline:
             return dict(spec)  # e.g. a seeded hunyuan-tiny: rebuilt from the spec
         src = self.layout.root / (spec["path"] if isinstance(spec, Mapping) else spec or VAE_FILE) \
             if self.layout else None
+        if src is not None and not src.exists() and spec is None and (self.layout.root / "vae").is_dir():
+            src = self.layout.root / "vae"  # read from a diffusers-style vae/ folder (Paris 1.0's layout)
+        if src is not None and src.is_dir():  # a diffusers AutoencoderKLHunyuanVideo folder: copied as it is
+            place_folder(src, out / src.name)
+            return src.name
         if src is not None and src.is_file():
             place_folder(src, out / VAE_FILE)
         else:
