@@ -180,7 +180,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, *, crf: int = 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     odd = height % 2 or width % 2
     pix_fmt = "yuv444p" if (odd and codec == "libx264") else "yuv420p"
-    options = {"crf": str(crf)} if codec == "libx264" else {"qscale": "2"}
+    # One encoder thread: libx264's frame/slice threading makes the output depend on timing, and the same
+    # frames must give the same bytes (data.synthetic's seed promise, cached domain backbones).
+    options = {"crf": str(crf), "threads": "1"} if codec == "libx264" else {"qscale": "2", "threads": "1"}
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=rate, options=options)
