@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["ContextParallel", "SequenceSplit", "shard_sizes", "valid_context_parallel_sizes",
-           "check_context_parallel_size", "data_parallel_coords", "rng_seed_for_rank", "make_dp_cp_mesh", "apply_context_parallel",
-           "fully_shard_dp_cp", "tokens_per_rank", "DP_DIM", "CP_DIM"]
+           "check_context_parallel_size", "data_parallel_coords", "rng_seed_for_rank", "make_dp_cp_mesh",
+           "apply_context_parallel", "fully_shard_dp_cp", "tokens_per_rank", "DP_DIM", "CP_DIM"]
 
 DP_DIM, CP_DIM = "data_parallel", "context_parallel"
 
