@@ -169,7 +169,7 @@ class ContextParallel:
         lo, hi = local.clone(), local.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
-        if not torch.allclose(lo, hi, rtol=1e-9, atol=0.0):
+        if not torch.allclose(lo, hi, rtol=1e-9, atol=0.0, equal_nan=True):  # NaN inputs: not a mismatch
             raise RuntimeError("context parallelism: the ranks of one cp group were given different inputs "
                                "(x, t or cond). Every rank of a cp group must read the same batch "
                                "(data_parallel_coords) and draw the same noise (rng_seed_for_rank).")
