@@ -37,6 +37,10 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     setup_logging(run_dir, "expert")
     geometry = job.stage_geometry(cfg)
     model_cfg = job.expert_config(cfg)
+    if int(cfg.model.get("context_parallel", 1)) != 1:  # refuse rather than silently train without it
+        raise ValueError(f"model.context_parallel={cfg.model.context_parallel}: context parallelism exists in "
+                         "ddm.models.context_parallel but is not wired into train.expert yet "
+                         "(docs/architecture.md, 'Context parallelism'); use model.context_parallel=1")
     budget = job.expert_budget(model_cfg, geometry)
     batch_size, max_steps = int(cfg.stage.batch_size), int(cfg.stage.max_steps)
     world = job.world_size(cfg)

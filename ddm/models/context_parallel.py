@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["ContextParallel", "SequenceSplit", "shard_sizes", "valid_context_parallel_sizes",
-           "check_context_parallel_size", "data_parallel_coords", "rng_seed_for_rank", "make_dp_cp_mesh", "apply_context_parallel",
-           "fully_shard_dp_cp", "tokens_per_rank", "DP_DIM", "CP_DIM"]
+           "check_context_parallel_size", "data_parallel_coords", "rng_seed_for_rank", "make_dp_cp_mesh",
+           "apply_context_parallel", "fully_shard_dp_cp", "tokens_per_rank", "DP_DIM", "CP_DIM"]
 
 DP_DIM, CP_DIM = "data_parallel", "context_parallel"
 
@@ -169,7 +169,7 @@ class ContextParallel:
         lo, hi = local.clone(), local.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
-        if not torch.allclose(lo, hi, rtol=1e-9, atol=0.0):
+        if not torch.allclose(lo, hi, rtol=1e-9, atol=0.0, equal_nan=True):  # NaN inputs: not a mismatch
             raise RuntimeError("context parallelism: the ranks of one cp group were given different inputs "
                                "(x, t or cond). Every rank of a cp group must read the same batch "
                                "(data_parallel_coords) and draw the same noise (rng_seed_for_rank).")
