@@ -153,3 +153,32 @@ def test_docs_snippet_runs(tiny_text_dir, tmp_path):
     exec(compile(snippet.replace('"paris_diffusers"', repr(str(tmp_path / "paris_diffusers"))), "snippet", "exec"),
          namespace)
     assert namespace["video"].shape == (1, 3, 5, 32, 32) and torch.isfinite(namespace["video"]).all()
+
+
+@pytest.mark.parametrize("preset", ["opensora-v2-11b", "flux-dev"])
+def test_real_scale_experts_map_onto_flux_transformer_2d_model(preset):
+    """At 11B the exported names and shapes are exactly FluxTransformer2DModel's (built on the meta device)."""
+    from ddm.interop import flux_config
+    from ddm.models.layouts import to_diffusers
+    from ddm.models.mmdit import MMDiT
+    from ddm.models.presets import get_expert_config
+
+    cfg = get_expert_config(preset)
+    with torch.device("meta"):
+        ours = MMDiT(cfg)
+        theirs = diffusers.FluxTransformer2DModel(**{k: v for k, v in flux_config(cfg).items() if k[0] != "_"})
+    exported = to_diffusers({k: v for k, v in ours.state_dict().items() if not k.startswith("cond_in.")}, cfg.layout)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_published_vae_maps_onto_autoencoder_kl_hunyuan_video():
+    """The published 884-16c VAE's names and shapes are AutoencoderKLHunyuanVideo's, config from vae_config."""
+    from ddm.interop import vae_config
+    from ddm.models.hunyuan_vae import HunyuanVAEConfig
+    from ddm.models.vae import HunyuanVideoVAE
+
+    with torch.device("meta"):
+        ours = HunyuanVideoVAE(HunyuanVAEConfig())
+        theirs = diffusers.AutoencoderKLHunyuanVideo(**{k: v for k, v in vae_config(ours.config).items()
+                                                        if k[0] != "_"})
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
