@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from ddm.export import _remove, staging_dir, swap_into_place
-from ddm.interop import (load_checkpoint, save_expert_diffusers, save_scheduler, save_vae_diffusers)
+from ddm.flow import video_shift_alpha
+from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_diffusers, save_scheduler,
+                         save_vae_diffusers)
 from ddm.models.presets import ExpertConfig
-from ddm.pipeline import (MODEL_INDEX, DDMPipeline, copy_export, place_folder, read_model_index, scan_model_folder,
-                          write_model_index)
+from ddm.pipeline import (MODEL_INDEX, DDMPipeline, ModelIndex, copy_export, place_folder, read_model_index,
+                          scan_model_folder, stage_geometry_from_metadata, write_model_index)
 
 __all__ = ["export_diffusers"]
 
@@ -35,6 +37,20 @@ log = logging.getLogger(__name__)
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     return sd if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _shift_alpha(index: ModelIndex, stage: str, meta: dict, vae: torch.nn.Module) -> float:
+    """The schedule's shift for the stage's default geometry (``DDMPipeline.shift_alpha``'s rule)."""
+    shift = index.scheduler.get("shift", "video")
+    if shift != "video":
+        return float(shift)
+    geometry = index.stages.get(stage) or stage_geometry_from_metadata(meta, stage)
+    if not (geometry.size and geometry.num_frames):
+        log.warning("stage %s has no known geometry: the scheduler's shift is left at 1", stage)
+        return 1.0
+    _, t, h, w = vae.latent_shape(geometry.num_frames, *geometry.size)
+    _, ph, pw = ExpertConfig.from_dict(meta["config"]).patch_size
+    return video_shift_alpha((h // ph) * (w // pw), t)
 
 
 def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
@@ -62,21 +78,19 @@ def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype 
             sd, meta = load_checkpoint(src)
             copy_export(src, out / rel, state_dict=_cast(sd, dtype), metadata=meta)
             routers[stage] = rel
-        # the pipeline builds the VAE exactly as sampling would (spec, vae.pt or a diffusers folder)
-        pipe = DDMPipeline.from_pretrained(folder, load_text=False)
+        # the VAE and the schedule's shift as sampling would build them, without loading every expert again
+        stage = DDMPipeline._choose_stage(layout, index, None)
+        meta = read_checkpoint_metadata(layout.experts[1][stage])
+        vae = DDMPipeline._load_vae(folder, index, meta, torch.device("cpu"), None)
         vae_entry = index.vae
-        if hasattr(pipe.vae, "encoder"):
-            save_vae_diffusers(pipe.vae, out / "vae", dtype=dtype)
+        if hasattr(vae, "encoder"):
+            save_vae_diffusers(vae, out / "vae", dtype=dtype)
             vae_entry = "vae"
         else:
-            log.info("the %s VAE has no diffusers class: model_index.json keeps its spec", type(pipe.vae).__name__)
-        geometry = pipe.geometry
-        shift = pipe.index.scheduler.get("shift", "video")
-        if geometry.size and geometry.num_frames:
-            alpha = pipe.shift_alpha(pipe.vae.latent_shape(geometry.num_frames, *geometry.size))
-        else:
-            alpha = 1.0 if shift == "video" else float(shift)
-        save_scheduler(out / "scheduler", alpha, int(pipe.index.scheduler.get("num_steps", 50)))
+            log.info("the %s VAE has no diffusers class: model_index.json keeps its spec", type(vae).__name__)
+        alpha = _shift_alpha(index, stage, meta, vae)
+        del vae
+        save_scheduler(out / "scheduler", alpha, int(index.scheduler.get("num_steps", 50)))
         for name in (index.text_encoder, index.text_encoder_2):
             if (folder / name).is_dir():
                 place_folder(folder / name, out / name)

@@ -14,7 +14,9 @@ expert folders ``expert1``, ``expert_1``, ``Expert-1``, ``experts/1``, ``experts
 ``stage2``, ``stage_2``, ``s2``, ``256px`` / ``256`` (matched to the index's stage resolutions), any other
 name by the ``stage`` in its checkpoint metadata, or a flat expert folder holding the checkpoint itself;
 ``Router/`` or ``router/``. Missing optional index fields are filled from the exports' metadata and
-unknown fields are kept (and written back).
+unknown fields are kept (and written back). Checkpoints may also be diffusers folders and the layout Paris 1.0
+publishes (0-based ``expert_0/``, ``router/config.json`` + ``pytorch_model.safetensors``, a ``vae/`` folder):
+``ddm.interop`` reads them; ``ddm.interop_export`` writes a folder in diffusers format.
 
 ``model_index.json`` (Paris 1.0's field names, plus ours)::
 

@@ -47,6 +47,29 @@ def test_expert_equals_flux_transformer_2d_model(tiny_text_dir, tmp_path, preset
     assert _rel(flux_output(tokens, x, model.config.patch_size), ours) <= 1e-5
 
 
+def test_i2v_recipe_with_the_cond_in_side_file(tiny_text_dir, tmp_path):
+    """docs/model_folder.md's i2v recipe: cond tokens @ cond_in.weight.T added after x_embedder."""
+    from safetensors.torch import load_file
+
+    from ddm.interop import COND_IN_FILE
+    from ddm.models.mmdit import patchify
+
+    model = demo_expert(tiny_text_dir, seed=5)
+    save_expert_diffusers(model.state_dict(), model.config, tmp_path / "e")
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "e").eval()
+    weight = load_file(str(tmp_path / "e" / COND_IN_FILE))["cond_in.weight"]
+    x, t, cond = _inputs(model)
+    i2v = torch.randn(x.shape[0], x.shape[1] + 1, *x.shape[2:], generator=torch.Generator().manual_seed(9))
+    extra = patchify(i2v, model.config.patch_size) @ weight.T
+    hook = theirs.x_embedder.register_forward_hook(lambda module, args, out: out + extra)
+    try:
+        with torch.no_grad():
+            (tokens,) = theirs(**flux_inputs(x, t, cond))
+            assert _rel(flux_output(tokens, x), model(x, t, {**cond, "i2v": i2v})) <= 1e-5
+    finally:
+        hook.remove()
+
+
 def test_diffusers_loads_a_sharded_expert_folder(tiny_text_dir, tmp_path):
     model = demo_expert(tiny_text_dir, seed=4)
     save_expert_diffusers(model.state_dict(), model.config, tmp_path / "e", max_shard_bytes=400_000)
@@ -130,3 +153,32 @@ def test_docs_snippet_runs(tiny_text_dir, tmp_path):
     exec(compile(snippet.replace('"paris_diffusers"', repr(str(tmp_path / "paris_diffusers"))), "snippet", "exec"),
          namespace)
     assert namespace["video"].shape == (1, 3, 5, 32, 32) and torch.isfinite(namespace["video"]).all()
+
+
+@pytest.mark.parametrize("preset", ["opensora-v2-11b", "flux-dev"])
+def test_real_scale_experts_map_onto_flux_transformer_2d_model(preset):
+    """At 11B the exported names and shapes are exactly FluxTransformer2DModel's (built on the meta device)."""
+    from ddm.interop import flux_config
+    from ddm.models.layouts import to_diffusers
+    from ddm.models.mmdit import MMDiT
+    from ddm.models.presets import get_expert_config
+
+    cfg = get_expert_config(preset)
+    with torch.device("meta"):
+        ours = MMDiT(cfg)
+        theirs = diffusers.FluxTransformer2DModel(**{k: v for k, v in flux_config(cfg).items() if k[0] != "_"})
+    exported = to_diffusers({k: v for k, v in ours.state_dict().items() if not k.startswith("cond_in.")}, cfg.layout)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_published_vae_maps_onto_autoencoder_kl_hunyuan_video():
+    """The published 884-16c VAE's names and shapes are AutoencoderKLHunyuanVideo's, config from vae_config."""
+    from ddm.interop import vae_config
+    from ddm.models.hunyuan_vae import HunyuanVAEConfig
+    from ddm.models.vae import HunyuanVideoVAE
+
+    with torch.device("meta"):
+        ours = HunyuanVideoVAE(HunyuanVAEConfig())
+        theirs = diffusers.AutoencoderKLHunyuanVideo(**{k: v for k, v in vae_config(ours.config).items()
+                                                        if k[0] != "_"})
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
