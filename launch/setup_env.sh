@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ] || [ "$repo_root/pyproject.toml" -nt "$stamp" ]; then
   # Pinned so pip takes the local CPU wheel instead of a multi-GB CUDA build.
   pip_quiet "torch==2.13.0"
   pip_quiet -e "$repo_root[dev,interop]"
-  python -c "import torch, lightning, transformers, webdataset, av, cv2" \
+  python -c "import torch, lightning, transformers, webdataset, av, cv2, diffusers" \
     || { echo "[setup] installation failed: see pip's output above" >&2; exit 1; }
   touch "$stamp"
 fi
