@@ -1,4 +1,4 @@
-"""Audit a prepared data set: ``python -m data.audit <prep_dir> [--stage stage2]``.
+"""Audit a prepared data set: ``python -m data.audit <prep_dir> [--stage stage2] [--deep]``.
 
 Checks, for one stage's shards (``<prep_dir>/shards/<stage>/``), that
 
@@ -6,8 +6,12 @@ Checks, for one stage's shards (``<prep_dir>/shards/<stage>/``), that
 * every shard sample is a manifest key (and was not rejected), with all its members;
 * ``shards.parquet`` lists exactly what the tars hold (key, expert, split, shard, position).
 
+and, with ``--deep``, that every sample's content is what encode wrote: its SHA-256 (over all its members)
+equals the one ``shards.parquet`` recorded, and it decodes to finite latents / text embeddings.
+
 (Clips rejected by ingest never reach the manifest.) Prints a summary; exits 1 on any mismatch,
-listing the first offenders of each kind. Reads tar headers only, so it is cheap on large sets.
+listing the first offenders of each kind, each naming its shard and key. Without ``--deep`` only tar
+headers are read, so it is cheap on large sets; ``--deep`` reads every byte once.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data.encode import REJECTED_NAME, shards_dir_for
-from data.shards import ShardReadError, available_experts, expert_dirname, read_index, scan_shard
+from data.shards import (HASH_COLUMN, ShardReadError, available_experts, decode_sample, expert_dirname, iter_shard,
+                         non_finite_members, read_index, sample_digest, scan_shard)
 
 REQUIRED_MEMBERS = ("t5.npy", "clip.npy", "txt", "json")
 _SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
@@ -33,6 +38,7 @@ class AuditReport:
 
     prep_dir: Path
     stage: str
+    deep: bool = False
     manifest: int = 0
     rejected: int = 0
     samples: int = 0
@@ -46,7 +52,8 @@ class AuditReport:
 
     def summary(self, max_listed: int = 10) -> str:
         """A multi-line report: one count line, then each kind of problem with its first offenders."""
-        lines = [f"[audit] {self.prep_dir} stage {self.stage}: {self.manifest} manifest keys, {self.rejected} "
+        lines = [f"[audit{' --deep' if self.deep else ''}] {self.prep_dir} stage {self.stage}: {self.manifest} "
+                 f"manifest keys, {self.rejected} "
                  f"rejected by encode, {self.samples} samples in {self.shards} shards → "
                  + ("OK" if self.ok else f"{sum(map(len, self.problems.values()))} problems")]
         lines += [f"  note: {n}" for n in self.notes]
@@ -63,11 +70,30 @@ def _read_column_map(path: Path, value: str) -> dict[str, object]:
     return dict(zip(table["key"], table[value]))
 
 
-def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
-    """Compare manifest, assignments, encode rejects, tars and index of one stage; see the module docstring."""
+def _listing(path: Path, deep: bool) -> list[tuple[str, set[str], str | None, str | None]]:
+    """``[(key, member suffixes, sha256, content problem)]`` of a tar: headers only, or (deep) every payload
+    hashed and decoded. Raises ShardReadError for a damaged tar."""
+    if not deep:
+        return [(key, members, None, None) for key, members in scan_shard(path)]
+    out = []
+    for key, members in iter_shard(path):
+        problem = None
+        try:
+            bad = non_finite_members(decode_sample(key, members))
+            if bad:
+                problem = f"non-finite values in {', '.join(bad)}"
+        except ValueError as e:
+            problem = f"undecodable: {e}"
+        out.append((key, set(members), sample_digest(members), problem))
+    return out
+
+
+def audit(prep_dir: str | Path, stage: str = "stage2", *, deep: bool = False) -> AuditReport:
+    """Compare manifest, assignments, encode rejects, tars and index of one stage; with ``deep``, also every
+    sample's content hash and values. See the module docstring."""
     prep = Path(prep_dir)
     shards_dir = shards_dir_for(prep, stage)
-    report = AuditReport(prep, stage)
+    report = AuditReport(prep, stage, deep)
     for p in (prep / "manifest.parquet", prep / "assignments.parquet", shards_dir / REJECTED_NAME):
         if not p.is_file():
             raise FileNotFoundError(f"cannot audit: '{p}' is missing (has `python -m data.prepare` run for "
@@ -77,13 +103,20 @@ def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
     rejected = _read_column_map(shards_dir / REJECTED_NAME, "reason")
     report.manifest, report.rejected = len(manifest), len(rejected)
     problems = report.problems
+    try:
+        index_rows = read_index(shards_dir).to_pylist()
+    except (FileNotFoundError, ValueError) as e:
+        problems["index unreadable"].append(str(e))
+        index_rows = None
+    recorded = {(r["shard"], r["key"]): r[HASH_COLUMN] for r in index_rows or ()}
+    unhashed = 0
 
     # what the tars hold
     in_tars: set[tuple[str, int, str, str, int]] = set()
     places: dict[str, list[str]] = defaultdict(list)
     for expert in available_experts(shards_dir):
         folder = shards_dir / expert_dirname(expert)
-        leftovers = sorted(p.name for p in folder.glob(".*.tar"))
+        leftovers = sorted(p.name for p in folder.glob(".*.tmp*"))
         if leftovers:
             report.notes.append(f"{folder}: unfinished temp tars {leftovers} (ignored; rerun encode to clean up)")
         for path in sorted(folder.glob("*.tar")):
@@ -95,11 +128,11 @@ def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
                 continue
             report.shards += 1
             try:
-                listed = scan_shard(path)
+                listed = _listing(path, deep)
             except ShardReadError as e:
                 problems["unreadable shards"].append(str(e))
                 continue
-            for position, (key, members) in enumerate(listed):
+            for position, (key, members, digest, content_problem) in enumerate(listed):
                 report.samples += 1
                 split = path.name.split("-")[0]
                 in_tars.add((key, expert, split, rel, position))
@@ -108,6 +141,15 @@ def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
                 lacking = [m for m in REQUIRED_MEMBERS if m not in members]
                 if len(body) != 1 or lacking:
                     problems["incomplete samples"].append(f"{key} in {rel}: members {sorted(members)}")
+                if deep:
+                    want = recorded.get((rel, key))
+                    if want is None:
+                        unhashed += 1
+                    elif digest != want:
+                        problems["content hash mismatches"].append(
+                            f"{key} in {rel}: sha256 {digest[:12]}… but the index recorded {want[:12]}…")
+                    if content_problem:
+                        problems["bad sample contents"].append(f"{key} in {rel}: {content_problem}")
                 if key not in manifest:
                     problems["samples not in the manifest"].append(f"{key} in {rel}")
                 elif key in rejected:
@@ -122,13 +164,13 @@ def audit(prep_dir: str | Path, stage: str = "stage2") -> AuditReport:
     for key in sorted(manifest - set(rejected) - set(places)):
         problems["manifest keys missing from the shards"].append(f"{key} (expert {assigned.get(key)})")
 
+    if unhashed:
+        report.notes.append(f"{unhashed} samples have no content hash in the index (an index written before "
+                            "hashes existed, or rows not in the index): their contents are not verified")
+
     # the index against the tars
-    try:
-        indexed = {(r["key"], r["expert"], r["split"], r["shard"], r["position"])
-                   for r in read_index(shards_dir).to_pylist()}
-    except (FileNotFoundError, ValueError) as e:
-        problems["index unreadable"].append(str(e))
-    else:
+    if index_rows is not None:
+        indexed = {(r["key"], r["expert"], r["split"], r["shard"], r["position"]) for r in index_rows}
         for row in sorted(indexed - in_tars):
             problems["index rows not matching the tars"].append(f"{row[0]} at {row[3]}#{row[4]}")
         for row in sorted(in_tars - indexed):
@@ -142,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                                              "assignments and index.")
     ap.add_argument("prep_dir", help="the prep folder (paths.data_dir of `python -m data.prepare`)")
     ap.add_argument("--stage", default="stage2", help="which shards/<stage> to audit (default: stage2)")
+    ap.add_argument("--deep", action="store_true",
+                    help="also re-hash every sample against shards.parquet and check it decodes to finite values "
+                         "(reads every byte)")
     ap.add_argument("--max-listed", type=int, default=10, help="offenders listed per kind of problem")
     args = ap.parse_args(argv)
     try:
-        report = audit(args.prep_dir, args.stage)
+        report = audit(args.prep_dir, args.stage, deep=args.deep)
     except FileNotFoundError as e:
         print(f"[audit] {e}", file=sys.stderr)
         return 1

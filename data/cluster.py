@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data.embed import load_embeddings
 from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
-from ddm.video_io import atomic_output
+from ddm.checkpoint import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ def save_centroids(fit: TwoLevelFit, path: str | Path, metadata: dict) -> Path:
                "coarse_centroids": fit.coarse_centroids.float().cpu().contiguous(),
                "expert_prices": fit.prices.double().cpu().contiguous()}
     meta = {"format": CENTROIDS_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)
 

@@ -8,7 +8,8 @@ token length) and CLIP (pooled). A still image becomes a static clip (``image_mo
 rejected (``"skip"``). Each sample goes to the ``train`` or ``val`` split by a stable hash of its key.
 
 Outputs, under ``<out_dir>/shards/<stage>/`` (see :mod:`data.shards`): ``expert_<k>/<split>-NNNNNN.tar``,
-``shards.parquet`` (the index), ``encode_rejected.parquet`` (key, reason) and ``encode_plan.json``.
+``shards.parquet`` (the index, with every sample's content hash), ``encode_rejected.parquet`` (key, reason)
+and ``encode_plan.json``.
 
 Resumable: the sample → shard plan is a pure function of the inputs and the config, and every tar is
 written atomically, so a rerun after a crash or a kill skips the complete tars and writes the rest.
@@ -38,13 +39,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data.shards import (SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, scan_shard, shard_relpath,
-                         write_index, write_shard)
+from data.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
+                         shard_relpath, write_index, write_shard)
 from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from ddm.checkpoint import atomic_path
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
-from ddm.video_io import atomic_output, read_video, resize_center_crop
+from ddm.video_io import read_video, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +182,12 @@ def _claim_shards_dir(shards_dir: Path, digest: str, config: Mapping[str, Any]) 
     if any(shards_dir.glob("expert_*/*.tar")):
         raise ValueError(f"'{shards_dir}' holds tars but no {PLAN_NAME}: not written by this encoder; delete it "
                          "or encode under another stage name")
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"plan_hash": digest, "config": config}, indent=2, default=str))
 
 
 def _remove_stale_temp_tars(shards_dir: Path) -> None:
-    stale = list(shards_dir.glob("expert_*/.*.tmp-*.tar"))
+    stale = list(shards_dir.glob("expert_*/.*.tmp*"))  # ddm.checkpoint.atomic_path temp names
     for p in stale:
         p.unlink()
     if stale:
@@ -260,16 +262,20 @@ def _encode_shard(shard: PlannedShard, enc: _Encoders, *, size: tuple[int, int],
 
 
 def _index_rows(shards_dir: Path, shards: Sequence[PlannedShard]) -> tuple[list[dict], set[str]]:
-    """Index rows read back from the tars' headers, and the planned keys found in them."""
+    """Index rows read back from the tars, each with its sample's content hash, and the planned keys found.
+
+    The hashes are taken from the complete tars as they lie on disk (tars of an earlier, killed run
+    included), so what the index records is what training and ``data.audit --deep`` will compare against.
+    """
     rows, found = [], set()
     for shard in shards:
         try:
-            listed = scan_shard(shards_dir / shard.rel)
+            listed = shard_digests(shards_dir / shard.rel)
         except ShardReadError as e:
-            raise RuntimeError(f"a shard written by this run cannot be listed: {e}") from e
-        for position, (key, _) in enumerate(listed):
+            raise RuntimeError(f"a shard written by this run cannot be read back: {e}") from e
+        for position, (key, digest) in enumerate(listed):
             rows.append({"key": key, "expert": shard.expert, "split": shard.split, "shard": shard.rel,
-                         "position": position})
+                         "position": position, HASH_COLUMN: digest})
             found.add(key)
     return rows, found
 

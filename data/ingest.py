@@ -7,8 +7,11 @@ decoding all frames, so the frame counts downstream stages rely on are real.
 
 Output ``manifest.parquet`` columns: ``key`` (stable, unique, dot-free, from the relative path),
 ``path`` (absolute), ``caption``, ``kind`` (video|image), ``num_frames``, ``fps`` (0.0 for images),
-``height``, ``width``. Anything unusable — undecodable, zero-byte, too few frames, no caption, a caption
-that is not UTF-8 — goes to ``rejected.parquet`` (``path``, ``reason``) and the run goes on.
+``height``, ``width``. Anything unusable — undecodable, zero-byte, too few frames, smaller than
+``min_size`` px on its shorter side or more elongated than ``max_aspect`` (a 2×2 or 16×1024 clip would
+otherwise be up-scaled many times over at encode), no caption, a caption that is not UTF-8 — goes to
+``rejected.parquet`` (``path``, ``reason``) and the run goes on. A manifest that is not valid UTF-8 is an
+error naming the file, the line and the offending byte.
 """
 from __future__ import annotations
 
@@ -80,16 +83,50 @@ def _scan_folder(root: Path, video_exts: frozenset[str], image_exts: frozenset[s
     return out
 
 
-def _read_manifest(manifest: Path, video_exts: frozenset[str], image_exts: frozenset[str]) -> list[_Candidate]:
+_RECODE_HINT = "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv`)"
+
+
+def _check_csv_utf8(manifest: Path) -> None:
+    """ValueError naming the line and byte when a CSV manifest is not UTF-8 (pyarrow would otherwise read
+    such a column as bytes, and the captions would silently become ``"b'caf\\xe9'"``)."""
+    data = manifest.read_bytes()
     try:
-        table = pacsv.read_csv(manifest) if manifest.suffix.lower() == ".csv" else pq.read_table(manifest)
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"manifest '{manifest}' is not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, "
+                         f"column {column} ({e.reason}); {_RECODE_HINT}") from None
+
+
+def _text_column(table: pa.Table, name: str, manifest: Path) -> list:
+    """A column as Python strings; a binary column (a parquet written with bytes) must hold UTF-8."""
+    values = table.column(name).to_pylist()
+    if not (pa.types.is_binary(table.column(name).type) or pa.types.is_large_binary(table.column(name).type)):
+        return values
+    out = []
+    for row, raw in enumerate(values, start=1):
+        try:
+            out.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"manifest '{manifest}' is not valid UTF-8: column '{name}', row {row}, byte "
+                             f"0x{raw[e.start]:02x} at position {e.start} ({e.reason}); {_RECODE_HINT}") from None
+    return out
+
+
+def _read_manifest(manifest: Path, video_exts: frozenset[str], image_exts: frozenset[str]) -> list[_Candidate]:
+    is_csv = manifest.suffix.lower() == ".csv"
+    if is_csv:
+        _check_csv_utf8(manifest)
+    try:
+        table = pacsv.read_csv(manifest) if is_csv else pq.read_table(manifest)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"cannot read manifest '{manifest}': {e}") from e
     missing = {"path", "text"} - set(table.column_names)
     if missing:
         raise ValueError(f"manifest '{manifest}' lacks column(s) {sorted(missing)}; it needs 'path' and 'text'")
     out = []
-    for raw_path, text in zip(table.column("path").to_pylist(), table.column("text").to_pylist()):
+    for raw_path, text in zip(_text_column(table, "path", manifest), _text_column(table, "text", manifest)):
         if raw_path is None or not str(raw_path).strip():
             continue  # a blank row has no file to report
         given = Path(str(raw_path))
@@ -130,7 +167,7 @@ def make_keys(rels: Sequence[str]) -> list[str]:
             for k, r in zip(keys, rels)]
 
 
-def _probe(c: _Candidate, min_frames: int) -> dict | str:
+def _probe(c: _Candidate, min_frames: int, min_size: int, max_aspect: float) -> dict | str:
     """Probe one candidate: a manifest row, or the reason it is rejected."""
     if c.problem:
         return c.problem
@@ -140,6 +177,11 @@ def _probe(c: _Candidate, min_frames: int) -> dict | str:
         return f"undecodable: {e}"
     if c.kind == "video" and info["num_frames"] < min_frames:
         return f"only {info['num_frames']} decodable frame(s), fewer than min_frames={min_frames}"
+    h, w = info["height"], info["width"]
+    if min(h, w) < min_size:
+        return f"too small: {w}x{h} px, the shorter side is below min_size={min_size}"
+    if max(h, w) / min(h, w) > max_aspect:
+        return f"too elongated: {w}x{h} px, aspect ratio {max(h, w) / min(h, w):.3g} above max_aspect={max_aspect:g}"
     return {"path": str(c.path), "caption": c.caption, "kind": c.kind, "num_frames": info["num_frames"],
             "fps": info["fps"], "height": info["height"], "width": info["width"]}
 
@@ -161,9 +203,12 @@ def _collect(input_path: Path, video_exts: frozenset[str], image_exts: frozenset
 
 
 def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[str] = VIDEO_EXTS,
-           image_exts: Sequence[str] = IMAGE_EXTS, min_frames: int = 1, workers: int = 1,
-           progress: bool = True) -> StageResult:
+           image_exts: Sequence[str] = IMAGE_EXTS, min_frames: int = 1, min_size: int = 16, max_aspect: float = 4.0,
+           workers: int = 1, progress: bool = True) -> StageResult:
     """Probe every video/image under ``input_path`` and write ``out_dir/manifest.parquet`` + ``rejected.parquet``.
+
+    Files whose shorter side is below ``min_size`` px, or whose longer side is more than ``max_aspect``
+    times the shorter, are rejected with the reason (encode would up-scale them to the stage resolution).
 
     ``workers`` > 1 probes files in a thread pool (PyAV decodes outside the GIL). Skips all work when
     the same inputs and settings were already ingested into ``out_dir``.
@@ -173,9 +218,11 @@ def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[
     vexts, iexts = _norm_exts(video_exts), _norm_exts(image_exts)
     if min_frames < 1:
         raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+    if min_size < 1 or not max_aspect >= 1.0:
+        raise ValueError(f"min_size must be >= 1 and max_aspect >= 1, got {min_size} and {max_aspect}")
     candidates = _collect(src, vexts, iexts)
     config = {"stage": STAGE, "input": str(src.resolve()), "video_exts": sorted(vexts),
-              "image_exts": sorted(iexts), "min_frames": min_frames}
+              "image_exts": sorted(iexts), "min_frames": min_frames, "min_size": min_size, "max_aspect": max_aspect}
     # The files that matter: the manifest (if any), every media file and its sidecar caption.
     files = [] if src.is_dir() else [src]
     files += [p for c in candidates for p in (c.path, c.path.with_suffix(".txt")) if p.is_file()]
@@ -192,7 +239,7 @@ def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[
     unique = [c for c in candidates if c.problem != _DUPLICATE]
     key_of = dict(zip((c.path for c in unique), make_keys([c.rel for c in unique])))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        probed = list(tqdm(pool.map(lambda c: _probe(c, min_frames), candidates), total=len(candidates),
+        probed = list(tqdm(pool.map(lambda c: _probe(c, min_frames, min_size, max_aspect), candidates), total=len(candidates),
                            desc="ingest", disable=not progress))
     rows, rejected = [], []
     for c, res in zip(candidates, probed):

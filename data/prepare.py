@@ -9,6 +9,8 @@ inputs and config does no work) and encode resumes after a crash. Everything goe
 
 Configuration mistakes are reported before any heavy work: a missing or empty ``input``, more experts
 than samples, an embedder / VAE / text-encoder folder that does not exist (with where to get it).
+One writer per prep folder: a run holds ``<data_dir>/.lock`` (:mod:`ddm.lock`) from its first write to
+its end.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from data.ingest import ingest
 from data.stage import StageResult
 from ddm.assets import require_path
 from ddm.flow import latent_frames
+from ddm.lock import DirLock
 from ddm.models.text import make_tiny_text_encoders
 
 log = logging.getLogger("data.prepare")
@@ -106,18 +109,27 @@ def check_enough_samples(manifest_path: Path, num_experts: int) -> None:
 
 
 def prepare(cfg: DictConfig) -> dict[str, StageResult]:
-    """Run the configured stages; returns each stage's result by name."""
+    """Run the configured stages; returns each stage's result by name.
+
+    The prep folder is locked for the whole run (:class:`ddm.lock.DirLock`): a second ``data.prepare`` on
+    it is refused with :class:`ddm.lock.DirLockedError` naming the holder's host and PID, instead of the
+    two deleting each other's temporary tars.
+    """
     stages = selected_stages(cfg.stages)
     preflight(cfg, stages)
     prep = Path(cfg.paths.data_dir)
-    prep.mkdir(parents=True, exist_ok=True)
+    with DirLock(prep, "prep dir"):
+        return _run_stages(cfg, stages, prep)
+
+
+def _run_stages(cfg: DictConfig, stages: Sequence[str], prep: Path) -> dict[str, StageResult]:
     manifest, embeddings, assignments = prep / "manifest.parquet", prep / "embeddings.parquet", prep / "assignments.parquet"
     log.info("[prepare] stages %s → %s", stages, prep.resolve())
     results: dict[str, StageResult] = {}
     common = {"progress": bool(cfg.progress)}
     if "ingest" in stages:
-        results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, workers=cfg.ingest.workers,
-                                   **common)
+        results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, min_size=cfg.ingest.min_size,
+                                   max_aspect=cfg.ingest.max_aspect, workers=cfg.ingest.workers, **common)
     if "embed" in stages or "cluster" in stages:
         check_enough_samples(manifest, cfg.num_experts)
     if "embed" in stages:

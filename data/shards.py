@@ -4,17 +4,21 @@ Layout (docs/architecture.md, "Shards")::
 
     <shards_dir> = <prep>/shards/<stage>/
         expert_<k>/<split>-NNNNNN.tar     one WebDataset tar per shard, split in {train, val}
-        shards.parquet                     index: key, expert, split, shard (path relative to shards_dir), position
+        shards.parquet                     index: key, expert, split, shard (path relative to shards_dir), position,
+                                           sha256 (the sample's content hash, :func:`sample_digest`)
 
 A sample is the tar members ``<key>.latent.npy`` (float16 (C, T, H, W)) or ``<key>.frames.npy`` (uint8
 (F, H, W, 3), raw-frames mode), ``<key>.t5.npy`` (float16 (L_true, D)), ``<key>.clip.npy`` (float32 (D,)),
 ``<key>.txt`` and ``<key>.json``. Keys carry no dots: WebDataset splits a member name at its first dot.
 
 Every tar is written under a temporary name and renamed only once complete, so a tar under a final
-name is never torn by a crash of the writer.
+name is never torn by a crash of the writer. Damage from outside (a flipped byte on disk, a bad copy) is
+caught by the content hash the index records per sample: ``python -m data.audit --deep`` re-hashes every
+sample, and the DataModule checks each sample it reads.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -26,17 +30,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from data.stage import write_parquet_atomic
-from ddm.video_io import atomic_output
+from ddm.checkpoint import atomic_path
 
 SPLITS = ("train", "val")
 INDEX_NAME = "shards.parquet"
 META_FIELDS = ("key", "expert", "split", "caption", "fps", "num_frames", "height", "width", "source")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("expert", pa.int64()), ("split", pa.string()),
-                          ("shard", pa.string()), ("position", pa.int64())])
+                          ("shard", pa.string()), ("position", pa.int64()), ("sha256", pa.string())])
+HASH_COLUMN = "sha256"  # null in indexes written before content hashes existed (their samples are not verified)
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _EXPERT_DIR_RE = re.compile(r"^expert_(\d+)$")
@@ -170,6 +176,25 @@ def decode_sample(key: str, members: Mapping[str, bytes]) -> dict[str, Any]:
     return out
 
 
+def sample_digest(members: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of one sample's content: every member (``{suffix: bytes}``, as :func:`iter_shard` yields
+    them or :func:`encode_sample` makes them; ``__key__``-style entries are ignored) in sorted name order,
+    each as its name, its length and its bytes, so no two different samples share the framing."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in members if not n.startswith("__")):
+        data = members[name]
+        h.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def non_finite_members(sample: Mapping[str, Any]) -> list[str]:
+    """Members of a decoded sample (:func:`decode_sample`) whose floats hold NaN or infinity; ``[]`` when all
+    are finite (uint8 frames always are)."""
+    return [f"{name}.npy" for name in ("latent", "t5", "clip")
+            if name in sample and not np.isfinite(sample[name]).all()]
+
+
 # ---------------------------------------------------------------------------------------------------
 # writing
 
@@ -186,7 +211,7 @@ def write_shard(path: str | Path, samples: Iterable[Mapping[str, Any]]) -> list[
     part-way leaves no file under the final name.
     """
     keys: list[str] = []
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f, _tar_writer(f) as tar:
             for sample in samples:
                 keys.append(check_key(sample["__key__"]))
@@ -226,7 +251,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_output(self.directory / self.shard_name))
+        tmp = self._stack.enter_context(atomic_path(self.directory / self.shard_name))
         self._tar = _tar_writer(self._stack.enter_context(open(tmp, "wb")))
 
     def _finish(self) -> None:
@@ -279,9 +304,28 @@ def index_path(shards_dir: str | Path) -> Path:
     return Path(shards_dir) / INDEX_NAME
 
 
+def shard_digests(path: str | Path) -> list[tuple[str, str]]:
+    """``[(key, sample_digest)]`` of every sample of a tar, in file order (reads the whole tar)."""
+    return [(key, sample_digest(members)) for key, members in iter_shard(path)]
+
+
 def write_index(shards_dir: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write the index (rows with key, expert, split, shard, position), sorted by shard then position."""
-    rows = sorted(rows, key=lambda r: (r["shard"], r["position"]))
+    """Write the index (rows with key, expert, split, shard, position and sha256), sorted by shard then position.
+
+    Rows without a ``sha256`` get it from their tar, read back (one pass over each such tar); a row whose
+    key is not at its position in the tar is a ValueError.
+    """
+    rows = sorted((dict(r) for r in rows), key=lambda r: (r["shard"], r["position"]))
+    digests: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        if r.get(HASH_COLUMN):
+            continue
+        if r["shard"] not in digests:
+            digests[r["shard"]] = shard_digests(Path(shards_dir) / r["shard"])
+        listed = digests[r["shard"]]
+        if not 0 <= r["position"] < len(listed) or listed[r["position"]][0] != r["key"]:
+            raise ValueError(f"index row {r['key']} at {r['shard']}#{r['position']} does not match the tar")
+        r[HASH_COLUMN] = listed[r["position"]][1]
     table = pa.table({name: [r[name] for r in rows] for name in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)
     return write_parquet_atomic(table, index_path(shards_dir))
 
@@ -293,10 +337,25 @@ def read_index(shards_dir: str | Path) -> pa.Table:
         raise FileNotFoundError(f"no shard index at '{path}': is '{shards_dir}' a shards dir written by "
                                 "`python -m data.prepare` (stages encode)?")
     table = pq.read_table(path)
+    if HASH_COLUMN not in table.column_names:  # written before content hashes: read, but nothing to verify
+        table = table.append_column(HASH_COLUMN, pa.nulls(len(table), pa.string()))
     missing = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ValueError(f"'{path}' lacks columns {missing}")
     return table.select(INDEX_SCHEMA.names)
+
+
+def index_digests(shards_dir: str | Path, shards: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """``{shard: {key: sha256}}`` from the index (only ``shards`` when given; samples without a hash left out)."""
+    table = read_index(shards_dir).select(["shard", "key", HASH_COLUMN])
+    if shards is not None:  # filter in Arrow: a worker converts only its own shards' rows to Python
+        table = table.filter(pc.is_in(table["shard"], value_set=pa.array(sorted(set(shards)), pa.string())))
+    index = table.to_pydict()
+    out: dict[str, dict[str, str]] = {}
+    for shard, key, digest in zip(index["shard"], index["key"], index[HASH_COLUMN]):
+        if digest:
+            out.setdefault(shard, {})[key] = digest
+    return out
 
 
 def shard_sizes(shards_dir: str | Path, split: str | None = None) -> dict[str, tuple[int, int]]:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ddm.video_io import atomic_output  # the one temp-file + rename helper, shared with the video writers
+from ddm.checkpoint import atomic_path  # the one temp-file + fsync + rename helper of the project
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,13 @@ def mark_stage_done(out_dir: str | Path, stage: str, fingerprint: str, result: S
     """Record that ``stage`` completed; call only after every output is in place."""
     marker = marker_path(out_dir, stage)
     payload = {"format": MARKER_FORMAT, "stage": stage, "fingerprint": fingerprint, "result": result.to_dict()}
-    with atomic_output(marker) as tmp:
+    with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
     return marker
 
 
 def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write ``table`` to ``path`` through a temporary file + rename; returns the path."""
-    with atomic_output(path) as tmp:
+    """Write ``table`` to ``path`` atomically (:func:`ddm.checkpoint.atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)

@@ -39,7 +39,7 @@ COMPONENTS: dict[str, Component] = {
     ),
     "dinov2": Component(
         "DINOv2 (for clustering embeddings)", "facebook/dinov2-base (or -large/-giant)", "the whole repository",
-        "the path given as embed.model_path", "Apache 2.0",
+        "the path given as embedder.path", "Apache 2.0",
     ),
     "i3d": Component(
         "I3D Kinetics-400 TorchScript (FVD)", "the StyleGAN-V / stylegan2-ada FVD release",

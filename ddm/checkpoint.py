@@ -11,6 +11,10 @@ Every safetensors header carries the export metadata (``format`` = ``ddm-export-
 ``train_config``, or any other JSON-able key), each value stored as a JSON-encoded string because
 safetensors headers only hold strings. The index keeps the same metadata as plain JSON.
 
+Every export also records ``tensor_sha256`` ({name: hex SHA-256 of the tensor's dtype, shape and bytes}) in
+its metadata; :func:`load_export` recomputes them and refuses a file whose tensors changed since the export
+was written, naming the file (exports without the key, written before it existed, load unchecked).
+
 Every file is written atomically (temp file in the same folder, fsync, ``os.replace``), so a crash
 mid-write never replaces a good file with a torn one. The shard index is written last: it is the
 commit point of the sharded copy, and shards it no longer names are removed only after it.
@@ -22,7 +26,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ EXPORT_FORMAT = "ddm-export-v1"
 MASTER_FILE = "master.safetensors"
 SHARD_DIR = "model"
 INDEX_FILE = "model.safetensors.index.json"
+HASHES_KEY = "tensor_sha256"  # metadata: {tensor name: tensor_sha256(tensor)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,20 +69,22 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``writer(tmp_path)``, then move it into place atomically.
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; when the block succeeds it is fsynced, given the usual
+    permissions and moved into place (``os.replace``), else removed and ``path`` left untouched.
 
-    ``writer`` writes the whole file at the temporary path it is given (same folder, so the final
-    ``os.replace`` is a rename on one file system). If ``writer`` raises, the temporary file is
-    removed and an existing file at ``path`` is left untouched.
+    The context-manager form of :func:`atomic_write`, for writers that stream into the file over many
+    calls (shard tars, videos).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # ".tmp" then the target's own suffix: writers that pick the format from the name (cv2, PIL) still can.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions (team-readable)
@@ -85,7 +93,18 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``writer(tmp_path)``, then move it into place atomically.
+
+    ``writer`` writes the whole file at the temporary path it is given (same folder, so the final
+    ``os.replace`` is a rename on one file system). If ``writer`` raises, the temporary file is
+    removed and an existing file at ``path`` is left untouched.
+    """
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:
@@ -175,8 +194,8 @@ def save_export(state_dict: Mapping[str, torch.Tensor], folder: str | Path, meta
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    header = _encode_metadata(metadata)
     tensors = _prepare_tensors(state_dict)
+    header = _encode_metadata({**metadata, HASHES_KEY: tensor_hashes(tensors)})
     if single_file:
         atomic_write(folder / MASTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         log.info("export: wrote %s (%d tensors)", folder / MASTER_FILE, len(tensors))
@@ -233,18 +252,44 @@ def _read_index(index_path: Path) -> dict[str, Any]:
     return index
 
 
-def _load_sharded(index_path: Path, device: str) -> dict[str, torch.Tensor]:
+def _load_file(file: Path, device: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with an error naming the file when it is not readable."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file), device=device)
+    except Exception as err:  # SafetensorError, OSError, ...: the library's message does not name the file
+        raise ValueError(f"'{file}' is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+                         "damaged or incomplete: export it again or restore it from a copy") from err
+
+
+def _verify(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], file: Path) -> None:
+    """Compare ``tensors`` with the metadata's recorded hashes (exports without them are not checked)."""
+    recorded = meta.get(HASHES_KEY)
+    if not isinstance(recorded, Mapping):
+        return
+    got = tensor_hashes(tensors)
+    for key in tensors:
+        want = recorded.get(key)
+        if want is None:
+            raise ValueError(f"'{file}': tensor '{key}' has no recorded sha256 in the export metadata; the file "
+                             "was modified after the export was written")
+        if got[key] != want:
+            raise ValueError(f"'{file}': tensor '{key}' does not match its recorded sha256: the file was modified "
+                             "or damaged after the export was written; export it again or restore it from a copy")
+
+
+def _load_sharded(index_path: Path, device: str, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     weight_map: dict[str, str] = _read_index(index_path)["weight_map"]
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = load_file(str(index_path.parent / shard), device=device)
+        tensors = _load_file(index_path.parent / shard, device)
         listed = {k for k, f in weight_map.items() if f == shard}
         missing, extra = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
         if missing or extra:
             raise ValueError(f"shard {index_path.parent / shard} does not match {index_path.name}: "
                              f"tensors missing {missing[:10]}, not in the index {extra[:10]}")
+        _verify(tensors, meta, index_path.parent / shard)
         state_dict.update(tensors)
     return {k: state_dict[k] for k in sorted(weight_map)}  # sorted, as safetensors files are
 
@@ -254,14 +299,19 @@ def load_export(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.
     ``model/``), a ``.safetensors`` file, a ``model/`` folder or its index file.
 
     A sharded copy is validated against its index: a missing shard file, or a tensor missing from
-    (or not listed for) its shard, raises.
+    (or not listed for) its shard, raises. Every tensor is checked against the ``tensor_sha256`` recorded
+    in the metadata; an unreadable file or a changed tensor raises a ValueError naming the file.
     """
-    from safetensors.torch import load_file
-
     kind, file = _resolve_export(path)
+    meta = read_export_metadata(file)
     if kind == "file":
-        return load_file(str(file), device=device), read_export_metadata(file)
-    return _load_sharded(file, device), read_export_metadata(file)
+        tensors = _load_file(file, "cpu")  # verified where it was read, then moved
+        _verify(tensors, meta, file)
+    else:
+        tensors = _load_sharded(file, "cpu", meta)
+    if torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, meta
 
 
 def read_export_metadata(path: str | Path) -> dict[str, Any]:
@@ -273,8 +323,12 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         meta = dict(_read_index(file).get("metadata", {}))
         meta.pop("total_size", None)
         return meta
-    with safe_open(str(file), framework="pt") as f:
-        return _decode_metadata(f.metadata())
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return _decode_metadata(f.metadata())
+    except Exception as err:  # SafetensorError: a damaged header; its message does not name the file
+        raise ValueError(f"'{file}' is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+                         "damaged or incomplete: export it again or restore it from a copy") from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +342,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 over one tensor's dtype, shape and raw bytes (the export's ``tensor_sha256`` entries)."""
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
+    return h.hexdigest()
+
+
+def tensor_hashes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: tensor_sha256(tensor)}`` for every tensor, hashed on several threads (hashlib releases the GIL
+    on large buffers, so this scales with the cores: tests/benchmarks/bench_export_hashes.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = list(state_dict)
+    workers = min(8, os.cpu_count() or 1, max(1, len(keys)))
+    if workers == 1:
+        return {key: tensor_sha256(state_dict[key]) for key in keys}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(keys, pool.map(lambda key: tensor_sha256(state_dict[key]), keys)))
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

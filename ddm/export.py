@@ -15,12 +15,17 @@
 index still names them). Every export must come from the same experiment: the same clustering
 (``centroids_hash``), number of experts, VAE and, per stage, the same shards (``manifest_hash``) and
 geometry; a disagreement is an error naming the field and the exports.
+
+Nothing is written before every export is found and checked. The folder is then assembled at
+``.<out>.partial`` beside ``--out`` and swapped in only when complete (``--overwrite``: the old folder is
+set aside as ``.<out>.old`` and removed after the swap), so a failed export never loses an existing folder.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -30,7 +35,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import read_export_metadata
+from ddm.checkpoint import fsync_dir, load_export, read_export_metadata
+from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors
 from ddm.pipeline import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
                           copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
@@ -170,21 +176,79 @@ def bundle_text(t5_dir: Path, clip_dir: Path, out: Path, mode: str | None) -> No
                     "python -m ddm.models.text --make-null %s", nulls[0], out)
 
 
+# --- staging and the swap ---------------------------------------------------------------------------------------
+def staging_dir(out: Path) -> Path:
+    """Where the new folder is assembled: ``.<name>.partial`` beside ``out`` (same file system: a rename)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def swap_into_place(staged: Path, out: Path) -> None:
+    """Move the complete ``staged`` folder to ``out``; an existing ``out`` is set aside first
+    (``.<name>.old``) and removed only once the new folder is in place. If the second rename fails the
+    old folder is put back, so at every moment one complete folder exists under ``out`` or ``.<name>.old``."""
+    old = out.with_name(f".{out.name}.old")
+    _remove(old)
+    had_old = out.exists() or out.is_symlink()
+    if had_old:
+        os.replace(out, old)
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    if had_old:
+        _remove(old)
+
+
 # --- the folder ----------------------------------------------------------------------------------------------------
 def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, stages: Sequence[str] | None = None,
                   sharded: bool = True, text_from: str | Path | None = None, vae: str | None = None,
                   third_party: str | None = "copy", overwrite: bool = False,
-                  scheduler: dict[str, Any] | None = None) -> Path:
+                  scheduler: dict[str, Any] | None = None, dtype: str | None = None, single_file: bool = True,
+                  checkpoint_format: str = "ddm") -> Path:
     """Assemble a model folder from ``runs`` (= ``runs/<experiment>``) into ``out``; see the module docstring.
 
     ``third_party``: ``copy`` | ``link`` | None (do not bundle vae.pt, t5/, clip/). ``scheduler``: sampling
-    defaults recorded in the index (``num_steps``, ``cfg_scale``) over the Paris defaults. Returns ``out``.
+    defaults recorded in the index (``num_steps``, ``cfg_scale``) over the Paris defaults. ``dtype``: ``fp32`` |
+    ``bf16`` | ``fp16`` casts every checkpoint (default: as trained). ``single_file`` / ``sharded``: which copies
+    (master.safetensors, model/) to write. ``checkpoint_format="diffusers"``: experts as FluxTransformer2DModel
+    folders, the VAE as AutoencoderKLHunyuanVideo, a scheduler config (``ddm.interop_export``). Returns ``out``.
     """
+    if checkpoint_format not in ("ddm", "diffusers"):
+        raise ValueError(f"checkpoint_format must be 'ddm' or 'diffusers', got {checkpoint_format!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not (single_file or sharded):
+        raise ValueError("write at least one copy: master.safetensors (single_file) or model/ (sharded)")
+    if checkpoint_format == "diffusers":
+        from ddm.interop_export import export_diffusers
+
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"'{out}' already exists; pass --overwrite to replace it")
+        native = out.with_name(f".{out.name}.native")
+        export_folder(runs, native, monolith=monolith, stages=stages, sharded=False, text_from=text_from, vae=vae,
+                      third_party=third_party, overwrite=True, scheduler=scheduler)
+        try:
+            return export_diffusers(native, out, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
+        finally:
+            _remove(native)
     runs, out = Path(runs), Path(out)
-    if (out / MODEL_INDEX).exists():
-        if not overwrite:
+    if out.exists() and not overwrite:
+        if (out / MODEL_INDEX).exists():
             raise FileExistsError(f"'{out}' already holds a model folder; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        if not out.is_dir() or any(out.iterdir()):
+            raise FileExistsError(f"'{out}' exists and is not an empty folder; pass --overwrite to replace it")
+    # everything is validated before anything is written: a failed export never touches an existing folder
     experts = find_expert_exports(runs, monolith, stages)
     stage_names = list(next(iter(experts.values())))
     routers = {} if monolith else find_router_exports(runs, stage_names)
@@ -210,16 +274,6 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
     if wrong:
         raise ValueError(f"exports of the wrong kind: {wrong}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(src, out / f"expert{k}" / s) for k, per in experts.items() for s, src in per.items()]
-    router_rel: str | dict[str, str] | None = None
-    if routers:
-        router_rel = ROUTER_DIR if len(routers) == 1 else {s: f"{ROUTER_DIR}/{s}" for s in routers}
-        jobs += [(src, out / (ROUTER_DIR if len(routers) == 1 else f"{ROUTER_DIR}/{s}")) for s, src in routers.items()]
-    for src, dst in tqdm(jobs, desc="exporting checkpoints", unit="ckpt"):
-        copy_export(src, dst, single_file=True, sharded=sharded)
-        log.info("%s → %s", src, dst)
-
     text = train_config.get("text") or {}
     if text_from is not None:
         t5_dir, clip_dir = Path(text_from) / "t5", Path(text_from) / "clip"
@@ -228,31 +282,55 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
     else:
         raise ValueError("the exports' train_config names no text encoders (text.t5_dir, text.clip_dir): pass "
                          "--text-from DIR (a folder holding t5/ and clip/)")
-    bundle_text(t5_dir, clip_dir, out, third_party)
     vae_spec = vae if vae is not None else train_config.get("vae")
     if not vae_spec:
         raise ValueError("the exports' train_config names no VAE: pass --vae PATH or --vae '{\"type\": ...}'")
 
-    config = first.get("config") or {}
-    flow = train_config.get("flow") or {}
-    index = ModelIndex(
-        num_experts=num_experts, experts=[f"expert{k}" for k in experts],
-        expert_architecture=ARCHITECTURES.get(config.get("layout"), config.get("layout")),
-        router_architecture="dit-router" if routers else None, router=router_rel,
-        vae=vae_entry(vae_spec, out, third_party),
-        stages={s: stage_geometry_from_metadata(metas[f"expert1/{s}"][1], s) for s in stage_names},
-        default_stage=stage_names[-1], text_pad_to=(train_config.get("recipe") or {}).get("text_pad_to"),
-        scheduler={**DEFAULT_SCHEDULER, "shift": flow["shift"] if flow.get("shift") is not None else "video",
-                   **(scheduler or {})},
-        extra={"expert_preset": config.get("preset"), "monolith": monolith, "source": {
-            "runs": str(runs.resolve()), "experiment": first.get("experiment"),
-            "centroids_hash": first.get("centroids_hash"),
-            "steps": {label: m.get("step") for label, (_, m) in metas.items()}}},
-    )
-    write_model_index(out, index)
-    log.info("model folder written: %s (%d expert(s), stages %s, router %s)", out, num_experts,
+    final, out = out, staging_dir(out)
+    _remove(out)  # left by an export killed mid-write
+    out.mkdir(parents=True)
+    try:
+        jobs = [(src, out / f"expert{k}" / s) for k, per in experts.items() for s, src in per.items()]
+        bundle_text(t5_dir, clip_dir, out, third_party)
+        router_rel: str | dict[str, str] | None = None
+        if routers:
+            router_rel = ROUTER_DIR if len(routers) == 1 else {s: f"{ROUTER_DIR}/{s}" for s in routers}
+            jobs += [(src, out / (ROUTER_DIR if len(routers) == 1 else f"{ROUTER_DIR}/{s}"))
+                     for s, src in routers.items()]
+        for src, dst in tqdm(jobs, desc="exporting checkpoints", unit="ckpt"):
+            if dtype is None:
+                copy_export(src, dst, single_file=single_file, sharded=sharded)
+            else:
+                state_dict, meta = load_export(src)
+                state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+                copy_export(src, dst, single_file=single_file, sharded=sharded, state_dict=state_dict,
+                            metadata={**meta, "export_dtype": dtype})
+            log.info("%s → %s", src, dst)
+
+        config = first.get("config") or {}
+        flow = train_config.get("flow") or {}
+        index = ModelIndex(
+            num_experts=num_experts, experts=[f"expert{k}" for k in experts],
+            expert_architecture=ARCHITECTURES.get(config.get("layout"), config.get("layout")),
+            router_architecture="dit-router" if routers else None, router=router_rel,
+            vae=vae_entry(vae_spec, out, third_party),
+            stages={s: stage_geometry_from_metadata(metas[f"expert1/{s}"][1], s) for s in stage_names},
+            default_stage=stage_names[-1], text_pad_to=(train_config.get("recipe") or {}).get("text_pad_to"),
+            scheduler={**DEFAULT_SCHEDULER, "shift": flow["shift"] if flow.get("shift") is not None else "video",
+                       **(scheduler or {})},
+            extra={"expert_preset": config.get("preset"), "monolith": monolith, "source": {
+                "runs": str(runs.resolve()), "experiment": first.get("experiment"),
+                "centroids_hash": first.get("centroids_hash"),
+                "steps": {label: m.get("step") for label, (_, m) in metas.items()}}},
+        )
+        write_model_index(out, index)
+    except BaseException:
+        _remove(out)  # the staged copy only; ``final`` was never touched
+        raise
+    swap_into_place(out, final)
+    log.info("model folder written: %s (%d expert(s), stages %s, router %s)", final, num_experts,
              ", ".join(stage_names), router_rel)
-    return out
+    return final
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,6 +340,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--monolith", action="store_true", help="a one-expert folder from runs/<exp>/monolith/")
     parser.add_argument("--stages", default=None, help="comma-separated stages (default: every stage exported)")
     parser.add_argument("--no-sharded", action="store_true", help="write only master.safetensors, no model/")
+    parser.add_argument("--formats", default="master,sharded",
+                        help="copies of each checkpoint: master (master.safetensors), sharded (model/), or both "
+                             "(default: master,sharded, as Paris ships)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast every checkpoint to this dtype (default: as trained)")
+    parser.add_argument("--format", dest="checkpoint_format", choices=("ddm", "diffusers"), default="ddm",
+                        help="ddm: our folder; diffusers: experts as FluxTransformer2DModel folders, the VAE as "
+                             "AutoencoderKLHunyuanVideo, a FlowMatchEulerDiscreteScheduler config")
     parser.add_argument("--text-from", type=Path, default=None,
                         help="folder with t5/ and clip/ (default: the runs' train_config text.t5_dir/clip_dir)")
     parser.add_argument("--vae", default=None, help="a vae.pt path or a JSON VAE spec (default: the runs' config)")
@@ -280,9 +366,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     third_party = None if args.no_third_party else ("link" if args.link else "copy")
-    out = export_folder(args.runs, args.out, monolith=args.monolith, stages=stages, sharded=not args.no_sharded,
+    formats = {f.strip() for f in args.formats.split(",") if f.strip()}
+    if not formats or formats - {"master", "sharded"}:
+        parser.error(f"--formats takes master, sharded or master,sharded; got {args.formats!r}")
+    out = export_folder(args.runs, args.out, monolith=args.monolith, stages=stages,
+                        sharded="sharded" in formats and not args.no_sharded, single_file="master" in formats,
                         text_from=args.text_from, vae=args.vae, third_party=third_party, overwrite=args.overwrite,
-                        scheduler=scheduler)
+                        scheduler=scheduler, dtype=args.dtype, checkpoint_format=args.checkpoint_format)
     print(f"model folder written to {out}")
 
 

@@ -2,13 +2,15 @@
 
 ::
 
-    python -m ddm.generate --model FOLDER --prompt "a red car" "a cat" [--image first_frame.png]
+    python -m ddm.generate --model FOLDER --prompt "a red car" "a cat" [--image first_frame.png [--image-fit crop]]
         [--strategy top1|topk|full|threshold|oracle] [--k 2] [--steps 50] [--cfg 7.5] [--seed 0]
         [--stage stage2|stage3] [--frames 129] [--out samples] [--trace]
 
 Writes ``<out>/<index>_<slug>.mp4`` and ``.gif`` per sample, ``<out>/samples.json`` (prompt, seed and files
 of every sample, and the settings), and with ``--trace`` the routing trace as ``routing_trace.json`` and
 ``routing_trace.png``. Sample i uses seed ``--seed + i``, so a run is reproducible.
+
+The arguments, the images and a writable ``--out`` are checked before any expert is loaded.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import argparse
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ddm.pipeline import DDMPipeline
+from ddm.pipeline import DDMPipeline, read_model_index
 from ddm.sampler import STRATEGIES
 from ddm.video_io import write_gif, write_video
 
@@ -53,6 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     parser.add_argument("--image", type=Path, action="append", default=None,
                         help="first-frame image (i2v): once for every prompt, or once per prompt")
+    parser.add_argument("--image-fit", choices=["crop", "resize"], default=None,
+                        help="an image of another aspect ratio than the video: crop (scale to cover, centre-crop) "
+                             "or resize (stretch); without it such an image is an error")
     parser.add_argument("--strategy", choices=STRATEGIES, default="topk")
     parser.add_argument("--k", type=int, default=2, help="experts kept by --strategy topk")
     parser.add_argument("--threshold", type=float, default=0.1, help="weight threshold of --strategy threshold")
@@ -75,6 +81,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_out_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file there, so a read-only or impossible ``--out`` fails before any
+    model is loaded or any sample drawn."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--out {out} is not writable: {err}") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every cheap check before the experts are loaded: the numbers, the model index, the images, --out."""
+    for name, value, low in (("--steps", args.steps, 1), ("--k", args.k, 1), ("--batch-size", args.batch_size, 1),
+                             ("--frames", args.frames, 1), ("--height", args.height, 1), ("--width", args.width, 1)):
+        if value is not None and value < low:
+            raise SystemExit(f"{name} must be >= {low}, got {value}")
+    if args.frames is not None and (args.frames - 1) % 4:
+        raise SystemExit(f"--frames must be 4k+1 (1, 5, 9, ...), got {args.frames}")
+    if args.strategy == "threshold" and not 0.0 < args.threshold <= 1.0:
+        raise SystemExit(f"--threshold must be in (0, 1], got {args.threshold}")
+    try:
+        num_experts = read_model_index(args.model).num_experts  # model_index.json alone: no weights read
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    if num_experts and num_experts > 1:
+        if args.strategy == "topk" and args.k > num_experts:
+            raise SystemExit(f"--k {args.k} is more than the {num_experts} experts of {args.model}")
+        if args.strategy == "oracle" and args.expert is not None and not 1 <= args.expert <= num_experts:
+            raise SystemExit(f"--expert {args.expert} is outside 1..{num_experts}")
+    missing = [str(p) for p in args.image or [] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--image file(s) not found: {', '.join(missing)}")
+    check_out_writable(args.out)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the CLI; returns the written video paths."""
     args = parse_args(argv)
@@ -88,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         images = args.image * len(prompts) if len(args.image) == 1 else list(args.image)
     if args.strategy == "oracle" and args.expert is None:
         raise SystemExit("--strategy oracle needs --expert K (the expert every sample uses)")
+    check_args(args)
 
     log.info("loading %s (stage %s) on %s", args.model, args.stage or "default", args.device)
     pipe = DDMPipeline.from_pretrained(args.model, stage=args.stage, device=args.device,
@@ -96,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     result = pipe.generate(prompts, num_frames=args.frames, height=args.height, width=args.width,
                            num_steps=args.steps, cfg_scale=args.cfg, strategy=args.strategy, k=args.k,
                            threshold=args.threshold, seeds=args.seed, images=images, batch_size=args.batch_size,
-                           trace=args.trace, oracle_ids=args.expert)
+                           trace=args.trace, oracle_ids=args.expert, image_fit=args.image_fit)
     fps = result.fps or DEFAULT_FPS
     written, records = [], []
     for i, (prompt, video) in enumerate(tqdm(list(zip(prompts, result.videos)), desc="writing", unit="video")):

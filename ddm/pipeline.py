@@ -14,7 +14,9 @@ expert folders ``expert1``, ``expert_1``, ``Expert-1``, ``experts/1``, ``experts
 ``stage2``, ``stage_2``, ``s2``, ``256px`` / ``256`` (matched to the index's stage resolutions), any other
 name by the ``stage`` in its checkpoint metadata, or a flat expert folder holding the checkpoint itself;
 ``Router/`` or ``router/``. Missing optional index fields are filled from the exports' metadata and
-unknown fields are kept (and written back).
+unknown fields are kept (and written back). Checkpoints may also be diffusers folders and the layout Paris 1.0
+publishes (0-based ``expert_0/``, ``router/config.json`` + ``pytorch_model.safetensors``, a ``vae/`` folder):
+``ddm.interop`` reads them; ``ddm.interop_export`` writes a folder in diffusers format.
 
 ``model_index.json`` (Paris 1.0's field names, plus ours)::
 
@@ -43,8 +45,10 @@ from tqdm.auto import tqdm
 
 from ddm.assets import require_path
 from ddm.checkpoint import (INDEX_FILE, MASTER_FILE, SHARD_DIR, atomic_save_torch, atomic_write,
-                            build_model_from_export, load_export, read_export_metadata, save_export)
+                            save_export)
 from ddm.flow import video_shift_alpha
+from ddm.interop import (build_checkpoint_model, is_checkpoint_dir, load_checkpoint, load_vae_diffusers,
+                         read_checkpoint_metadata)
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
 from ddm.models.vae import PixelVAE, build_vae, load_vae
 from ddm.sampler import ExpertPlacement, RoutingTrace, sample
@@ -210,8 +214,10 @@ _RESOLUTION_NAME = re.compile(r"^(\d+)(?:x(\d+))?(?:px|p)?$", re.IGNORECASE)
 
 
 def is_export_dir(path: Path) -> bool:
-    """True when ``path`` holds a checkpoint: ``master.safetensors`` or a sharded ``model/`` index."""
-    return (path / MASTER_FILE).is_file() or (path / SHARD_DIR / INDEX_FILE).is_file() or (path / INDEX_FILE).is_file()
+    """True when ``path`` holds a checkpoint: ``master.safetensors``, a sharded ``model/`` index, or a diffusers /
+    Hugging Face folder (``config.json`` + ``diffusion_pytorch_model*.safetensors`` or ``*model.safetensors``)."""
+    return (path / MASTER_FILE).is_file() or (path / SHARD_DIR / INDEX_FILE).is_file() or \
+        (path / INDEX_FILE).is_file() or is_checkpoint_dir(path)
 
 
 def stage_order(name: str) -> tuple[int, str]:
@@ -253,7 +259,7 @@ class FolderLayout:
 def _stage_of_export(path: Path, stages: Mapping[str, StageGeometry], fallback: str | None) -> str:
     name = canonical_stage(path.name, stages)
     if name is None:
-        name = read_export_metadata(path).get("stage") or fallback
+        name = read_checkpoint_metadata(path).get("stage") or fallback
     if not name:
         raise ValueError(f"cannot tell which stage '{path}' holds: its name is not like stage2/s2/256px and its "
                          "metadata has no 'stage'")
@@ -308,11 +314,19 @@ def scan_model_folder(folder: str | Path, index: ModelIndex) -> FolderLayout:
     else:
         expert_dirs = _discover_experts(root)
     if not expert_dirs:
-        raise FileNotFoundError(f"'{root}' holds no expert folders (expected expert1/ … expertK/)")
+        raise FileNotFoundError(f"'{root}' holds no expert folders (expected expert1/ … expertK/ or Paris 1.0's "
+                                f"expert_0/ … expert_{{K-1}}/); {_found(root)}")
     ids = sorted(expert_dirs)
+    if ids and ids[0] == 0 and index.experts is None:  # Paris 1.0 numbers its folders from 0: expert_0 is expert 1
+        expert_dirs = {k + 1: p for k, p in expert_dirs.items()}
+        ids = sorted(expert_dirs)
+        log.info("'%s': expert folders are numbered from 0 (%s): read as experts 1..%d", root,
+                 ", ".join(p.name for p in expert_dirs.values()), len(ids))
     if ids != list(range(1, len(ids) + 1)):
         missing = sorted(set(range(1, max(ids) + 1)) - set(ids))
-        raise ValueError(f"'{root}': expert ids must be 1..K, found {ids} (missing expert {missing})")
+        raise ValueError(f"'{root}': expert ids must be consecutive (1..K, or 0..K-1 for Paris 1.0 folders), found "
+                         f"{', '.join(p.name for p in expert_dirs.values())} (missing expert {missing}); "
+                         f"{_found(root)}")
     if index.num_experts is not None and index.num_experts != len(ids):
         raise ValueError(f"{MODEL_INDEX} says num_experts={index.num_experts} but '{root}' holds {len(ids)} "
                          f"expert folder(s): {', '.join(p.name for p in expert_dirs.values())}")
@@ -320,9 +334,17 @@ def scan_model_folder(folder: str | Path, index: ModelIndex) -> FolderLayout:
     for k, path in expert_dirs.items():
         experts[k] = _stage_dirs(path, index.stages, index.default_stage, f"expert {k}")
         if not experts[k]:
-            raise FileNotFoundError(f"expert {k} folder '{path}' holds no checkpoint (master.safetensors or "
-                                    f"{SHARD_DIR}/{INDEX_FILE}), directly or in a stage folder")
+            raise FileNotFoundError(f"expert {k} folder '{path}' holds no checkpoint (master.safetensors, "
+                                    f"{SHARD_DIR}/{INDEX_FILE}, or diffusers' config.json + "
+                                    f"diffusion_pytorch_model*.safetensors), directly or in a stage folder; "
+                                    f"{_found(path)}")
     return FolderLayout(root, experts, _find_routers(root, index))
+
+
+def _found(root: Path) -> str:
+    """What a folder holds, for error messages: its entries, each folder marked with a trailing slash."""
+    entries = sorted(f"{p.name}/" if p.is_dir() else p.name for p in root.iterdir()) if root.is_dir() else []
+    return f"found: {', '.join(entries) or 'nothing'}"
 
 
 def _find_routers(root: Path, index: ModelIndex) -> dict[str | None, Path]:
@@ -355,7 +377,7 @@ def copy_export(src: str | Path, dst: str | Path, *, single_file: bool = True, s
     forms, keeping its metadata and shard size, and remove a form of an earlier write that was not requested
     (so ``dst`` never holds two different weights)."""
     if state_dict is None or metadata is None:
-        state_dict, metadata = load_export(src)
+        state_dict, metadata = load_checkpoint(src)
     dst = Path(dst)
     save_export(state_dict, dst, metadata, single_file=single_file, sharded=sharded,
                 max_shard_bytes=int(metadata.get("max_shard_bytes") or 2 * 1024**3))
@@ -413,9 +435,16 @@ class GenerationResult:
 
 
 def stage_geometry_from_metadata(meta: Mapping[str, Any], stage: str) -> StageGeometry:
-    """A stage's geometry from an export's ``train_config`` (``recipe.<stage>``, ``recipe.vae_spatial_factor``)."""
+    """A stage's geometry from an export's metadata: ``geometry`` (what the job read from its shards and
+    trained on) when recorded, else ``train_config``'s ``recipe.<stage>``; ``recipe.vae_spatial_factor``."""
     recipe = (meta.get("train_config") or {}).get("recipe") or {}
     geometry = StageGeometry.from_dict(recipe.get(stage) or {})
+    trained = meta.get("geometry")
+    if isinstance(trained, Mapping) and trained.get("height") and trained.get("width"):
+        h, w = int(trained["height"]), int(trained["width"])
+        geometry.resolution = h if h == w else (h, w)
+        geometry.num_frames = int(trained["num_frames"])
+        geometry.fps = float(trained["fps"]) if trained.get("fps") is not None else geometry.fps
     if geometry.spatial_factor is None and recipe.get("vae_spatial_factor") is not None:
         geometry.spatial_factor = int(recipe["vae_spatial_factor"])
     if geometry.latent_channels is None and isinstance(meta.get("config"), Mapping):
@@ -523,11 +552,11 @@ class DDMPipeline:
         build_device = "cpu" if placement != "same" else device  # ExpertPlacement moves the others
         experts, metas = [], []
         for k, stages in tqdm(layout.experts.items(), desc="loading experts", disable=len(layout.experts) < 2):
-            meta = read_export_metadata(stages[stage])
+            meta = read_checkpoint_metadata(stages[stage])
             if meta.get("kind") not in (None, "expert"):
                 raise ValueError(f"'{stages[stage]}' holds a {meta.get('kind')!r} export, not an expert")
             log.info("expert %d: %s (%s)", k, stages[stage], meta.get("stage", stage))
-            experts.append(build_model_from_export(stages[stage], device=str(build_device), dtype=dtype))
+            experts.append(build_checkpoint_model(stages[stage], device=str(build_device), dtype=dtype))
             metas.append(meta)
         router, router_meta = cls._load_router(layout, stage, len(experts), str(device), dtype)
         geometry = index.stages.get(stage) or stage_geometry_from_metadata(metas[0], stage)
@@ -587,7 +616,7 @@ class DDMPipeline:
             other = sorted((s for s in routers if s is not None), key=stage_order)[-1]
             log.info("no %s router: using the %s router (routers are resolution-agnostic)", stage, other)
             path = routers[other]
-        meta = read_export_metadata(path)
+        meta = read_checkpoint_metadata(path)
         if meta.get("kind") != "router":
             raise ValueError(f"'{path}' holds a {meta.get('kind')!r} export, not a router")
         predicted = int(meta.get("num_experts") or (meta.get("config") or {}).get("num_experts") or 0)
@@ -596,7 +625,7 @@ class DDMPipeline:
                              f"(router '{path}')")
         log.info("router: %s", path)
         meta["_path"] = str(path)
-        return build_model_from_export(path, device=device, dtype=dtype), meta
+        return build_checkpoint_model(path, device=device, dtype=dtype), meta
 
     @staticmethod
     def _load_vae(root: Path, index: ModelIndex, expert_meta: Mapping[str, Any], device: torch.device,
@@ -607,6 +636,11 @@ class DDMPipeline:
             trained = (expert_meta.get("train_config") or {}).get("vae") or {}
             spec = dict(trained) if trained.get("type") in ("pixel", "hunyuan-tiny") and \
                 not (root / VAE_FILE).exists() else VAE_FILE
+            if spec == VAE_FILE and not (root / VAE_FILE).exists() and (root / "vae").is_dir():
+                spec = "vae"  # a diffusers-style vae/ folder (Paris 1.0's layout)
+        if isinstance(spec, str) and (root / spec).is_dir():  # a diffusers AutoencoderKLHunyuanVideo folder
+            log.info("VAE: %s (diffusers format)", root / spec)
+            return load_vae_diffusers(root / spec, device=device, dtype=vae_dtype)
         if isinstance(spec, str):
             log.info("VAE: %s", root / spec)
             return load_vae(require_path(root / spec, "vae"), device=device, dtype=vae_dtype)
@@ -646,7 +680,7 @@ class DDMPipeline:
         for stage, src in (self.layout.experts[1].items() if self.layout else ()):
             if stage not in stages:
                 stages[stage] = self.index.stages.get(stage) or \
-                    stage_geometry_from_metadata(read_export_metadata(src), stage)
+                    stage_geometry_from_metadata(read_checkpoint_metadata(src), stage)
         index = dataclasses.replace(
             self.index, num_experts=self.num_experts, experts=names, router=router_index,
             vae=self._save_vae(out), stages=dict(sorted(stages.items(), key=lambda kv: stage_order(kv[0]))),
@@ -692,6 +726,11 @@ class DDMPipeline:
             return dict(spec)  # e.g. a seeded hunyuan-tiny: rebuilt from the spec
         src = self.layout.root / (spec["path"] if isinstance(spec, Mapping) else spec or VAE_FILE) \
             if self.layout else None
+        if src is not None and not src.exists() and spec is None and (self.layout.root / "vae").is_dir():
+            src = self.layout.root / "vae"  # read from a diffusers-style vae/ folder (Paris 1.0's layout)
+        if src is not None and src.is_dir():  # a diffusers AutoencoderKLHunyuanVideo folder: copied as it is
+            place_folder(src, out / src.name)
+            return src.name
         if src is not None and src.is_file():
             place_folder(src, out / VAE_FILE)
         else:
@@ -730,9 +769,10 @@ class DDMPipeline:
         return {"t5": t5.to(self.device), "clip": clip.to(self.device)}
 
     def encode_images(self, images: Sequence[np.ndarray | str | Path | None], latent_shape: Sequence[int],
-                      size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """The sampler's ``i2v`` dict for a batch: each image resized and centre-cropped to ``size``, encoded
-        alone as a 1-frame video into the first latent frame; mask True there. None when no image is given."""
+                      size: tuple[int, int], fit: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The sampler's ``i2v`` dict for a batch: each image fitted to ``size`` (:func:`fit_image`: ``fit``
+        ``crop`` | ``resize`` | None), encoded alone as a 1-frame video into the first latent frame, mask True
+        there. None when no image is given."""
         if all(image is None for image in images):
             return None
         if not self.experts[0].config.cond_embed:
@@ -745,7 +785,8 @@ class DDMPipeline:
         for i, image in enumerate(images):
             if image is None:
                 continue
-            frame = resize_center_crop(_read_image(image)[None], size)  # (1, H, W, 3)
+            name = f"'{image}'" if isinstance(image, (str, Path)) else f"image {i + 1} of the batch"
+            frame = fit_image(_read_image(image), size, fit, name)[None]  # (1, H, W, 3)
             pixels = torch.from_numpy(frame).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, 1, H, W)
             latent[i, :, :1] = self.vae.encode(pixels.to(self.device)).to(latent)
             mask[i, 0] = True
@@ -757,7 +798,7 @@ class DDMPipeline:
                  strategy: str = "topk", k: int = 2, threshold: float = 0.1, seeds: Sequence[int] | int | None = None,
                  images: Sequence[np.ndarray | str | Path | None] | None = None, batch_size: int = 4,
                  trace: bool = False, progress: bool = True, oracle_ids: Sequence[int] | int | None = None,
-                 shift: float | str | None = None) -> GenerationResult:
+                 shift: float | str | None = None, image_fit: str | None = None) -> GenerationResult:
         """Text-to-video (and image-to-video) with the routed sampler.
 
         Args:
@@ -771,6 +812,9 @@ class DDMPipeline:
                 A sample depends only on its prompt, image and seed, not on its batch mates.
             images: per prompt an RGB uint8 (H, W, 3) array, an image path, or None (t2v); the image becomes
                 the first frame, kept exactly (up to the VAE round trip).
+            image_fit: how an image of another aspect ratio than the video is fitted: ``crop`` (scale to
+                cover, centre-crop) or ``resize`` (stretch); None refuses such an image (same-aspect images
+                are scaled either way).
             batch_size: samples per sampler call. trace: also return the routing trace.
         """
         if isinstance(prompts, str):
@@ -785,11 +829,17 @@ class DDMPipeline:
         images = [None] * n if images is None else list(images)
         if len(images) != n:
             raise ValueError(f"{len(images)} images for {n} prompts (give one per prompt, None for text-only)")
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
         oracle = [oracle_ids] * n if oracle_ids is None or isinstance(oracle_ids, int) else list(oracle_ids)
         if len(oracle) != n:
             raise ValueError(f"{len(oracle)} oracle_ids for {n} prompts")
         num_frames, height, width = self._video_size(num_frames, height, width)
         latent_shape = self.vae.latent_shape(num_frames, height, width)
+        # every image read and fitted before the first sample is drawn: a bad one fails fast
+        images = [None if im is None else fit_image(_read_image(im), (height, width), image_fit,
+                                                    f"'{im}'" if isinstance(im, (str, Path)) else f"image {i + 1}")
+                  for i, im in enumerate(images)]
         scheduler = self.index.scheduler
         num_steps = int(num_steps if num_steps is not None else scheduler.get("num_steps", 50))
         cfg_scale = float(cfg_scale if cfg_scale is not None else scheduler.get("cfg_scale", 7.5))
@@ -808,7 +858,7 @@ class DDMPipeline:
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
             cond = self.encode_prompts(prompts[rows])
-            i2v = self.encode_images(images[rows], latent_shape, (height, width))
+            i2v = self.encode_images(images[rows], latent_shape, (height, width), image_fit)
             ids = None if oracle[start] is None else oracle[rows]
             out = sample(self.experts, self.router, (len(prompts[rows]), *latent_shape), cond, uncond=uncond,
                          num_steps=num_steps, shift_alpha=alpha, cfg_scale=cfg_scale, strategy=strategy, k=k,
@@ -851,6 +901,33 @@ def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts (give one per prompt, or one int)")
     return seeds
+
+
+IMAGE_FITS = (None, "crop", "resize")
+ASPECT_TOLERANCE = 0.01  # relative: 1% (rounding of odd sizes) counts as the same aspect ratio
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int], fit: str | None, name: str = "the image") -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image fitted to ``size`` = (h, w). Of the same aspect ratio (within 1%) it is
+    scaled (short side, centre-crop of the rounding); otherwise ``fit`` decides: ``crop`` scales it to cover
+    and centre-crops, ``resize`` stretches it, None raises a ValueError naming both sizes (nothing is cut off
+    or distorted without being asked for)."""
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
+    h, w = size
+    src_h, src_w = image.shape[:2]
+    if (src_h, src_w) == (h, w):
+        return image
+    same_aspect = abs((src_w / src_h) / (w / h) - 1.0) <= ASPECT_TOLERANCE
+    if fit == "resize":
+        import cv2
+
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if src_h * src_w > h * w else cv2.INTER_CUBIC)
+    if fit is None and not same_aspect:
+        raise ValueError(f"{name} is {src_w}x{src_h} (aspect {src_w / src_h:.3g}) but the video is {w}x{h} "
+                         f"(aspect {w / h:.3g}): choose how to fit it, image_fit='crop' (scale to cover, then "
+                         f"centre-crop) or 'resize' (stretch to {w}x{h}); CLI: --image-fit crop|resize")
+    return resize_center_crop(image[None], size)[0]
 
 
 def _read_image(image: np.ndarray | str | Path) -> np.ndarray:

@@ -3,13 +3,12 @@
 Frames are always ``uint8`` RGB arrays shaped ``(F, H, W, 3)``. Still images (png, jpg, webp, bmp) are
 read through PyAV too, as a single frame with ``fps == 0.0`` (they have no time axis).
 
-Writers are atomic: they encode into a temporary file beside the target and rename it into place, so a
-crash never leaves a half-written video under the final name.
+Writers are atomic (:func:`ddm.checkpoint.atomic_path`): they encode into a temporary file beside the target,
+fsync it and rename it into place, so a crash never leaves a half-written video under the final name.
 """
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -18,6 +17,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+
+from ddm.checkpoint import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +157,9 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, so formats are guessed right); it replaces
-    ``path`` only when the block succeeds. Also used by ``data.stage`` for every stage output."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+# The one temp-file + rename helper of the project (fsync, usual permissions, a unique temp name per write).
+# ``atomic_output`` is its old name here, kept for callers that still import it from this module.
+atomic_output = atomic_path
 
 
 def _rate(fps: float) -> Fraction:
@@ -188,8 +180,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, *, crf: int = 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     odd = height % 2 or width % 2
     pix_fmt = "yuv444p" if (odd and codec == "libx264") else "yuv420p"
-    options = {"crf": str(crf)} if codec == "libx264" else {"qscale": "2"}
-    with atomic_output(path) as tmp:
+    # One encoder thread: libx264's frame/slice threading makes the output depend on timing, and the same
+    # frames must give the same bytes (data.synthetic's seed promise, cached domain backbones).
+    options = {"crf": str(crf), "threads": "1"} if codec == "libx264" else {"qscale": "2", "threads": "1"}
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -239,7 +233,7 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     _, height, width, _ = frames.shape
     rate = _rate(fps)
     quantised = _palette_frames(frames, rate)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="gif") as container:
             stream = container.add_stream("gif", rate=rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "pal8"

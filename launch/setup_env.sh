@@ -15,7 +15,7 @@ source "$venv/bin/activate"
 
 stamp="$venv/.ddm-installed"
 if [ ! -f "$stamp" ] || [ "$repo_root/pyproject.toml" -nt "$stamp" ]; then
-  echo "[setup] installing the CPU build of torch 2.13.0 and the project (pip install -e .[dev])"
+  echo "[setup] installing the CPU build of torch 2.13.0 and the project (pip install -e .[dev,interop])"
   pip_quiet() {  # pip's output only when it fails (this machine's index prints many harmless warnings)
     local log; log="$(mktemp)"
     if ! python -m pip install --quiet "$@" >"$log" 2>&1; then
@@ -26,8 +26,8 @@ if [ ! -f "$stamp" ] || [ "$repo_root/pyproject.toml" -nt "$stamp" ]; then
   pip_quiet --upgrade pip
   # Pinned so pip takes the local CPU wheel instead of a multi-GB CUDA build.
   pip_quiet "torch==2.13.0"
-  pip_quiet -e "$repo_root[dev]"
-  python -c "import torch, lightning, transformers, webdataset, av, cv2" \
+  pip_quiet -e "$repo_root[dev,interop]"
+  python -c "import torch, lightning, transformers, webdataset, av, cv2, diffusers" \
     || { echo "[setup] installation failed: see pip's output above" >&2; exit 1; }
   touch "$stamp"
 fi

@@ -6,7 +6,9 @@
 #   router (starts at once; ROUTER_AFTER_EXPERTS=1: afterok on the experts) ┘
 #
 # aftercorr: array task k of stage 3 waits only for task k of stage 2, so a fast expert moves on without
-# waiting for the others. Every cluster-specific value comes from the cluster-settings file
+# waiting for the others. afterok and aftercorr release a job only when its parent exits 0, which a training
+# job does only when its stage is complete (or it was requeued): SIGTERM exits 143, USR1 without a requeue
+# 138 (train/run.py, docs/slurm.md "Exit codes"). Every cluster-specific value comes from the cluster-settings file
 # (launch/cluster.env, or DDM_CLUSTER_ENV=/path; see launch/cluster.env.example); a DDM_* variable or
 # ROUTER_AFTER_EXPERTS already set in the caller's environment wins over the file. See docs/slurm.md.
 set -euo pipefail

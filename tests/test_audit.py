@@ -1,8 +1,11 @@
 """The shard audit: passes on a consistent prepared set, fails on every kind of tampering (data/audit.py)."""
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 
+import numpy as np
 import pytest
 
 from data.audit import audit, main
@@ -100,3 +103,38 @@ def test_stale_index_and_foreign_sample_are_reported(prep_copy):
 def test_missing_inputs_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.parquet' is missing"):
         audit(tmp_path, STAGE)
+
+
+def test_flipped_latent_byte_is_caught_by_deep_audit_only(prep_copy, capsys):
+    tar = _shards(prep_copy) / "expert_2" / "train-000001.tar"
+    key = scan_shard(tar)[1][0]
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name == f"{key}.latent.npy")
+    raw = bytearray(tar.read_bytes())
+    raw[member.offset_data + member.size - 1] ^= 0x01  # a mantissa bit of the last value: still finite, still .npy
+    tar.write_bytes(bytes(raw))
+
+    assert audit(prep_copy, STAGE).ok  # headers, names and index all agree: the plain audit cannot see it
+    report = audit(prep_copy, STAGE, deep=True)
+    assert [o.split(":")[0] for o in report.problems["content hash mismatches"]] == [
+        f"{key} in expert_2/train-000001.tar"]
+    assert not report.notes and sum(map(len, report.problems.values())) == 1
+    assert main([str(prep_copy), "--stage", STAGE, "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert "content hash mismatches: 1" in out and f"{key} in expert_2/train-000001.tar" in out
+
+
+def test_deep_audit_reports_non_finite_latents_and_passes_on_the_clean_set(prep_copy):
+    assert audit(TEST_PREP_DIR, STAGE, deep=True).ok
+    tar = _shards(prep_copy) / "expert_1" / "val-000000.tar"
+    key = scan_shard(tar)[0][0]
+    sample = _raw(tar, key)
+    latent = np.load(io.BytesIO(sample["latent.npy"]))
+    latent[0, 0, 0, 0] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, latent)
+    _rewrite(tar, drop={key}, add=[{**sample, "latent.npy": buf.getvalue()}])
+    _reindex(prep_copy)  # hashes taken from the tampered tar: only the values are wrong now
+    report = audit(prep_copy, STAGE, deep=True)
+    assert report.problems["bad sample contents"] == [
+        f"{key} in expert_1/val-000000.tar: non-finite values in latent.npy"]

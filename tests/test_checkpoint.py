@@ -19,6 +19,7 @@ from ddm.checkpoint import (
     read_export_metadata,
     save_export,
     state_dict_sha256,
+    tensor_sha256,
 )
 from ddm.models.router import Router, get_router_config
 
@@ -82,7 +83,8 @@ def test_single_file_and_shards_load_bit_identical(tmp_path):
 
 def test_metadata_round_trip_from_every_entry_point(tmp_path):
     save_export(_state_dict(), tmp_path / "exp", METADATA, max_shard_bytes=2048)
-    expected = {**METADATA, "format": "ddm-export-v1"}
+    expected = {**METADATA, "format": "ddm-export-v1",
+                "tensor_sha256": {k: tensor_sha256(t) for k, t in _state_dict().items()}}
     for path in (tmp_path / "exp", tmp_path / "exp" / "master.safetensors", tmp_path / "exp" / "model",
                  tmp_path / "exp" / "model" / "model.safetensors.index.json"):
         assert read_export_metadata(path) == expected, path
@@ -123,7 +125,7 @@ def test_failed_write_never_replaces_a_good_file(tmp_path, monkeypatch):
         save_export(changed, tmp_path / "exp", METADATA)
     assert (tmp_path / "exp" / "master.safetensors").read_bytes() == good_master
     assert (tmp_path / "exp" / "model" / "model.safetensors.index.json").read_bytes() == good_index
-    assert not list((tmp_path / "exp").rglob("*.tmp"))
+    assert not list((tmp_path / "exp").rglob(".*.tmp*"))
     monkeypatch.undo()
     _assert_bit_identical(load_export(tmp_path / "exp")[0], sd)
 
@@ -276,3 +278,43 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     os.umask(mask)
     path = atomic_write(tmp_path / "shared.txt", lambda tmp: tmp.write_text("team-readable"))
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def _flip_last_data_byte(path: Path) -> None:
+    """Flip one bit of the last byte of a safetensors file: inside the last tensor's data, header intact."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_tensor_hashes_are_recorded_and_a_tampered_export_is_refused_naming_the_file(tmp_path):
+    sd = _state_dict()
+    save_export(sd, tmp_path / "exp", METADATA, max_shard_bytes=2048)
+    meta = read_export_metadata(tmp_path / "exp")
+    for key, t in sd.items():  # an independent reference: hashlib over dtype, shape and the raw bytes
+        c = t.contiguous()
+        want = hashlib.sha256(f"{c.dtype}|{tuple(c.shape)}|".encode()
+                              + c.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        assert meta["tensor_sha256"][key] == want, key
+    _assert_bit_identical(load_export(tmp_path / "exp" / "model")[0], sd)  # verified and intact
+
+    master = tmp_path / "exp" / "master.safetensors"
+    _flip_last_data_byte(master)
+    assert read_export_metadata(master)["step"] == 1234  # the header is intact ...
+    with pytest.raises(ValueError, match=r"master\.safetensors': tensor '.*' does not match its recorded sha256"):
+        load_export(tmp_path / "exp")  # ... the weights are not
+    shard = sorted((tmp_path / "exp" / "model").glob("model-*.safetensors"))[-1]
+    _flip_last_data_byte(shard)
+    with pytest.raises(ValueError, match=f"{shard.name}': tensor .* does not match its recorded sha256"):
+        load_export(tmp_path / "exp" / "model")
+
+
+def test_a_damaged_safetensors_header_names_the_file(tmp_path):
+    save_export(_state_dict(), tmp_path / "exp", METADATA, sharded=False)
+    master = tmp_path / "exp" / "master.safetensors"
+    data = bytearray(master.read_bytes())
+    data[8:40] = b"\xff" * 32  # garbage in the JSON header
+    master.write_bytes(bytes(data))
+    for call in (load_export, read_export_metadata, build_model_from_export):
+        with pytest.raises(ValueError, match=rf"'{master}' is not a readable safetensors file"):
+            call(tmp_path / "exp")

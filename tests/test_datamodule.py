@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data.datamodule import ShardDataModule, ShardInfo, shards_for_slot
+from data.shards import decode_sample, encode_sample, iter_shard, write_index, write_shard
 
 # 8 train shards over three experts (enough for 2 ranks x 2 workers to read disjoint subsets) + a val split.
 COUNTS = {(1, "train"): [4, 4, 3], (2, "train"): [4, 2], (3, "train"): [3, 3, 1],
@@ -143,7 +144,7 @@ def test_truncated_tar_is_skipped_and_counted(make_shards):
     assert len(batches) == 20
     lost = {"e1-train-000-002", "e1-train-000-003"}
     assert lost.isdisjoint(k for b in batches for k in b["key"])
-    assert dm.skipped > 0 and dm.skipped % 2 == 0  # two samples lost each time that shard is drawn
+    assert dm.skipped == 2  # the two lost samples, however often that shard was drawn
 
 
 def test_corrupt_npy_over_the_skip_fraction_stops_the_run_naming_the_shard(make_shards):
@@ -154,11 +155,103 @@ def test_corrupt_npy_over_the_skip_fraction_stops_the_run_naming_the_shard(make_
     raw[start:start + 6] = b"BROKEN"
     path.write_bytes(bytes(raw))
     dm = _dm(shards_dir, experts=3, max_skip_fraction=0.0, samples_per_epoch=400)
-    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*not a readable"):
+    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*e3-train-002-000: "
+                                           "content differs from what encode wrote"):
         list(dm.train_dataloader())
+    unverified = _dm(shards_dir, experts=3, max_skip_fraction=0.0, samples_per_epoch=400, verify_hashes=False)
+    with pytest.raises(RuntimeError, match=r"too many corrupt samples.*expert_3/train-000002\.tar.*not a readable"):
+        list(unverified.train_dataloader())
     tolerant = _dm(shards_dir, experts=3, max_skip_fraction=0.5, samples_per_epoch=40)
     keys = {k for b in tolerant.train_dataloader() for k in b["key"]}
     assert "e3-train-002-000" not in keys and tolerant.skipped > 0
+
+
+def _flip_latent_byte(tar_path, key):
+    """Flip one mantissa bit of the last float16 of ``key``'s latent.npy: still a readable .npy of finite
+    values, so only the content hash can tell."""
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name == f"{key}.latent.npy")
+    raw = bytearray(tar_path.read_bytes())
+    raw[member.offset_data + member.size - 1] ^= 0x01
+    tar_path.write_bytes(bytes(raw))
+
+
+def test_flipped_latent_byte_is_skipped_at_read_time_naming_shard_and_key(make_shards, caplog):
+    shards_dir, truth = make_shards(COUNTS)
+    victim, shard = "e2-val-000-001", "expert_2/val-000000.tar"
+    _flip_latent_byte(shards_dir / shard, victim)
+    loader = _dm(shards_dir, batch_size=2, max_skip_fraction=0.5).val_dataloader()
+    keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(k for k, t in truth.items() if t["split"] == "val" and k != victim)
+    assert loader.progress.skipped == 1
+    assert any(shard in r.message and victim in r.message and "content differs" in r.message for r in caplog.records)
+
+    victim, shard = "e1-train-001-002", "expert_1/train-000001.tar"
+    _flip_latent_byte(shards_dir / shard, victim)
+    dm = _dm(shards_dir, max_skip_fraction=0.5, samples_per_epoch=80)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 20 and dm.skipped > 0
+    read = {k for b in batches for k in b["key"]}
+    assert victim not in read and {f"e1-train-001-00{i}" for i in (0, 1, 3)} <= read  # only that sample is lost
+
+
+def _replace_sample(shards_dir, truth, key, **arrays):
+    """Rewrite ``key`` with some arrays replaced, and re-index (with the new content's hash), as an encode
+    that produced those values would have."""
+    path = shards_dir / truth[key]["shard"]
+    samples = []
+    for k, members in iter_shard(path):
+        if k == key:
+            d = decode_sample(k, members)
+            members = encode_sample(k, meta=d["meta"], **{n: arrays.get(n, d[n]) for n in ("latent", "t5", "clip")})
+        samples.append({"__key__": k, **members})
+    write_shard(path, samples)
+    write_index(shards_dir, [{"key": k, **{f: t[f] for f in ("expert", "split", "shard", "position")}}
+                             for k, t in truth.items()])
+
+
+def test_non_finite_latents_and_text_are_skipped_per_sample_naming_shard_and_key(make_shards, caplog):
+    shards_dir, truth = make_shards(COUNTS)
+    nan_latent = truth["e1-val-000-001"]["latent"].copy()
+    nan_latent[0, 1, 2, 0] = np.nan
+    _replace_sample(shards_dir, truth, "e1-val-000-001", latent=nan_latent)
+    inf_t5 = truth["e3-val-001-000"]["t5"].copy()
+    inf_t5[0, 3] = np.inf
+    _replace_sample(shards_dir, truth, "e3-val-001-000", t5=inf_t5)
+    loader = _dm(shards_dir, batch_size=2, max_skip_fraction=0.5).val_dataloader()
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == ["e1-val-000-000", "e2-val-000-000", "e2-val-000-001", "e2-val-000-002", "e3-val-000-000"]
+    assert all(torch.isfinite(b["latent"]).all() and torch.isfinite(b["t5"]).all() for b in batches)
+    assert loader.progress.skipped == 2
+    messages = [r.message for r in caplog.records]
+    assert any("expert_1/val-000000.tar" in m and "e1-val-000-001: non-finite values in latent.npy" in m
+               for m in messages)
+    assert any("expert_3/val-000001.tar" in m and "e3-val-001-000: non-finite values in t5.npy" in m
+               for m in messages)
+
+
+def test_one_bad_sample_redrawn_across_epochs_and_resumes_counts_once(make_shards, caplog):
+    # The router's case: balanced sampling draws the small expert's only shard again and again, so its one
+    # bad sample was met ~20 times in 600 and, counted each time, stopped the run at max_skip_fraction=0.01.
+    shards_dir, truth = make_shards({(1, "train"): [35, 35], (2, "train"): [35, 35], (3, "train"): [10]},
+                                    latent_shape=(2, 1, 2, 2))
+    victim = "e3-train-000-004"
+    _flip_latent_byte(shards_dir / "expert_3" / "train-000000.tar", victim)
+    dm = _dm(shards_dir, balanced=True, max_skip_fraction=0.01, batch_size=10, samples_per_epoch=300)
+    loader = dm.train_dataloader()
+    epochs = [[k for b in loader for k in b["key"]] for _ in range(2)]
+    assert all(len(keys) == 300 and victim not in keys for keys in epochs)
+    assert dm.progress.seen > 600  # every read counted as a read, re-draws of the bad one included...
+    assert dm.skipped == 1 and dm.state_dict()["bad"] == ["expert_3/train-000000.tar#4"]  # ...but it once
+    warned = [r for r in caplog.records if victim in r.message and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "expert_3/train-000000.tar" in warned[0].message
+
+    resumed = _dm(shards_dir, balanced=True, max_skip_fraction=0.01, batch_size=10, samples_per_epoch=300)
+    resumed.load_state_dict(dm.state_dict())
+    list(resumed.train_dataloader())
+    assert resumed.skipped == 1 and len([r for r in caplog.records if victim in r.message
+                                         and r.levelname == "WARNING"]) == 1
 
 
 def test_resume_continues_with_new_batches_and_is_deterministic(make_shards):

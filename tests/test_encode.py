@@ -1,6 +1,7 @@
 """Encode: frame resampling, resizing, splits, shard contents, rejects, plan safety (data/encode.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -118,6 +119,12 @@ def test_encoded_shards_hold_the_right_latents_text_and_metadata(clip_set, text_
     assignments = dict(zip(*pq.read_table(clip_set / "assignments.parquet", columns=["key", "expert"]).to_pydict()
                            .values()))
     index = {r["key"]: r for r in read_index(shards_dir).to_pylist()}
+    for tar in shards_dir.glob("expert_*/*.tar"):  # each sample's content hash, computed here independently
+        for key, members in iter_shard(tar):
+            h = hashlib.sha256()
+            for name in sorted(members):
+                h.update(name.encode() + b"\0" + len(members[name]).to_bytes(8, "little") + members[name])
+            assert index[key]["sha256"] == h.hexdigest()
     keys = sorted(samples)
     t5_refs, clip_refs = tiny_text_encoders.encode([samples[k]["caption"] for k in keys])
     for key, t5_ref, clip_ref in zip(keys, t5_refs, clip_refs):

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export
 from ddm.export import main as export_main
@@ -141,6 +142,76 @@ def test_export_errors_name_the_problem(runs, tmp_path, tiny_text_dir):
     trained_k = _broken_runs(root, tmp_path, "trained_k")
     shutil.rmtree(trained_k / "expert3")
     expect(ValueError, "trained with num_experts=3 but .* holds 2 expert runs", trained_k)
+
+
+def _tree_digest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_overwrite_never_loses_the_existing_folder(runs, exported, tmp_path):
+    """--overwrite validates the runs first and assembles the new folder beside the old one: the old folder
+    survives a bad --runs, a run missing one expert's stage-3 export, and a failure half-way through writing."""
+    root, _ = runs
+    existing = tmp_path / "existing"
+    shutil.copytree(exported, existing)
+    before = _tree_digest(existing)
+    missing_stage = _broken_runs(root, tmp_path, "stage")
+    shutil.rmtree(missing_stage / "expert3" / "stage3" / "export")
+    for error, match, extra in (
+            (FileNotFoundError, "no expert runs", ["--runs", "/no/such/runs"]),
+            (FileNotFoundError, "expert 3 has no stage3 export", ["--runs", str(missing_stage)]),
+            # validation passes; the write fails after the first files are staged
+            (FileNotFoundError, "t5", ["--runs", str(root), "--text-from", str(tmp_path / "no-text")])):
+        with pytest.raises(error, match=match):
+            export_main([*extra, "--out", str(existing), "--overwrite"])
+        assert _tree_digest(existing) == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    export_main(["--runs", str(root), "--out", str(existing), "--overwrite", "--stages", "stage2"])
+    assert json.loads((existing / "model_index.json").read_text())["default_stage"] == "stage2"
+    assert not (existing / "expert1" / "stage3").exists()  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_tampered_export_and_a_nan_expert_are_named(exported, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    # NaN weights in expert 3, written as a consistent export: the sampler names expert 3 at its first call,
+    # not the router one step later
+    export = folder / "expert3" / "stage2"
+    sd, meta = load_export(export)
+    save_export({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()},
+                export, meta, max_shard_bytes=int(meta["max_shard_bytes"]))
+    pipe = DDMPipeline.from_pretrained(folder, stage="stage2")
+    with pytest.raises(FloatingPointError, match="expert 3 returned a non-finite velocity"):
+        pipe.generate(["a cat"], num_steps=2, strategy="full", cfg_scale=1.0, seeds=0, progress=False)
+    # one flipped bit inside expert 2's weights: refused on load, naming the file
+    master = folder / "expert2" / "stage2" / MASTER_FILE
+    data = bytearray(master.read_bytes())
+    data[-1] ^= 0x01
+    master.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"'{master}': tensor .* does not match its recorded sha256"):
+        DDMPipeline.from_pretrained(folder, stage="stage2", load_text=False)
+
+
+def test_generate_checks_its_arguments_before_loading_anything(exported, tmp_path):
+    """Bad numbers, a missing image or an unwritable --out stop ddm.generate before any expert is loaded: the
+    folder here holds only model_index.json, so loading would fail with another error."""
+    from ddm.generate import main as generate_main
+
+    folder = tmp_path / "index-only"
+    folder.mkdir()
+    shutil.copy(exported / "model_index.json", folder)
+    base = ["--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "out")]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for extra, match in ((["--k", "0"], "--k must be >= 1"), (["--k", "4"], "--k 4 is more than the 3 experts"),
+                         (["--steps", "0"], "--steps must be >= 1"), (["--frames", "6"], r"4k\+1"),
+                         (["--image", str(tmp_path / "none.png")], "--image file.* not found"),
+                         (["--out", str(blocker / "samples")], "--out .*a-file/samples is not writable")):
+        with pytest.raises(SystemExit, match=match):
+            generate_main([*base, *extra])
+    with pytest.raises(FileNotFoundError, match="expert"):  # valid arguments: now the loading fails
+        generate_main(base)
 
 
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):

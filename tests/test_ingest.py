@@ -50,13 +50,13 @@ def test_folder_videos_and_images_recovered(tmp_path):
     add_video(src, "a/two.gif", num_frames=5, fps=10, size=(16, 16))
     add_video(src, "b/three.mp4", num_frames=13, fps=24, size=(33, 47), caption="  odd size  \n")
     add_image(src, "b/four.png", size=(20, 30))
-    add_image(src, "b/five.jpg", size=(12, 18))
+    add_image(src, "b/five.jpg", size=(16, 18))
     result = ingest(src, tmp_path / "out", progress=False)
     assert (result.n_input, result.n_output, result.n_rejected) == (5, 5, 0)
     rows = {r["key"]: r for r in read(tmp_path / "out" / "manifest.parquet")}
     expect = {"a__one": ("video", 9, 8.0, 24, 32), "a__two": ("video", 5, 10.0, 16, 16),
               "b__three": ("video", 13, 24.0, 33, 47), "b__four": ("image", 1, 0.0, 20, 30),
-              "b__five": ("image", 1, 0.0, 12, 18)}
+              "b__five": ("image", 1, 0.0, 16, 18)}
     assert {k: (r["kind"], r["num_frames"], r["fps"], r["height"], r["width"]) for k, r in rows.items()} == expect
     assert rows["b__three"]["caption"] == "odd size"
     assert rows["a__one"]["path"] == str((src / "a" / "one.mp4").resolve())
@@ -166,3 +166,37 @@ def test_marker_guards_config_outputs_and_damage(tmp_path):
     (out / "ingest.done.json").write_text("{ torn")
     assert not ingest(src, out, min_frames=2, progress=False).skipped  # a damaged marker is "not done"
     assert ingest(src, out, min_frames=2, progress=False).skipped
+
+
+def test_tiny_and_elongated_clips_are_rejected_with_the_reason_not_upscaled(tmp_path):
+    src = tmp_path / "src"
+    add_video(src, "ok.mp4", size=(24, 32))
+    add_video(src, "strip.mp4", size=(16, 1024))
+    add_video(src, "tiny.mp4", size=(2, 2))
+    add_image(src, "speck.png", size=(8, 8))
+    add_video(src, "wide.mp4", size=(16, 64))  # exactly 4:1 is still accepted
+    result = ingest(src, tmp_path / "out", progress=False)
+    assert [r["key"] for r in read(tmp_path / "out" / "manifest.parquet")] == ["ok", "wide"]
+    reasons = {os.path.basename(r["path"]): r["reason"] for r in read(tmp_path / "out" / "rejected.parquet")}
+    assert reasons == {
+        "strip.mp4": "too elongated: 1024x16 px, aspect ratio 64 above max_aspect=4",
+        "tiny.mp4": "too small: 2x2 px, the shorter side is below min_size=16",
+        "speck.png": "too small: 8x8 px, the shorter side is below min_size=16"}
+    assert (result.n_output, result.n_rejected) == (2, 3)
+    # the limits are settings (part of the stage's fingerprint: changing them reruns it)
+    loose = ingest(src, tmp_path / "out", min_size=2, max_aspect=100, progress=False)
+    assert not loose.skipped and (loose.n_output, loose.n_rejected) == (5, 0)
+
+
+def test_a_manifest_that_is_not_utf8_is_a_clear_error_naming_file_line_and_byte(tmp_path):
+    add_video(tmp_path, "clip.mp4", caption=None)
+    csv = tmp_path / "meta.csv"
+    csv.write_bytes("path,text\nclip.mp4,un caf\xe9 noir\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"manifest '.*meta\.csv' is not valid UTF-8: byte 0xe9 at line 2, "
+                                         r"column 16 .*iconv"):
+        ingest(csv, tmp_path / "out", progress=False)
+    binary = tmp_path / "meta.parquet"  # a parquet whose text column holds raw bytes
+    pq.write_table(pa.table({"path": ["clip.mp4"], "text": [b"un caf\xe9"]}), binary)
+    with pytest.raises(ValueError, match=r"meta\.parquet' is not valid UTF-8: column 'text', row 1, byte 0xe9"):
+        ingest(binary, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -158,7 +158,7 @@ def test_clear_errors_name_what_is_missing_or_inconsistent(model_folder, tmp_pat
     _expect(FileNotFoundError, "expert 4 'expert4'", named, load_text=False)
     _expect(ValueError, "num_experts=4 but .* holds 3", _variant(folder, tmp_path / "count", {"num_experts": 4}),
             load_text=False)
-    _expect(ValueError, "expert ids must be 1..K", _variant(folder, tmp_path / "gap", {"experts": None},
+    _expect(ValueError, "expert ids must be consecutive", _variant(folder, tmp_path / "gap", {"experts": None},
                                                            drop=("expert2",)), load_text=False)
     _expect(FileNotFoundError, "no Router", _variant(folder, tmp_path / "norouter", {"router": None},
                                                      drop=("Router",)), load_text=False)
@@ -228,7 +228,10 @@ def test_i2v_keeps_the_conditioning_frame(pipe):
     image = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)  # resized and centre-cropped to the frame
     res, _, _ = STAGES["stage2"]
     kwargs = dict(num_steps=2, cfg_scale=3.0, seeds=[1, 1], progress=False)
-    result = pipe.generate(PROMPTS[:2], images=[image, None], **kwargs)
+    # another aspect ratio than the square frame: cropping (or stretching) must be asked for
+    with pytest.raises(ValueError, match=rf"image 1 is 30x21 .* but the video is {res}x{res} .*--image-fit"):
+        pipe.generate(PROMPTS[:2], images=[image, None], **kwargs)
+    result = pipe.generate(PROMPTS[:2], images=[image, None], image_fit="crop", **kwargs)
     frame = resize_center_crop(image[None], (res, res))  # (1, H, W, 3)
     pixels = torch.from_numpy(frame).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # a 1-frame video
     round_trip = pipe.vae.decode(pipe.vae.encode(pixels))
@@ -236,6 +239,14 @@ def test_i2v_keeps_the_conditioning_frame(pipe):
     assert np.array_equal(result.videos[0, 0], expected)
     assert np.array_equal(result.videos[0, 0], frame[0])  # the PixelVAE is lossless
     assert not np.array_equal(result.videos[1, 0], frame[0])  # the text-only sample is free
+    # resize stretches the whole image to the frame (cv2 as the reference), a same-aspect image needs no choice
+    import cv2
+
+    stretched = pipe.generate(PROMPTS[:1], images=[image], image_fit="resize", **{**kwargs, "seeds": [1]})
+    assert np.array_equal(stretched.videos[0, 0], cv2.resize(image, (res, res), interpolation=cv2.INTER_AREA))
+    square = rng.integers(0, 256, (2 * res, 2 * res, 3), dtype=np.uint8)
+    scaled = pipe.generate(PROMPTS[:1], images=[square], **{**kwargs, "seeds": [1]})
+    assert np.array_equal(scaled.videos[0, 0], resize_center_crop(square[None], (res, res))[0])
     # the image conditions the experts: the generated frames differ from the same seed without it
     plain = pipe.generate(PROMPTS[:1], **{**kwargs, "seeds": [1]})
     assert not torch.allclose(plain.latents[0, :, 1:], result.latents[0, :, 1:])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from data.encode import KILL_ENV
 from data.prepare import compose_config, prepare
 from data.shards import read_index
 from data.synthetic import make_synthetic_dataset
+from ddm.lock import DirLockedError
 from tests.fixtures.data import REPO_ROOT, TINY_PREP_OVERRIDES
 
 
@@ -22,8 +24,8 @@ def _cli(args, cwd, env=None, timeout=300):
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}, timeout=timeout)
 
 
-def _stamps(folder):
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+def _stamps(folder):  # every output file (the lock file names each run's holder, so it is rewritten)
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 @pytest.mark.slow
@@ -44,7 +46,7 @@ def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(t
     assert (prep / "logs" / "prepare" / ".hydra" / "config.yaml").is_file()
     shards_dir = prep / "shards" / "stage2"
     complete = sorted(shards_dir.glob("expert_*/[tv]*.tar"))
-    assert len(complete) == 2 and len(list(shards_dir.glob("expert_*/.*.tar"))) == 1  # 2 done + 1 torn temp
+    assert len(complete) == 2 and len(list(shards_dir.glob("expert_*/.*.tmp*"))) == 1  # 2 done + 1 torn temp
     assert not (shards_dir / "shards.parquet").exists() and not (shards_dir / "encode.done.json").exists()
     done_stamps = {p: p.stat().st_mtime_ns for p in complete}
 
@@ -52,7 +54,7 @@ def test_cli_killed_mid_encode_resumes_to_an_audited_set_and_then_does_no_work(t
     results = prepare(compose_config(args))
     assert [name for name, r in results.items() if r.skipped] == ["ingest", "embed", "cluster"]
     assert {p: p.stat().st_mtime_ns for p in complete} == done_stamps  # finished tars were kept, not redone
-    assert not list(shards_dir.glob("expert_*/.*.tar"))  # the torn temp tar was cleaned up
+    assert not list(shards_dir.glob("expert_*/.*.tmp*"))  # the torn temp tar was cleaned up
     report = audit(prep, "stage2")
     assert report.ok, report.summary()
     assert report.samples == len(read_index(shards_dir)) == 12 and report.shards > 2
@@ -95,7 +97,7 @@ def test_more_experts_than_samples_stops_before_embedding(tmp_path, small_src, t
 
 
 @pytest.mark.parametrize("override, message", [
-    ("embedder=dinov2", "DINOv2 .* not found at .*dinov2"),
+    ("embedder=dinov2", "DINOv2 .* not found at .*dinov2.* given as embedder.path "),
     ("vae=hunyuan", "HunyuanVideo VAE not found at .*vae.pt"),
     ("text=paris", "T5"),
 ])
@@ -109,3 +111,23 @@ def test_missing_weights_are_reported_before_any_work(tmp_path, small_src, tiny_
 def test_bad_frame_count_is_reported_before_any_work(tmp_path, small_src, tiny_text_dir):
     with pytest.raises(ValueError, match="4k\\+1"):
         _prepare(tmp_path, f"input={small_src}", f"text.folder={tiny_text_dir}", "encode.num_frames=8")
+
+
+def test_a_second_prepare_on_the_same_prep_dir_is_refused_naming_the_holder(tmp_path, small_src, tiny_text_dir):
+    prep = tmp_path / "root" / "prep"
+    holder = subprocess.Popen(  # another process, e.g. a prepare started a moment earlier, holds the prep dir
+        [sys.executable, "-c", "import sys, time; from ddm.lock import DirLock; DirLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(300)", str(prep)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    args = [f"input={small_src}", f"text.folder={tiny_text_dir}", "stages=[ingest]"]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DirLockedError, match=rf"prep dir {prep} is in use by host {socket.gethostname()}, "
+                                                 rf"PID {holder.pid} "):
+            _prepare(tmp_path, *args)
+        assert not (prep / "manifest.parquet").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (killed: the kernel dropped its lock), so the folder is free again
+    assert _prepare(tmp_path, *args)["ingest"].n_output == 4

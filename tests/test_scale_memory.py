@@ -68,7 +68,8 @@ def measure_training_memory(cfg: ExpertConfig, precision: str, checkpointing: bo
         with torch.no_grad(), autocast:
             model(x, torch.rand(batch), cond)
         handle.remove()
-        args = [a.detach().requires_grad_(a.is_floating_point() and a.ndim == 3) for a in captured["args"]]
+        args = [a.detach().requires_grad_(a.is_floating_point() and a.ndim == 3) if isinstance(a, torch.Tensor)
+                else a for a in captured["args"]]
         with autocast, torch.autograd.graph.saved_tensors_hooks(recompute.pack, lambda s: s):
             block(*args)
         acts += recompute.nbytes

@@ -52,6 +52,9 @@ def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
     meta = read_export_metadata(export)
     assert (meta["kind"], meta["expert_id"], meta["stage"], meta["step"]) == ("expert", 2, "stage2", 6)
     assert len(meta["manifest_hash"]) == 64 and meta["config"]["preset"] == "tiny-pixel"
+    # the geometry it trained on, read from the shards
+    assert (meta["geometry"]["resolution"], meta["geometry"]["num_frames"]) == ([16, 16], 9)
+    assert meta["geometry"]["latent_shape"] == [12, 3, 16, 16]
     model = build_model_from_export(export)  # strict load into a fresh model
     assert sum(p.numel() for p in model.parameters()) > 0
     # single-file and sharded copies of the export hold the same tensors
@@ -64,7 +67,9 @@ def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
                                                                                   "step-00000006.ckpt"]
 
     # Stage 3 with no checkpoint of its own: weights-only start from stage 2's export, step 0.
-    proc = run_cli("train.expert", [*tiny_overrides, "expert=2", "stage=stage3", "recipe.stage3.max_steps=0"])
+    # (the checked-in shards are 16 px; the tiny recipe's stage 3 is 24 px)
+    proc = run_cli("train.expert", [*tiny_overrides, "expert=2", "stage=stage3", "recipe.stage3.max_steps=0",
+                                    "recipe.stage3.resolution=16"])
     assert "mode=init" in proc.stdout and str(export) in proc.stdout
     stage3, meta3 = load_export(run_dir(tmp_path, "stage3", "expert2") / "export")
     assert meta3["step"] == 0 and meta3["stage"] == "stage3"
@@ -216,7 +221,11 @@ def test_deepspeed_configs_are_built_for_gpus_and_refused_on_cpu(tiny_overrides)
     (["expert=0"], ValueError, r"outside 1\.\.3"),
     (["expert=one"], ValueError, "integer"),
     (["num_experts=4"], ValueError, "num_experts=4 but .* holds 3 expert shard folders"),
-    (["stage=stage3"], FileNotFoundError, "starts from the stage2 export.*init_from"),
+    (["stage=stage3", "recipe.stage3.resolution=16"], FileNotFoundError, "starts from the stage2 export.*init_from"),
+    # the recipe must match the geometry the shards were encoded at (16 px, 9 frames, 8 fps)
+    (["recipe.stage2.resolution=32"], ValueError, r"recipe\.stage2\.resolution=32 but the shards hold resolution=16"),
+    (["recipe.stage2.num_frames=17"], ValueError, r"recipe\.stage2\.num_frames=17 but the shards hold num_frames=9"),
+    (["stage=stage3"], ValueError, r"recipe\.stage3\.resolution=24 but the shards hold resolution=16"),
     (["init_from=/does/not/exist"], FileNotFoundError, "init_from=/does/not/exist does not exist"),
     (["strategy=deepspeed_zero3"], ValueError, "needs GPUs"),
 ])
@@ -226,6 +235,39 @@ def test_clear_errors_before_any_training(tmp_path, tiny_overrides, overrides, e
     with pytest.raises(error, match=match):
         train_expert(compose_config("expert", [*tiny_overrides, *overrides]))
     assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_a_nonexistent_expert_leaves_no_run_folder(tmp_path, tiny_overrides):
+    """Hydra creates <run_dir>/hydra before the job starts: a job that fails before training removes it."""
+    proc = run_cli("train.expert", [*tiny_overrides, "expert=7"], check=False)
+    assert proc.returncode != 0 and "expert=7 is outside 1..3" in proc.stderr
+    assert not (tmp_path / "runs" / "tiny").exists()  # nor the experiment folder it left empty
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog, monkeypatch):
+    """last.ckpt damaged from outside (not torn by our own writer): resume from the previous checkpoint, with a
+    warning naming the damaged one; when none can be read, an error rather than a silent fresh start."""
+    import logging
+
+    from train.run import plan_start
+
+    monkeypatch.setattr(logging.getLogger("ddm"), "propagate", True)  # an in-process job may have cut it
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (4, 8, 12):  # written as Lightning writes them: torch.save of the checkpoint dict
+        torch.save({"global_step": step, "state_dict": {"w": torch.randn(64, 64)}}, ckpts / f"step-{step:08d}.ckpt")
+    (ckpts / "last.ckpt").symlink_to("step-00000012.ckpt")
+    for name in ("step-00000012.ckpt", "step-00000008.ckpt"):
+        data = bytearray((ckpts / name).read_bytes())
+        data[-200:] = bytes(200)  # the zip's central directory overwritten
+        (ckpts / name).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="ddm.train"):
+        plan = plan_start(tmp_path / "run", resume=True, init_from=None, previous_stage=None, previous_export=None)
+    assert plan.mode == "resume" and plan.checkpoint.name == "step-00000004.ckpt"
+    assert "step-00000012.ckpt, step-00000008.ckpt cannot be read" in caplog.text
+    (ckpts / "step-00000004.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="no readable checkpoint in .*step-00000012.ckpt.*step-00000004.ckpt"):
+        plan_start(tmp_path / "run", resume=True, init_from=None, previous_stage=None, previous_export=None)
 
 
 def test_expert_without_shards_is_a_clear_error(tmp_path, tiny_overrides, test_shards_dir):
@@ -254,27 +296,66 @@ def test_init_from_with_other_shapes_lists_the_first_mismatches(tmp_path, tiny_o
         train_expert(compose_config("expert", [*tiny_overrides, f"init_from={tmp_path / 'other'}"]))
 
 
-def test_usr1_checkpoints_and_requeues_sigterm_checkpoints(tmp_path, tiny_overrides):
+def _fake_scontrol(folder: Path, log: Path, exit_code: int) -> dict[str, str]:
+    folder.mkdir()
+    (folder / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                                     + ("echo 'scontrol: error: Job is not requeueable' >&2\n" if exit_code else "")
+                                     + f"exit {exit_code}\n")
+    (folder / "scontrol").chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+
+
+def _start_and_signal(root: Path, tiny_overrides, sig, env, log: Path) -> int:
+    """Start a long expert run under ``root``, send ``sig`` once the loop is live; the exit code."""
+    args = [o for o in tiny_overrides if not o.startswith("paths.root_dir=")] + [
+        f"paths.root_dir={root}", "expert=1", "recipe.stage2.max_steps=100000", "checkpoint.every_n_steps=2"]
+    proc = start_cli("train.expert", args, log, env=env)
+    wait_for(run_dir(root) / "checkpoints" / "step-00000002.ckpt", proc)  # the loop (and its handler) is live
+    proc.send_signal(sig)
+    return proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_and_exits_zero_only_when_requeued(tmp_path, tiny_overrides):
     """SLURM sends USR1 before the time limit: the job saves a checkpoint at the current step and asks SLURM
-    to requeue it (a fake `scontrol` records the call); SIGTERM saves and stops. Both exit cleanly."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
-    for sig, name in ((signal.SIGUSR1, "SIGUSR1"), (signal.SIGTERM, "SIGTERM")):
+    to requeue it (a fake `scontrol` records the call). Exit 0 only when the requeue succeeded; when
+    `scontrol requeue` fails the exit is non-zero, so `afterok` dependents stay held."""
+    for name, scontrol_rc, expected in (("ok", 0, 0), ("failing", 1, 138)):
         root = tmp_path / name
-        args = [o for o in tiny_overrides if not o.startswith("paths.root_dir=")] + [
-            f"paths.root_dir={root}", "expert=1", "recipe.stage2.max_steps=100000", "checkpoint.every_n_steps=2"]
+        env = _fake_scontrol(tmp_path / f"bin-{name}", tmp_path / f"scontrol-{name}.log", scontrol_rc)
         log = tmp_path / f"{name}.log"
-        proc = start_cli("train.expert", args, log, env=env)
-        run = run_dir(root)
-        wait_for(run / "checkpoints" / "step-00000002.ckpt", proc)  # the training loop (and its handler) is live
-        proc.send_signal(sig)
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert _start_and_signal(root, tiny_overrides, signal.SIGUSR1, env, log) == expected, log.read_text()[-3000:]
         text = log.read_text()
-        assert f"received {name}" in text and f"({name} received)" in text
-        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert "received SIGUSR1" in text and "(SIGUSR1 received)" in text
+        ckpt = torch.load(run_dir(root) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert 2 <= ckpt["global_step"] < 100000
-        assert not (run / "export").exists()  # stopped early: no export of an unfinished stage
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # USR1 only
+        assert not (run_dir(root) / "export").exists()  # stopped early: no export of an unfinished stage
+        assert (tmp_path / f"scontrol-{name}.log").read_text().split() == ["requeue", "4242"]
+    assert "Job is not requeueable" in (tmp_path / "failing.log").read_text()
+
+
+@pytest.mark.slow
+def test_one_trainer_per_run_dir_sigterm_exits_143_and_metrics_survive_resumes(tmp_path, tiny_overrides):
+    """A second trainer on a live run dir is refused naming the holder; SIGTERM checkpoints and exits 143
+    (not 0: the stage is unfinished); two resumes later metrics.csv holds every step's row exactly once."""
+    args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=100000", "checkpoint.every_n_steps=2"]
+    run = run_dir(tmp_path)
+    proc = start_cli("train.expert", args, tmp_path / "first.log")
+    wait_for(run / "checkpoints" / "step-00000002.ckpt", proc)
+    second = run_cli("train.expert", args, check=False)
+    assert second.returncode != 0
+    assert re.search(rf"run dir .* is in use by host \S+, PID {proc.pid} ", second.stderr + second.stdout)
+    assert proc.poll() is None  # the first is untouched
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, (tmp_path / "first.log").read_text()[-3000:]
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert stopped >= 2 and not (run / "export").exists()
+
+    for extra in (2, 4):  # two resumes, each a few steps further
+        run_cli("train.expert", [*args[:-2], f"recipe.stage2.max_steps={stopped + extra}"])
+    steps = [s for s, _ in column(metrics(run), "train/loss")]
+    assert steps == list(range(stopped + 4))  # every step once, in order
+    assert len(list((run / "logs" / "csv").glob("segment-*/metrics.csv"))) == 3
+    assert read_export_metadata(run / "export")["step"] == stopped + 4
+
+

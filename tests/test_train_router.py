@@ -60,10 +60,15 @@ def test_router_matches_the_closed_form_posterior(tmp_path):
     write_gmm_shards(shards, gmm, 10000)
     cfg = compose_config("router", [
         "experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}",
+        # the text-blind router at the experts' logit-normal times (the tiny recipe's router reads text)
+        "use_text=false", "recipe.router.logit_mean=0.0", "recipe.router.logit_std=1.0",
         "+router_model.overrides.latent_channels=4", "+router_model.overrides.patch_size=[1,2,2]",
         "recipe.router.max_steps=1200", "recipe.router.batch_size=64", "recipe.router.lr=2e-3",
         "optim.schedule=cosine", "recipe.router.val_every_n_steps=100000", "checkpoint.every_n_steps=100000",
         "optim.ema_decay=0.995",
+        # the stage geometry the mixture shards record (1 frame of 4x4 px, latents 2x2)
+        "recipe.stage2.resolution=4", "recipe.stage2.num_frames=1", "recipe.stage2.fps=1",
+        "recipe.vae_spatial_factor=2",
     ])
     train_router(cfg)
     router = build_model_from_export(Path(cfg.run_dir) / "export").eval()
@@ -133,7 +138,7 @@ def test_router_job_never_loads_an_expert(tmp_path, test_shards_dir, tiny_text_d
     assert proc.returncode == 0 and "ROUTER-ISOLATED" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_router_with_the_wrong_number_of_experts_is_a_clear_error(tmp_path, test_shards_dir, tiny_text_dir):
+def test_router_with_the_wrong_number_of_experts_or_geometry_is_a_clear_error(tmp_path, test_shards_dir, tiny_text_dir):
     from train.router import train_router
 
     args = router_args(tmp_path, test_shards_dir, tiny_text_dir)
@@ -141,6 +146,8 @@ def test_router_with_the_wrong_number_of_experts_is_a_clear_error(tmp_path, test
         train_router(compose_config("router", [*args, "+router_model.overrides.num_experts=4"]))
     with pytest.raises(ValueError, match="num_experts=4 but .* holds 3"):
         train_router(compose_config("router", [*args, "num_experts=4"]))
+    with pytest.raises(ValueError, match=r"recipe\.stage2\.num_frames=17 but the shards hold num_frames=9"):
+        train_router(compose_config("router", [*args, "recipe.stage2.num_frames=17"]))
 
 
 def test_balanced_sampling_stores_the_log_prior_correction():

@@ -1,6 +1,7 @@
 """ddm.video_io: real PyAV round trips (mp4, gif, webm, images), frame selection and clear errors."""
 from __future__ import annotations
 
+import hashlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ddm.video_io import probe_video, read_video, write_gif, write_video
+from ddm.checkpoint import atomic_path
+from ddm.video_io import atomic_output, probe_video, read_video, write_gif, write_video
 
 
 def moving_square(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -142,3 +144,27 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_fractional_fps_survives(tmp_path):
     path = write_video(tmp_path / "ntsc.mp4", moving_square(6, 32, 32), fps=30000 / 1001)
     assert Fraction(probe_video(path)["fps"]).limit_denominator(1001) == Fraction(30000, 1001)
+
+
+def test_writers_use_the_one_atomic_write_helper_with_a_fresh_temp_file_per_write(tmp_path):
+    # ddm.video_io's atomic output is ddm.checkpoint's (fsync, usual permissions, unique temp name), so a
+    # second write of the same file while one is in progress never takes over the first one's temp file.
+    assert atomic_output is atomic_path
+    target = tmp_path / "a.gif"
+    with atomic_output(target) as first:
+        first.write_bytes(b"partial")
+        write_gif(target, moving_square(3, 32, 32), fps=10)
+        assert first.read_bytes() == b"partial"  # before: both writes shared '.a.tmp-<pid>.gif'
+        assert read_video(target)[0].shape == (3, 32, 32, 3)
+    assert target.read_bytes() == b"partial"  # the write that finished last wins, whole
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_the_same_frames_always_encode_to_the_same_bytes(tmp_path):
+    # libx264 threads by default, which made 2 of 16 clips differ between identical runs (under load).
+    rng = np.random.default_rng(0)
+    for clip in range(6):
+        frames = rng.integers(0, 255, (9, 24, 24, 3), dtype=np.uint8)
+        digests = {hashlib.sha256(write_video(tmp_path / f"{clip}_{rep}.mp4", frames, 8).read_bytes()).hexdigest()
+                   for rep in range(3)}
+        assert len(digests) == 1, f"clip {clip}: {len(digests)} different encodings of the same frames"

@@ -5,7 +5,7 @@
   A job killed while writing never leaves ``last`` pointing at a torn checkpoint.
 * :class:`SignalHandler` — SLURM's ``USR1`` (sent ``--signal=USR1@<s>`` before the time limit) saves and
   requeues the job; ``SIGTERM`` saves and exits. The decision is synchronised across ranks so every
-  rank saves at the same step.
+  rank saves at the same step; :attr:`SignalHandler.exit_code` is what the job exits with (``train.run``).
 * :class:`ThroughputMonitor` — smoothed samples/s, tokens/s, TFLOP/s and MFU against the device's peak
   after a warm-up, and every rank's peak memory.
 """
@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from ddm.checkpoint import fsync_dir
+from train.run import EXIT_NOT_REQUEUED, EXIT_SIGTERM
 
 log = logging.getLogger("ddm.train")
 
@@ -100,13 +101,20 @@ class StepCheckpoint(L.Callback):
 
 
 class SignalHandler(L.Callback):
-    """USR1 → checkpoint + requeue (when this job owns requeue); SIGTERM → checkpoint + stop."""
+    """USR1 → checkpoint + requeue (when this job owns requeue); SIGTERM → checkpoint + stop.
+
+    :attr:`exit_code` after a signal stop: 0 when the requeue succeeded (the requeued job carries on),
+    ``EXIT_NOT_REQUEUED`` (138) for USR1 without a requeue, ``EXIT_SIGTERM`` (143) for SIGTERM; None when no
+    signal stopped training. Non-zero codes keep SLURM ``afterok`` dependents from starting on an
+    unfinished stage.
+    """
 
     def __init__(self, checkpoint: StepCheckpoint, requeue: bool = True) -> None:
         self.checkpoint = checkpoint
         self.requeue = requeue
         self._received: str | None = None
         self._previous: dict[int, object] = {}
+        self.exit_code: int | None = None
 
     def _handler(self, signum, frame) -> None:
         self._received = signal.Signals(signum).name
@@ -125,18 +133,43 @@ class SignalHandler(L.Callback):
         # Every rank must agree, or one would enter the collective checkpoint save alone.
         if not trainer.strategy.reduce_boolean_decision(got, all=False):
             return
+        if self.exit_code is not None:
+            return  # already stopping (a second signal, e.g. SLURM's SIGTERM after the requeue)
         reason = self._received or "signal on another rank"
         self.checkpoint.save(trainer, reason=f"{reason} received")
         trainer.should_stop = True
-        if self._received == "SIGUSR1" and self.requeue and trainer.is_global_zero:
-            job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and (
-                f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
-            job = job or os.environ.get("SLURM_JOB_ID")
-            if job:
-                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                log.info("requeue of SLURM job %s: %s", job, "ok" if result.returncode == 0 else result.stderr)
-            else:
-                log.info("USR1 outside SLURM: checkpoint written, not requeued")
+        # rank 0's signal decides for all ranks (it may be the only one that received it)
+        usr1 = bool(trainer.strategy.broadcast(self._received == "SIGUSR1", src=0))
+        requeued = False
+        if usr1 and trainer.is_global_zero:
+            requeued = self._requeue()
+        requeued = bool(trainer.strategy.broadcast(requeued, src=0))
+        self.exit_code = 0 if requeued else (EXIT_NOT_REQUEUED if usr1 else EXIT_SIGTERM)
+        log.info("stopping at step %d after %s: exit code %d%s", trainer.global_step, reason, self.exit_code,
+                 " (requeued)" if requeued else " (not requeued: dependent jobs stay held)")
+
+    def _requeue(self) -> bool:
+        """``scontrol requeue`` this job (array task); True when SLURM accepted it."""
+        if not self.requeue:
+            log.info("USR1 with trainer.slurm_auto_requeue=false: checkpoint written, not requeued")
+            return False
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and (
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+        job = job or os.environ.get("SLURM_JOB_ID")
+        if not job:
+            log.info("USR1 outside SLURM: checkpoint written, not requeued")
+            return False
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.error("requeue of SLURM job %s failed: %s", job, err)
+            return False
+        if result.returncode != 0:
+            log.error("requeue of SLURM job %s failed (scontrol exit %d): %s", job, result.returncode,
+                      (result.stderr or result.stdout).strip())
+            return False
+        log.info("requeue of SLURM job %s: ok", job)
+        return True
 
 
 class ThroughputMonitor(L.Callback):

@@ -15,18 +15,32 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import plan_start, resolve_batch, save_resolved_config, setup_logging
+from train.run import lock_run_dir, plan_start, resolve_batch, run_job, save_resolved_config, setup_logging
 
 log = logging.getLogger("ddm.train")
 
 
-def train_expert(cfg: DictConfig) -> None:
-    """Run one expert job from a composed config (what the CLI does; tests call it directly)."""
+def train_expert(cfg: DictConfig) -> int:
+    """Run one expert job from a composed config (what the CLI does; tests call it directly). Returns the
+    exit code (``train.run``: 0, or non-zero when a signal stopped the stage before its end)."""
     run_dir = Path(cfg.run_dir)
     expert = job.parse_expert(cfg.expert, cfg.num_experts)
+    lock = None if cfg.dry_run else lock_run_dir(run_dir)  # one trainer per run dir
+    try:
+        return _train_expert(cfg, run_dir, expert)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     setup_logging(run_dir, "expert")
     geometry = job.stage_geometry(cfg)
     model_cfg = job.expert_config(cfg)
+    if int(cfg.model.get("context_parallel", 1)) != 1:  # refuse rather than silently train without it
+        raise ValueError(f"model.context_parallel={cfg.model.context_parallel}: context parallelism exists in "
+                         "ddm.models.context_parallel but is not wired into train.expert yet "
+                         "(docs/architecture.md, 'Context parallelism'); use model.context_parallel=1")
     budget = job.expert_budget(model_cfg, geometry)
     batch_size, max_steps = int(cfg.stage.batch_size), int(cfg.stage.max_steps)
     world = job.world_size(cfg)
@@ -40,9 +54,10 @@ def train_expert(cfg: DictConfig) -> None:
 
     if cfg.dry_run:
         print(job.dry_run_report(cfg, model_cfg, budget, geometry, run_dir, batch_size, max_steps, world), flush=True)
-        return
+        return 0
 
     shards = job.check_shards(cfg, expert)  # clear error before any training
+    trained_geometry = job.check_geometry(cfg, shards, model_cfg.latent_channels)
     previous = cfg.stage.previous
     previous_export = (Path(cfg.paths.runs_dir) / cfg.experiment_name / run_dir.parent.name / previous / "export"
                        if previous else None)
@@ -67,7 +82,7 @@ def train_expert(cfg: DictConfig) -> None:
         null_t5=null_t5, null_clip=null_clip, init_state_dict=init_sd,
         vae=job.build_training_vae(cfg),
         export_metadata=job.export_metadata(cfg, resolved, kind="expert", expert=expert, shards=shards,
-                                            model_config=model_cfg.to_dict()),
+                                            model_config=model_cfg.to_dict(), geometry=trained_geometry),
     )
     datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False)
     extra_callbacks = []
@@ -76,14 +91,14 @@ def train_expert(cfg: DictConfig) -> None:
 
         extra_callbacks.append(SampleVideos(int(cfg.trainer.sample_every_n_steps), run_dir / "samples",
                                             dict(cfg.vae), float(cfg.stage.fps or 8)))
-    job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
-            flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample,
-            extra_callbacks=extra_callbacks)
+    return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
+                   flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample,
+                   extra_callbacks=extra_callbacks)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expert")
 def main(cfg: DictConfig) -> None:
-    train_expert(cfg)
+    run_job(train_expert, cfg)
 
 
 if __name__ == "__main__":

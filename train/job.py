@@ -19,7 +19,9 @@ from ddm.models import budget as expert_budget_lib
 from ddm.models.presets import ExpertConfig, get_expert_config
 from ddm.models.router import RouterConfig, get_router_config, router_flops
 from train.ledger import ComputeLedger, match_monolith
-from train.run import StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir, world_size
+from train.metrics_log import merge_metrics
+from train.run import (StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir, is_rank_zero_process,
+                       world_size)
 
 log = logging.getLogger("ddm.train")
 
@@ -213,6 +215,39 @@ def check_shards(cfg: DictConfig, expert: int | str) -> ShardSet:
     return ShardSet(root, sum(counts.get(k, 0) for k in wanted), file_sha256(index_path(root)), folders)
 
 
+def check_geometry(cfg: DictConfig, shards: ShardSet, latent_channels: int | None):
+    """The shards' recorded geometry (``data.geometry``); a ValueError naming both values when the recipe's
+    stage (resolution, frames, fps), the latent shape it implies or the VAE disagrees with it."""
+    from omegaconf import OmegaConf
+
+    from data.geometry import read_shard_geometry
+
+    found = read_shard_geometry(shards.root)
+    g = stage_geometry(cfg)
+    latent = None
+    if latent_channels is not None and not cfg.data.raw_frames:
+        latent = (int(latent_channels), g.latent_frames, g.latent_size, g.latent_size)
+    stage = cfg.stage.name
+    keys = {"resolution": f"recipe.{stage}.resolution", "num_frames": f"recipe.{stage}.num_frames",
+            "fps": f"recipe.{stage}.fps", "vae": "vae"}
+    problems = found.mismatches(resolution=g.resolution, num_frames=g.num_frames, fps=cfg.stage.get("fps"),
+                                latent_shape=latent, vae=OmegaConf.to_container(cfg.vae, resolve=True))
+    if problems:
+        lines = [f"{keys.get(name, name)}={_show(want)} but the shards hold {name}={_show(got)}"
+                 for name, want, got in problems]
+        raise ValueError(f"the recipe disagrees with the shards in {shards.root} (read from {found.source}):\n  "
+                         + "\n  ".join(lines) + f"\nTrain with the geometry the shards were encoded at (e.g. "
+                         f"recipe.{stage}.resolution={found.height}), or encode shards for this recipe "
+                         "(python -m data.prepare).")
+    return found
+
+
+def _show(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 def datamodule(cfg: DictConfig, experts: int | str, batch_size: int, balanced: bool):
     from data.datamodule import ShardDataModule
 
@@ -282,7 +317,9 @@ def load_init_weights(plan: StartPlan, net_factory) -> dict[str, torch.Tensor]:
 
 
 def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | str | None,
-                    shards: ShardSet, model_config: dict) -> dict[str, Any]:
+                    shards: ShardSet, model_config: dict, geometry=None) -> dict[str, Any]:
+    """What every export of this job records; ``geometry`` (a ``data.geometry.ShardGeometry``) is the
+    geometry actually trained on, read from the shards."""
     meta: dict[str, Any] = {
         "kind": kind,
         "config": model_config,
@@ -295,6 +332,8 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
     }
     if expert is not None:
         meta["expert_id"] = expert
+    if geometry is not None:
+        meta["geometry"] = geometry.to_dict()
     centroids = Path(cfg.paths.data_dir) / "centroids.safetensors"
     meta["centroids_hash"] = file_sha256(centroids) if centroids.exists() else ""
     return meta
@@ -318,16 +357,20 @@ def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, A
 # --- the fit -------------------------------------------------------------------------------------------
 
 def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, batch_size: int, max_steps: int,
-        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None) -> None:
-    """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end."""
+        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None) -> int:
+    """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end.
+
+    Returns the job's exit code: 0 when the stage is complete (or a USR1 stop was requeued), non-zero when a
+    signal stopped it before ``max_steps`` (``train.run``'s module docstring lists the codes)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from train.callbacks import SignalHandler, StepCheckpoint, ThroughputMonitor
 
     ckpt = StepCheckpoint(checkpoint_dir(run_dir), int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
+    signals = SignalHandler(ckpt, requeue=bool(cfg.trainer.slurm_auto_requeue))
     callbacks = [
         ckpt,
-        SignalHandler(ckpt, requeue=bool(cfg.trainer.slurm_auto_requeue)),
+        signals,
         ThroughputMonitor(flops_per_sample, tokens_per_sample, batch_size, cfg.trainer.peak_flops_per_device,
                           int(cfg.trainer.log_every_n_steps), skip_steps=int(cfg.trainer.get("throughput_skip_steps", 10))),
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
@@ -335,12 +378,21 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
     ]
     trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps,
                             batch_size=batch_size)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.checkpoint) if plan.checkpoint else None)
-    if trainer.global_step < max_steps and not trainer.interrupted:
-        log.info("stopped at step %d of %d (signal or early stop): no export", trainer.global_step, max_steps)
-        return
-    if cfg.checkpoint.export_on_end and trainer.global_step >= max_steps:
+    if is_rank_zero_process():
+        merge_metrics(run_dir)  # the history so far, also when earlier segments were killed
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.checkpoint) if plan.checkpoint else None)
+    finally:
+        if trainer.is_global_zero:
+            merge_metrics(run_dir)
+    if trainer.global_step < max_steps:
+        code = signals.exit_code if signals.exit_code is not None else 1
+        log.info("stopped at step %d of %d (%s): no export; exit code %d", trainer.global_step, max_steps,
+                 "signal" if signals.exit_code is not None else "interrupted or stopped early", code)
+        return code
+    if cfg.checkpoint.export_on_end:
         export_module(trainer, module, run_dir)
+    return 0
 
 
 def export_module(trainer, module, run_dir: Path) -> Path:

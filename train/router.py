@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import plan_start, save_resolved_config, setup_logging
+from train.run import lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
 
 log = logging.getLogger("ddm.train")
 
@@ -31,9 +31,19 @@ def prior_correction(counts: dict[int, int], balanced: bool) -> list[float]:
     return [math.log(counts[e] / total) - math.log(1.0 / k) for e in sorted(counts)]
 
 
-def train_router(cfg: DictConfig) -> None:
-    """Run the router job from a composed config (what the CLI does; tests call it directly)."""
+def train_router(cfg: DictConfig) -> int:
+    """Run the router job from a composed config (what the CLI does; tests call it directly). Returns the
+    exit code (see ``train.run``)."""
     run_dir = Path(cfg.run_dir)
+    lock = None if cfg.dry_run else lock_run_dir(run_dir)  # one trainer per run dir
+    try:
+        return _train_router(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     setup_logging(run_dir, "router")
     geometry = job.stage_geometry(cfg)
     router_cfg = job.router_config(cfg, cfg.num_experts)
@@ -51,12 +61,13 @@ def train_router(cfg: DictConfig) -> None:
             params = sum(p.numel() for p in Router(router_cfg).parameters())
         print(f"dry run: router {router_cfg.preset}, {params:,} parameters, K={router_cfg.num_experts}; "
               f"training FLOPs/sample {r_flops:.4e} = {r_flops / e_flops:.3%} of one expert's; run dir {run_dir}")
-        return
+        return 0
 
     shards = job.check_shards(cfg, "all")
     if router_cfg.num_experts != len(shards.expert_folders):
         raise ValueError(f"the router predicts {router_cfg.num_experts} experts but {shards.root} holds "
                          f"{len(shards.expert_folders)} expert shard folders")
+    trained_geometry = job.check_geometry(cfg, shards, router_cfg.latent_channels)
     from data.shards import expert_counts
 
     counts = expert_counts(shards.root, split="train")
@@ -71,7 +82,7 @@ def train_router(cfg: DictConfig) -> None:
 
     init_sd = job.load_init_weights(plan, lambda: Router(router_cfg)) if plan.mode == "init" else None
     meta = job.export_metadata(cfg, resolved, kind="router", expert=None, shards=shards,
-                               model_config=router_cfg.to_dict())
+                               model_config=router_cfg.to_dict(), geometry=trained_geometry)
     meta.update({
         "num_experts": router_cfg.num_experts,
         "latent_geometry": {"channels": router_cfg.latent_channels, "frames": geometry.latent_frames,
@@ -90,13 +101,14 @@ def train_router(cfg: DictConfig) -> None:
         export_metadata=meta, init_state_dict=init_sd, vae=job.build_training_vae(cfg))
     datamodule = job.datamodule(cfg, experts="all", batch_size=int(cfg.batch_size),
                                 balanced=bool(cfg.balanced_sampling))
-    job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size), max_steps=int(cfg.max_steps),
-            flops_per_sample=r_flops, tokens_per_sample=job.router_tokens(router_cfg, geometry))
+    return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size),
+                   max_steps=int(cfg.max_steps), flops_per_sample=r_flops,
+                   tokens_per_sample=job.router_tokens(router_cfg, geometry))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="router")
 def main(cfg: DictConfig) -> None:
-    train_router(cfg)
+    run_job(train_router, cfg)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,24 @@ its own checkpoints. It starts in one of three named modes, logged at start:
 * ``init``    — weights-only start from an export (fresh optimizer, warm-up, step 0), e.g. stage 3 from
   stage 2's export, or any ``init_from=PATH``;
 * ``scratch`` — random initialisation.
+
+One writer per run directory: rank 0 holds :class:`ddm.lock.DirLock` on it for the whole job, so a second
+trainer started on the same run dir stops at once with the holder's host and PID.
+
+Exit codes (docs/slurm.md): 0 = the stage finished (or USR1 stopped it and ``scontrol requeue``
+succeeded: the requeued job carries on); :data:`EXIT_SIGTERM` (143) = stopped by SIGTERM after a
+checkpoint; :data:`EXIT_NOT_REQUEUED` (138) = stopped by USR1 but not requeued (outside SLURM, requeue
+off, or ``scontrol requeue`` failed); 1 = an error. Only 0 releases ``afterok`` dependencies.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +32,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ddm.checkpoint import atomic_write
+from ddm.lock import DirLock
+
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
+EXIT_NOT_REQUEUED = 128 + signal.SIGUSR1  # 138
 
 log = logging.getLogger("ddm.train")
 
@@ -59,17 +74,100 @@ class StartPlan:
         return "mode=scratch (random initialisation)"
 
 
+def is_rank_zero_process() -> bool:
+    """False when the launcher's environment names another rank (torchrun ``RANK``, srun ``SLURM_PROCID``,
+    the ``LOCAL_RANK``/``NODE_RANK`` of Lightning's spawned children); decided before any process group."""
+    return all(int(os.environ.get(var) or 0) == 0 for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def lock_run_dir(run_dir: Path) -> DirLock | None:
+    """Rank 0 takes the run dir's lock (``ddm.lock.DirLockedError`` naming the holder if another job has
+    it); other ranks return None."""
+    if not is_rank_zero_process():
+        return None
+    return DirLock(run_dir, "run dir").acquire()
+
+
+_SCAFFOLDING = {"hydra", "logs", ".lock"}  # what a job creates before its first real output
+
+
+def remove_unused_run_dir(run_dir: Path, runs_root: Path) -> bool:
+    """After a job failed before training: remove ``run_dir`` when it holds only scaffolding (Hydra's output,
+    empty logs, the lock), and the parents it leaves empty below ``runs_root``. True when removed."""
+    run_dir, runs_root = Path(run_dir).resolve(), Path(runs_root).resolve()
+    if not run_dir.is_dir() or any(p.name not in _SCAFFOLDING for p in run_dir.iterdir()):
+        return False
+    logs = run_dir / "logs"
+    if logs.is_dir() and any(p.is_dir() or p.stat().st_size for p in logs.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != runs_root and runs_root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True
+
+
+def run_job(job: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
+    """The CLI wrapper of a training job: exit with its code (see the module docstring); on an error before
+    training, leave no empty run folder behind (Hydra creates ``<run_dir>/hydra`` before the job starts)."""
+    try:
+        code = job(cfg)
+    except BaseException:
+        if is_rank_zero_process() and remove_unused_run_dir(Path(cfg.run_dir), Path(cfg.paths.runs_dir)):
+            log.info("removed the unused run dir %s", cfg.run_dir)
+        raise
+    if code:
+        sys.exit(int(code))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it reads. A file is opened the
+    way Lightning opens it (``torch.load``, memory-mapped: the zip directory and the pickle are read, the
+    tensors are not); a sharded folder needs its metadata file."""
+    if path.is_dir():
+        if (path / ".metadata").exists() or (path / "latest").exists() or any(path.glob("*/mp_rank_*")):
+            return None
+        return "a folder without DCP '.metadata' or DeepSpeed 'latest'"
+    try:
+        import torch
+
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # zip, pickle or I/O errors: any of them means this file cannot resume
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``last`` points at, if it is complete; else the newest complete step checkpoint."""
+    """The checkpoint ``last`` points at if it is complete and readable; else the newest readable step
+    checkpoint, with a warning naming the damaged one(s). Raises when checkpoints exist but none can be read
+    (starting over from scratch would silently throw the run away)."""
     ckpt_dir = checkpoint_dir(run_dir)
     last = ckpt_dir / "last.ckpt"
+    candidates: list[Path] = []
     if last.is_symlink() or last.exists():
         target = last.resolve()
         if target.exists():
-            return target
-        log.warning("checkpoints/last.ckpt points at missing %s; looking for the newest step checkpoint", target)
-    steps = sorted(p for p in ckpt_dir.glob("step-*.ckpt") if not p.name.endswith(".partial"))
-    return steps[-1] if steps else None
+            candidates.append(target)
+        else:
+            log.warning("checkpoints/last.ckpt points at missing %s; looking for the newest step checkpoint",
+                        target)
+    steps = sorted((p for p in ckpt_dir.glob("step-*.ckpt") if not p.name.endswith(".partial")), reverse=True)
+    candidates += [p.resolve() for p in steps if p.resolve() not in candidates]
+    damaged = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s: the newer checkpoint(s) %s cannot be read (%s)", ckpt,
+                            ", ".join(p.name for p, _ in damaged), "; ".join(f"{p.name}: {w}" for p, w in damaged))
+            return ckpt
+        damaged.append((ckpt, problem))
+    if damaged:
+        raise RuntimeError(f"no readable checkpoint in {ckpt_dir}: " + "; ".join(f"{p.name}: {w}" for p, w in damaged)
+                           + ". Restore one from a copy, or move the checkpoints away to start over (resume=false "
+                           "keeps them and starts from scratch)")
+    return None
 
 
 def plan_start(run_dir: Path, *, resume: bool, init_from: str | Path | None,
@@ -131,10 +229,17 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
-    """CSV always; wandb when enabled (offline by default; the run id persists in the run dir)."""
+    """CSV always (``logs/csv/segment-NNN/``, one per start of the job; see ``train.metrics_log``); wandb
+    when enabled (offline by default; the run id persists in the run dir)."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="csv")]
+    from train.metrics_log import next_segment
+
+    # one folder per job segment (Lightning's CSV logger would delete an existing metrics.csv);
+    # train.metrics_log merges them into logs/csv/metrics.csv
+    segment = next_segment(run_dir, adopt_legacy=is_rank_zero_process())
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version=f"csv/{segment}",
+                               flush_logs_every_n_steps=max(1, int(cfg.trainer.log_every_n_steps)))]
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
     if cfg.logger.wandb and mode != "disabled":
         try:

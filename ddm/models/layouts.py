@@ -24,7 +24,7 @@ from torch import nn
 
 from ddm.models.presets import LAYOUTS
 
-__all__ = ["detect_layout", "convert_state_dict", "from_diffusers", "load_expert_state_dict"]
+__all__ = ["detect_layout", "convert_state_dict", "from_diffusers", "to_diffusers", "load_expert_state_dict"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -219,6 +219,61 @@ def from_diffusers(state_dict: Mapping[str, torch.Tensor], layout: str = "flux")
     if sd:
         raise ValueError(f"diffusers state dict has {len(sd)} keys this importer does not know, e.g. {sorted(sd)[:5]}")
     return convert_state_dict(out, src="flux", dst=layout)
+
+
+def to_diffusers(state_dict: Mapping[str, torch.Tensor], layout: str | None = None) -> StateDict:
+    """Export expert weights (either layout; ``cond_in`` excluded) as a diffusers ``FluxTransformer2DModel``
+    state dict: the exact inverse of :func:`from_diffusers` (convert to Flux, split the fused ``qkv`` /
+    ``linear1``, rename, swap ``norm_out``'s halves). ``cond_in.*`` must be removed first: diffusers' Flux
+    has no such input (``ddm.interop`` saves it beside). Any key left unmapped raises ValueError.
+    """
+    layout = layout or detect_layout(state_dict)
+    sd = convert_state_dict(state_dict, src=layout, dst="flux")
+    out: StateDict = {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in sd:
+            raise ValueError(f"expert state dict is missing {name!r}")
+        return sd.pop(name)
+
+    def rename(src_prefix: str, dst_prefix: str) -> None:
+        for key in [k for k in sd if k.startswith(src_prefix + ".")]:
+            param = key[len(src_prefix) + 1:]
+            if src_prefix.endswith("_norm") and param == "scale":
+                param = "weight"
+            out[f"{dst_prefix}.{param}"] = sd.pop(key)
+
+    for dif, bfl in _DIFFUSERS_TOP.items():
+        rename(bfl, dif)
+    for suffix in ("weight", "bias"):
+        shift, scale = take(f"final_layer.adaLN_modulation.1.{suffix}").chunk(2, dim=0)
+        out[f"norm_out.linear.{suffix}"] = torch.cat([scale, shift], dim=0)
+
+    for i in _block_ids(sd, "double_blocks"):
+        src, dst = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for dif, bfl in _DIFFUSERS_DOUBLE.items():
+            rename(f"{src}.{bfl}", f"{dst}.{dif}")
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for suffix in ("weight", "bias"):
+                if f"{src}.{stream}_attn.qkv.{suffix}" in sd:
+                    for n, part in zip(names, take(f"{src}.{stream}_attn.qkv.{suffix}").chunk(3, dim=0)):
+                        out[f"{dst}.attn.{n}.{suffix}"] = part
+
+    for i in _block_ids(sd, "single_blocks"):
+        src, dst = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        for dif, bfl in _DIFFUSERS_SINGLE.items():
+            rename(f"{src}.{bfl}", f"{dst}.{dif}")
+        hidden = out[f"{dst}.proj_out.weight"].shape[0]
+        for suffix in ("weight", "bias"):
+            fused = take(f"{src}.linear1.{suffix}")
+            q, k, v, mlp = fused.split([hidden, hidden, hidden, fused.shape[0] - 3 * hidden], dim=0)
+            out.update({f"{dst}.attn.to_q.{suffix}": q, f"{dst}.attn.to_k.{suffix}": k,
+                        f"{dst}.attn.to_v.{suffix}": v, f"{dst}.proj_mlp.{suffix}": mlp})
+
+    if sd:
+        raise ValueError(f"{len(sd)} expert keys have no diffusers FluxTransformer2DModel name, e.g. {sorted(sd)[:5]}"
+                         " (cond_in is saved beside the diffusers weights by ddm.interop)")
+    return out
 
 
 def load_expert_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ddm.models.context_parallel import ContextParallel, SequenceSplit
 from ddm.models.layers import MLPEmbedder, Modulation, QKNorm, apply_rope, modulate, rope_angles, timestep_embedding
 from ddm.models.presets import ExpertConfig
 
@@ -65,14 +66,20 @@ def position_ids(grid: tuple[int, int, int], text_len: int, device: torch.device
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, heads·D) → (B, heads, L, D)."""
-    b, length, _ = x.shape
-    return x.view(b, length, num_heads, -1).transpose(1, 2)
+    b, length, width = x.shape
+    # explicit head width: a context-parallel rank may hold zero tokens of a stream (then -1 is ambiguous)
+    return x.view(b, length, num_heads, width // num_heads).transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: torch.Tensor,
-               interleaved: bool) -> torch.Tensor:
-    """RoPE on q and k, full (unmasked) attention, heads merged back: (B, heads, L, D) → (B, L, heads·D)."""
+               interleaved: bool, split: SequenceSplit | None = None) -> torch.Tensor:
+    """RoPE on q and k, full (unmasked) attention, heads merged back: (B, heads, L, D) → (B, L, heads·D).
+
+    With a context-parallel ``split`` the tokens are this rank's slice and attention spans every rank's.
+    """
     q, k = apply_rope(q, angles, interleaved), apply_rope(k, angles, interleaved)
+    if split is not None:
+        return split.attention(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
@@ -122,13 +129,13 @@ class DoubleStreamBlock(nn.Module):
             self.add_module(f"{stream}_attn", StreamAttention(cfg.hidden_size, cfg.num_heads, cfg.qkv_bias, fused))
             self.add_module(f"{stream}_mlp", _mlp(cfg.hidden_size, cfg.mlp_hidden_dim))
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, angles: torch.Tensor,
+                split: SequenceSplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)  # (shift, scale, gate) × (attn, mlp)
         img_q, img_k, img_v = self.img_attn.project(modulate(_layer_norm(img), img_mod[0], img_mod[1]))
         txt_q, txt_k, txt_v = self.txt_attn.project(modulate(_layer_norm(txt), txt_mod[0], txt_mod[1]))
         joint = _attention(torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2),
-                           torch.cat([txt_v, img_v], dim=2), angles, self.interleaved)
+                           torch.cat([txt_v, img_v], dim=2), angles, self.interleaved, split)
         txt_out, img_out = joint[:, :txt.shape[1]], joint[:, txt.shape[1]:]
         img = img + img_mod[2] * self.img_attn.proj(img_out)
         img = img + img_mod[5] * self.img_mlp(modulate(_layer_norm(img), img_mod[3], img_mod[4]))
@@ -156,7 +163,8 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(hidden, 3)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, angles: torch.Tensor,
+                split: SequenceSplit | None = None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
         h = modulate(_layer_norm(x), shift, scale)
         if self.fused:
@@ -166,7 +174,7 @@ class SingleStreamBlock(nn.Module):
             v, mlp_in = self.v_mlp(h).split([self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = (_heads(y, self.num_heads) for y in (q, k, v))
         q, k = self.norm(q, k)
-        attn = _attention(q.to(v.dtype), k.to(v.dtype), v, angles, self.interleaved)
+        attn = _attention(q.to(v.dtype), k.to(v.dtype), v, angles, self.interleaved, split)
         out = self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
         return x + gate * out
 
@@ -212,6 +220,7 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(hidden, config.in_channels)
         self._checkpointing = False
+        self._context_parallel: ContextParallel | None = None
 
     @property
     def layout(self) -> str:
@@ -225,6 +234,16 @@ class MMDiT(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."""
         self._checkpointing = bool(enabled)
+
+    def set_context_parallel(self, cp: ContextParallel | None) -> None:
+        """Split the sequence over ``cp``'s group in every forward (None or size 1: unsplit); see
+        :mod:`ddm.models.context_parallel`, whose ``apply_context_parallel`` is the usual way to call this."""
+        self._context_parallel = cp if cp is not None and cp.size > 1 else None
+
+    @property
+    def context_parallel(self) -> int:
+        """The cp group size this model's forward splits over (1 = unsplit)."""
+        return 1 if self._context_parallel is None else self._context_parallel.size
 
     def _run_block(self, block: nn.Module, *args: torch.Tensor):
         if self._checkpointing and torch.is_grad_enabled():
@@ -278,13 +297,24 @@ class MMDiT(nn.Module):
         dtype = self.img_in.weight.dtype
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
 
-        img = self.img_in(patchify(x.to(dtype), cfg.patch_size))
+        cp = self._context_parallel
+        img_tokens, t5 = patchify(x.to(dtype), cfg.patch_size), cond["t5"].to(dtype)
+        i2v = cond.get("i2v") if cfg.cond_embed else None
+        i2v_tokens = patchify(i2v.to(dtype), cfg.patch_size) if i2v is not None else None
+        n_img, n_txt = img_tokens.shape[1], t5.shape[1]
+        ids = position_ids(grid, n_txt, device=x.device)
+        split = None
+        if cp is not None:  # this rank's text and image slices, with their positions and i2v tokens
+            cp.assert_same_inputs(x, t, t5, cond["clip"], i2v, cond.get("guidance"))
+            split = cp.split(n_txt, n_img)
+            img_tokens, t5 = cp.shard(img_tokens), cp.shard(t5)
+            i2v_tokens = cp.shard(i2v_tokens) if i2v_tokens is not None else None
+            ids = torch.cat([cp.shard(ids[:n_txt], dim=0), cp.shard(ids[n_txt:], dim=0)])
+        img = self.img_in(img_tokens)
         if cfg.cond_embed:
-            i2v = cond.get("i2v")
             # an absent condition is all zeros, whose projection is just the bias
-            img = img + (self.cond_in(patchify(i2v.to(dtype), cfg.patch_size)) if i2v is not None
-                         else self.cond_in.bias)
-        txt = self.txt_in(cond["t5"].to(dtype))
+            img = img + (self.cond_in(i2v_tokens) if i2v_tokens is not None else self.cond_in.bias)
+        txt = self.txt_in(t5)
 
         vec = self.time_in(timestep_embedding(t, 256).to(dtype))
         if cfg.guidance_embed:
@@ -292,11 +322,13 @@ class MMDiT(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         vec = vec + self.vector_in(cond["clip"].to(dtype))
 
-        angles = rope_angles(position_ids(grid, txt.shape[1], device=x.device), cfg.axes_dim, cfg.theta)
+        angles = rope_angles(ids, cfg.axes_dim, cfg.theta)
         for block in self.double_blocks:
-            img, txt = self._run_block(block, img, txt, vec, angles)
+            img, txt = self._run_block(block, img, txt, vec, angles, split)
         seq = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
-            seq = self._run_block(block, seq, vec, angles)
+            seq = self._run_block(block, seq, vec, angles, split)
         img = self.final_layer(seq[:, txt.shape[1]:], vec)
+        if cp is not None:
+            img = cp.gather(img, n_img)
         return unpatchify(img, cfg.patch_size, grid).to(x.dtype)
