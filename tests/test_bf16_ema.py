@@ -49,9 +49,9 @@ def check_run(run: Path, precision: str, final_step: int) -> None:
     errors = ema_step_errors(ckpt_dir)
     assert max(errors) <= 1e-3, f"EMA steps deviate from the fp64 reference: {errors}"
     assert {v.dtype for k, v in last["state_dict"].items() if k.startswith("ema_model.")} == {torch.float32}
-    # the export holds the final EMA, in the export dtype (default float32), bit for bit
+    # the export holds the final EMA, in the export dtype (default fp32), bit for bit
     sd, meta = load_export(run / "export")
-    assert meta["step"] == final_step and read_export_metadata(run / "export")["export_dtype"] == "float32"
+    assert meta["step"] == final_step and read_export_metadata(run / "export")["export_dtype"] == "fp32"
     for key, value in sd.items():
         assert value.dtype == torch.float32 and torch.equal(value, last["state_dict"]["ema_model." + key])
 

@@ -92,11 +92,13 @@ def ema_copy_from(ema: nn.Module, model: nn.Module) -> None:
         _local(e).copy_(_local(p))
 
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names ddm.export's --dtype uses, and the long torch names as aliases.
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cast_for_export(state_dict: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """The fp32 EMA state dict in the export dtype (``checkpoint.export_dtype``: float32, bfloat16, float16)."""
+    """The fp32 EMA state dict in the export dtype (``checkpoint.export_dtype``: fp32, bf16 or fp16)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"checkpoint.export_dtype={dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]

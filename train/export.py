@@ -84,7 +84,7 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, weights: str = "ema",
     prefix = {"ema": "ema_model.", "model": "model."}[weights]
     hp = ckpt.get("hyper_parameters", {})
     meta = dict(hp.get("export_metadata", {}))
-    sd = cast_for_export(_strip(ckpt["state_dict"], prefix), meta.get("export_dtype", "float32"))
+    sd = cast_for_export(_strip(ckpt["state_dict"], prefix), meta.get("export_dtype", "fp32"))
     meta.update({"step": int(ckpt.get("global_step", 0)), "weights": weights, "source_checkpoint": str(ckpt_path)})
     meta.update(extra_metadata or {})
     save_export(sd, out_dir, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))

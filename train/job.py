@@ -328,7 +328,7 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
         "manifest_hash": shards.manifest_hash,
         "train_config": resolved,
         "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
-        "export_dtype": str(cfg.checkpoint.get("export_dtype") or "float32"),
+        "export_dtype": str(cfg.checkpoint.get("export_dtype") or "fp32"),
     }
     if expert is not None:
         meta["expert_id"] = expert
@@ -401,7 +401,7 @@ def export_module(trainer, module, run_dir: Path) -> Path:
     from train.export import gather_full_state_dict
 
     meta = dict(module.hparams["export_metadata"])
-    sd = cast_for_export(gather_full_state_dict(module.ema_model), meta.get("export_dtype", "float32"))
+    sd = cast_for_export(gather_full_state_dict(module.ema_model), meta.get("export_dtype", "fp32"))
     out = export_dir(run_dir)
     if trainer.is_global_zero:
         meta["step"] = int(trainer.global_step)
