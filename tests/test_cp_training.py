@@ -101,3 +101,19 @@ def test_cp2_on_two_processes_trains_the_same_loss_curve_as_one_process(tmp_path
     assert samples_s and all(samples_s[k] * step_s[k] == pytest.approx(4.0, rel=1e-3) for k in samples_s), samples_s
     loss = column(whole, "train/loss")
     assert loss[3] < 0.9 * loss[0], loss  # the steps did train (the comparison is not vacuous)
+
+
+def test_the_ranks_of_a_cp_group_read_the_same_batches(test_shards_dir):
+    from data.datamodule import ShardDataModule
+
+    def keys(rank: int, cp: int, world: int = 4) -> list[list[str]]:
+        dm = ShardDataModule(test_shards_dir, 1, batch_size=2, samples_per_epoch=6, rank=rank, world_size=world,
+                             context_parallel=cp)
+        return [list(b["key"]) for b in dm.train_dataloader()]
+
+    # world 4 at cp 2: ranks 0, 1 are data-parallel rank 0 of 2; ranks 2, 3 are rank 1
+    assert keys(0, 2) == keys(1, 2) == keys(0, 1, world=2)
+    assert keys(2, 2) == keys(3, 2) == keys(1, 1, world=2)
+    assert keys(0, 2) != keys(2, 2)  # different dp ranks read different batches
+    with pytest.raises(ValueError, match="context_parallel=3 must divide the world size 4"):
+        keys(0, 3)
