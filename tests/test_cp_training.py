@@ -74,7 +74,8 @@ def test_cp2_on_two_processes_trains_the_same_loss_curve_as_one_process(tmp_path
             "recipe.stage2.warmup_steps=0", "checkpoint.every_n_steps=100", "checkpoint.export_on_end=false",
             "trainer.throughput_skip_steps=1"]
     # both runs at once (separate run roots and process groups): the wall time is the slower one's
-    procs = {name: start_cli("train.expert", [*args, *extra, f"paths.root_dir={tmp_path / name}"], tmp_path / f"{name}.log")
+    procs = {name: start_cli("train.expert", [*args, *extra, f"paths.root_dir={tmp_path / name}"],
+                             tmp_path / f"{name}.log")
              for name, extra in (("cp2", ["trainer.devices=2", "model.context_parallel=2"]),
                                  ("cp1", ["trainer.devices=1"]))}
     try:

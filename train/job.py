@@ -163,8 +163,8 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
         f"global); precision {precision}",
     ]
     if cp > 1:
-        lines.append(f"  context parallel      {cp} ranks per sample ({world // cp} data-parallel groups); tokens per rank "
-                     f"{tokens_per_rank(budget.image_tokens, g.text_tokens, cp):,} outside attention")
+        lines.append(f"  context parallel      {cp} ranks per sample ({world // cp} data-parallel groups); "
+                     f"tokens per rank {tokens_per_rank(budget.image_tokens, g.text_tokens, cp):,} outside attention")
     if cfg.strategy.name == "deepspeed":
         from train.run import deepspeed_config
 
