@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.shards import (ShardReadError, available_experts, check_split, decode_sample, index_digests, iter_shard,
                           non_finite_members, sample_digest, shard_sizes)
+from ddm.models.context_parallel import data_parallel_coords
 from ddm.models.text import pad_tokens
 
 log = logging.getLogger(__name__)
@@ -495,13 +496,15 @@ class ShardDataModule(L.LightningDataModule):
     ``t5_len`` (B,), ``clip`` (B, D), ``expert`` (B,) 1..K, ``label`` (B,) 0..K-1, ``key``, ``caption``.
     ``skipped`` counts the corrupt training samples skipped so far (for logging). ``verify_hashes``: check each
     sample against the content hash in ``shards.parquet`` (a mismatch is a skipped sample).
+    ``context_parallel``: ranks ``k·cp … k·cp+cp-1`` read the same batches (data-parallel rank ``k``).
     """
 
     def __init__(self, shards_dir: str | Path, experts: int | str | Sequence[int] = "all", split: str = "train", *,
                  batch_size: int, num_workers: int = 0, samples_per_epoch: int = 100_000, seed: int = 0,
                  text_pad_to: int | None = None, raw_frames: bool = False, max_skip_fraction: float = 0.01,
                  balanced: bool = False, rank: int | None = None, world_size: int | None = None,
-                 shuffle_buffer: int = 64, interleave: int = 8, verify_hashes: bool = True) -> None:
+                 shuffle_buffer: int = 64, interleave: int = 8, verify_hashes: bool = True,
+                 context_parallel: int = 1) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -524,6 +527,9 @@ class ShardDataModule(L.LightningDataModule):
         self.interleave = interleave
         self.verify_hashes = verify_hashes
         self._rank, self._world_size = rank, world_size
+        if context_parallel < 1:
+            raise ValueError(f"context_parallel must be >= 1, got {context_parallel}")
+        self.context_parallel = context_parallel
         self.experts, self.train_shards = select_shards(self.shards_dir, experts, split)
         if not self.train_shards:
             raise ValueError(f"experts {self.experts} have no '{split}' samples in '{self.shards_dir}'")
@@ -537,6 +543,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def _stream_config(self, shards: Sequence[ShardInfo]) -> StreamConfig:
         rank, world_size = resolve_world(self.trainer, self._rank, self._world_size)
+        # every rank of a context-parallel group reads its group's batches (it holds a slice of each sample)
+        rank, world_size = data_parallel_coords(rank, world_size, self.context_parallel)
         workers = max(1, self.num_workers)
         if len(shards) < world_size * workers:
             log.warning("%d shards for %d ranks x %d workers: every slot reads all shards with its own seed "

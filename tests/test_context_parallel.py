@@ -192,12 +192,3 @@ def test_cp_size_one_is_the_plain_model() -> None:
     model = MMDiT(get_expert_config("tiny"))
     assert apply_context_parallel(model, None) == 1 and model.context_parallel == 1
 
-
-def test_training_refuses_context_parallel_until_wired(tmp_path: Path) -> None:
-    from tests.fixtures.train import compose_config
-    from train.expert import train_expert
-
-    cfg = compose_config("expert", ["expert=1", "dry_run=true", "model.context_parallel=2",
-                                    f"paths.root_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="model.context_parallel=2: context parallelism exists"):
-        train_expert(cfg)

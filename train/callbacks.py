@@ -183,6 +183,8 @@ class ThroughputMonitor(L.Callback):
       and precision, else :attr:`PEAK_BF16_FLOPS` by device name; unknown (e.g. a CPU): MFU not logged.
     * ``mem/peak_gib_rank<r>`` (and ``mem/peak_gib_max``): CUDA max-allocated on GPUs, the process's
       RSS high-water mark on CPUs, gathered from every rank.
+    * Under context parallelism the ``context_parallel`` ranks of a group share each sample, so the samples
+      (and tokens and FLOPs) of a step are ``batch_size × world / context_parallel``.
     """
 
     # Dense bf16 tensor-core peaks (FLOP/s) by a lower-case substring of the device name, for devices
@@ -192,12 +194,13 @@ class ThroughputMonitor(L.Callback):
 
     def __init__(self, flops_per_sample: float, tokens_per_sample: int, batch_size: int,
                  peak_flops_per_device: float | None, log_every_n_steps: int, skip_steps: int = 10,
-                 window: int = 5) -> None:
+                 window: int = 5, context_parallel: int = 1) -> None:
         from collections import deque
 
         self.flops_per_sample = float(flops_per_sample)
         self.tokens_per_sample = int(tokens_per_sample)
         self.batch_size = int(batch_size)
+        self.context_parallel = max(1, int(context_parallel))
         self.peak = float(peak_flops_per_device) if peak_flops_per_device else None
         self.every = max(1, int(log_every_n_steps))
         self.skip_steps = max(0, int(skip_steps))
@@ -263,7 +266,7 @@ class ThroughputMonitor(L.Callback):
         steps = sum(n for n, _ in self._windows)
         seconds = sum(dt for _, dt in self._windows)
         world = trainer.world_size
-        samples_s = steps * self.batch_size * world / seconds
+        samples_s = steps * self.batch_size * world / self.context_parallel / seconds
         flops_s = samples_s * self.flops_per_sample
         metrics = {
             "perf/samples_per_s": samples_s,

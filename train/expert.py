@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import lock_run_dir, plan_start, resolve_batch, run_job, save_resolved_config, setup_logging
+from train.run import (context_parallel_size, lock_run_dir, plan_start, resolve_batch, run_job, save_resolved_config,
+                       setup_logging)
 
 log = logging.getLogger("ddm.train")
 
@@ -37,23 +38,23 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     setup_logging(run_dir, "expert")
     geometry = job.stage_geometry(cfg)
     model_cfg = job.expert_config(cfg)
-    if int(cfg.model.get("context_parallel", 1)) != 1:  # refuse rather than silently train without it
-        raise ValueError(f"model.context_parallel={cfg.model.context_parallel}: context parallelism exists in "
-                         "ddm.models.context_parallel but is not wired into train.expert yet "
-                         "(docs/architecture.md, 'Context parallelism'); use model.context_parallel=1")
+    # Ulysses context parallelism: cp ranks share each sample (checked: fsdp, divides heads and world)
+    cp = context_parallel_size(cfg, model_cfg.num_heads)
     budget = job.expert_budget(model_cfg, geometry)
     batch_size, max_steps = int(cfg.stage.batch_size), int(cfg.stage.max_steps)
     world = job.world_size(cfg)
+    data_world = world // cp  # data-parallel ranks: the global batch is batch_size x data_world
 
-    ledger = job.compute_ledger(cfg, budget, world) if expert == "all" and cfg.compute_match else None
+    ledger = job.compute_ledger(cfg, budget, data_world) if expert == "all" and cfg.compute_match else None
     # One resolved batch for Lightning, DeepSpeed's config and the ledger (train.run.resolve_batch).
-    resolved_batch, ledger = resolve_batch(batch_size, max_steps, world, ledger, by=str(cfg.compute_match_by))
+    resolved_batch, ledger = resolve_batch(batch_size, max_steps, data_world, ledger, by=str(cfg.compute_match_by))
     batch_size, max_steps = resolved_batch.per_rank, resolved_batch.max_steps
     if ledger is not None:
         print(ledger.table(), flush=True)
 
     if cfg.dry_run:
-        print(job.dry_run_report(cfg, model_cfg, budget, geometry, run_dir, batch_size, max_steps, world), flush=True)
+        print(job.dry_run_report(cfg, model_cfg, budget, geometry, run_dir, batch_size, max_steps, world,
+                                 context_parallel=cp), flush=True)
         return 0
 
     shards = job.check_shards(cfg, expert)  # clear error before any training
@@ -66,6 +67,7 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     log.info("train.expert %s stage=%s %s", run_dir.parent.name, cfg.stage.name, plan.describe())
     log.info("run dir %s; shards %s (%d samples)", run_dir, shards.root, shards.num_samples)
     resolved = save_resolved_config(cfg, run_dir)
+    # the same seed on every rank: the ranks of a cp group must draw the same noise, t and text dropout
     torch.manual_seed(int(cfg.seed) + (0 if expert == "all" else int(expert)))
 
     from ddm.models.mmdit import MMDiT
@@ -84,7 +86,7 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
         export_metadata=job.export_metadata(cfg, resolved, kind="expert", expert=expert, shards=shards,
                                             model_config=model_cfg.to_dict(), geometry=trained_geometry),
     )
-    datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False)
+    datamodule = job.datamodule(cfg, experts=expert, batch_size=batch_size, balanced=False, context_parallel=cp)
     extra_callbacks = []
     if int(cfg.trainer.sample_every_n_steps) > 0:
         from train.callbacks import SampleVideos
@@ -93,7 +95,7 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
                                             dict(cfg.vae), float(cfg.stage.fps or 8)))
     return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
                    flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample,
-                   extra_callbacks=extra_callbacks)
+                   extra_callbacks=extra_callbacks, context_parallel=cp)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expert")

@@ -106,6 +106,15 @@ class FlowMatchingModule(L.LightningModule):
         """FSDP2: shard every transformer block, then the rest, for both the model and its EMA twin."""
         from torch.distributed.fsdp import fully_shard
 
+        # context parallelism (train.run.build_strategy): the mesh's tensor_parallel dim is the cp group
+        if "tensor_parallel" in (strategy.device_mesh.mesh_dim_names or ()) \
+                and strategy.device_mesh["tensor_parallel"].size() > 1:
+            from ddm.models.context_parallel import apply_context_parallel, fully_shard_dp_cp
+
+            for net in (self.model, self.ema_model):
+                apply_context_parallel(net, strategy.device_mesh, cp_dim="tensor_parallel")
+                fully_shard_dp_cp(net, strategy.device_mesh, dp_dim="data_parallel", cp_dim="tensor_parallel")
+            return
         mesh = strategy.device_mesh["data_parallel"]
         for net in (self.model, self.ema_model):
             for block in net.blocks():

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ddm.checkpoint import file_sha256, read_export_metadata, save_export
 from ddm.flow import latent_frames
 from ddm.models import budget as expert_budget_lib
+from ddm.models.context_parallel import tokens_per_rank
 from ddm.models.presets import ExpertConfig, get_expert_config
 from ddm.models.router import RouterConfig, get_router_config, router_flops
 from train.ledger import ComputeLedger, match_monolith
@@ -125,10 +126,11 @@ def _budget_precision(precision: Any) -> str:
 
 
 def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: Geometry, run_dir: Path,
-                   batch_size: int, max_steps: int, world: int) -> str:
+                   batch_size: int, max_steps: int, world: int, context_parallel: int = 1) -> str:
     """What the job would do, computed on the meta device, with nothing allocated: sizes, tokens, FLOPs and
     the per-GPU memory breakdown (``ddm.models.budget.training_memory``) against ``trainer.gpu_memory_gb``,
-    with a warning naming the strategies that fit when the chosen one does not."""
+    with a warning naming the strategies that fit when the chosen one does not. ``world``: all ranks;
+    ``context_parallel``: ranks per sample (the global batch is ``batch_size × world / context_parallel``)."""
     with torch.device("meta"):
         from ddm.models.mmdit import MMDiT
 
@@ -142,8 +144,10 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
     def memory(strat: str, ckpt: bool) -> dict[str, int]:
         return expert_budget_lib.training_memory(
             model_cfg, strategy=strat, world_size=world, batch_size=batch_size, image_tokens=budget.image_tokens,
-            text_tokens=g.text_tokens, precision=precision, activation_checkpointing=ckpt)
+            text_tokens=g.text_tokens, precision=precision, activation_checkpointing=ckpt,
+            context_parallel=cp)
 
+    cp = int(context_parallel)
     on, off = memory(strategy, True), memory(strategy, False)
     chosen = on if checkpointing else off
     steps_per_epoch = int(cfg.data.samples_per_epoch) // batch_size
@@ -154,9 +158,12 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
         f"{g.latent_frames}x{g.latent_size}x{g.latent_size}",
         f"  tokens per sample     {budget.image_tokens:,} image + {g.text_tokens} text",
         f"  training FLOPs/sample {budget.flops_per_sample:.4e}",
-        f"  strategy / world      {strategy} / {world} ranks; batch {batch_size} per rank ({batch_size * world} "
+        f"  strategy / world      {strategy} / {world} ranks; batch {batch_size} per rank ({batch_size * world // cp} "
         f"global); precision {precision}",
     ]
+    if cp > 1:
+        lines.append(f"  context parallel      {cp} ranks per sample ({world // cp} data-parallel groups); "
+                     f"tokens per rank {tokens_per_rank(budget.image_tokens, g.text_tokens, cp):,} outside attention")
     if cfg.strategy.name == "deepspeed":
         from train.run import deepspeed_config
 
@@ -248,14 +255,14 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def datamodule(cfg: DictConfig, experts: int | str, batch_size: int, balanced: bool):
+def datamodule(cfg: DictConfig, experts: int | str, batch_size: int, balanced: bool, context_parallel: int = 1):
     from data.datamodule import ShardDataModule
 
     return ShardDataModule(
         cfg.data.shards_dir, experts, "train", batch_size=batch_size, num_workers=int(cfg.data.num_workers),
         samples_per_epoch=int(cfg.data.samples_per_epoch), seed=int(cfg.seed),
         text_pad_to=cfg.data.text_pad_to, raw_frames=bool(cfg.data.raw_frames),
-        max_skip_fraction=float(cfg.data.max_skip_fraction), balanced=balanced)
+        max_skip_fraction=float(cfg.data.max_skip_fraction), balanced=balanced, context_parallel=context_parallel)
 
 
 def null_text(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,11 +364,13 @@ def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, A
 # --- the fit -------------------------------------------------------------------------------------------
 
 def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, batch_size: int, max_steps: int,
-        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None) -> int:
+        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None,
+        context_parallel: int = 1) -> int:
     """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end.
 
     Returns the job's exit code: 0 when the stage is complete (or a USR1 stop was requeued), non-zero when a
-    signal stopped it before ``max_steps`` (``train.run``'s module docstring lists the codes)."""
+    signal stopped it before ``max_steps`` (``train.run``'s module docstring lists the codes).
+    ``context_parallel``: ranks per sample (``train.run.build_strategy``; throughput counts each sample once)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from train.callbacks import SignalHandler, StepCheckpoint, ThroughputMonitor
@@ -372,12 +381,13 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
         ckpt,
         signals,
         ThroughputMonitor(flops_per_sample, tokens_per_sample, batch_size, cfg.trainer.peak_flops_per_device,
-                          int(cfg.trainer.log_every_n_steps), skip_steps=int(cfg.trainer.get("throughput_skip_steps", 10))),
+                          int(cfg.trainer.log_every_n_steps), skip_steps=int(cfg.trainer.get("throughput_skip_steps", 10)),
+                          context_parallel=context_parallel),
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
         *(extra_callbacks or []),
     ]
     trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps,
-                            batch_size=batch_size)
+                            batch_size=batch_size, context_parallel=context_parallel)
     if is_rank_zero_process():
         merge_metrics(run_dir)  # the history so far, also when earlier segments were killed
     try:

@@ -310,12 +310,31 @@ def resolve_batch(per_rank: int, max_steps: int, world: int, ledger=None, by: st
     raise ValueError(f"compute_match_by must be 'batch' or 'steps', got {by!r}")
 
 
-def build_strategy(cfg: DictConfig, batch_size: int | None = None):
+def context_parallel_size(cfg: DictConfig, num_heads: int) -> int:
+    """``cfg.model.context_parallel`` (Ulysses sequence split, ``ddm.models.context_parallel``), checked before
+    any training: it must divide the heads and the world size, and only ``strategy=fsdp`` carries it."""
+    cp = int(cfg.model.get("context_parallel", 1))
+    if cp != 1 and cfg.strategy.name != "fsdp":
+        raise ValueError(f"model.context_parallel={cp} needs strategy=fsdp (FSDP2 over the data-parallel x "
+                         f"context-parallel mesh); strategy={cfg.strategy.name} cannot split the sequence. "
+                         "Use strategy=fsdp or model.context_parallel=1")
+    from ddm.models.context_parallel import check_context_parallel_size
+
+    check_context_parallel_size(cp, int(num_heads), world_size(cfg))
+    return cp
+
+
+def build_strategy(cfg: DictConfig, batch_size: int | None = None, context_parallel: int = 1):
     """A Lightning strategy from ``cfg.strategy``, or a clear error if the installation cannot provide it.
 
-    ``batch_size``: the job's resolved batch per rank (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
+    ``batch_size``: the job's resolved batch per rank (DeepSpeed's ``train_micro_batch_size_per_gpu``).
+    ``context_parallel``: the expert's cp size (:func:`context_parallel_size`); under ``fsdp`` the mesh is
+    (world / cp) x cp, its ``tensor_parallel`` dimension being the cp group (``train.flow_module``)."""
     s = cfg.strategy
     accelerator = cfg.trainer.accelerator
+    cp = int(context_parallel)
+    if cp != 1 and s.name != "fsdp":
+        raise ValueError(f"context_parallel={cp} needs strategy=fsdp, not strategy={s.name}")
     if s.name == "auto":
         return "auto"
     if s.name == "ddp":
@@ -326,7 +345,10 @@ def build_strategy(cfg: DictConfig, batch_size: int | None = None):
     if s.name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1,
+        world = world_size(cfg)
+        if cp < 1 or world % cp:
+            raise ValueError(f"model.context_parallel={cp} must divide the world size {world}")
+        return ModelParallelStrategy(data_parallel_size=world // cp, tensor_parallel_size=cp,
                                      save_distributed_checkpoint=bool(s.save_distributed_checkpoint))
     if s.name == "deepspeed":
         if accelerator == "cpu":
@@ -373,13 +395,14 @@ def deepspeed_config(cfg: DictConfig, micro_batch_size: int) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, max_steps: int,
-                  batch_size: int | None = None):
+                  batch_size: int | None = None, context_parallel: int = 1):
     """The Lightning Trainer for a job. Gradient clipping is the module's (or DeepSpeed's), not Lightning's.
-    ``batch_size``: the resolved batch per rank (needed by DeepSpeed's config)."""
+    ``batch_size``: the resolved batch per rank (needed by DeepSpeed's config); ``context_parallel``: see
+    :func:`build_strategy`."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    strategy = build_strategy(cfg, batch_size)
+    strategy = build_strategy(cfg, batch_size, context_parallel)
     plugins = []
     if SLURMEnvironment.detect():
         # We own requeue (train.callbacks.SignalHandler); Lightning must not requeue a second time.
