@@ -28,10 +28,22 @@ not list; other settings, prompts or seeds than recorded raise instead of mixing
 FVD needs ``--real-videos`` (a folder of videos or a prep ``manifest.parquet``); the real statistics are
 cached (:func:`ddm.eval.fvd.real_feature_stats`). Without them FVD is skipped and the report says so.
 
+Frames. Videos are generated at the frame count the models were trained on (the stage's ``num_frames`` in
+the first model folder's ``model_index.json``) unless ``--num-frames`` says otherwise. FVD's I3D needs 16-frame
+clips and never pads or loops frames: with shorter default videos it is skipped (a note says so); an explicit
+shorter ``--num-frames`` with FVD asked for raises.
+
 Tiny mode. ``--tiny-backbones DIR`` builds (once) a random-init I3D, CLIP and aesthetic head in DIR; every
-number is then labelled ``tiny-random (test only)``. FVD needs 16-frame clips and the tiny models are
-trained on 9 frames, so in tiny mode videos are generated with 17 frames unless ``--num-frames`` says
-otherwise; FVD never pads or loops frames (a too-short video raises, naming the run).
+number is then labelled ``tiny-random (test only)``.
+
+The synthetic data's own metrics (:mod:`ddm.eval.reference`). ``--groundtruth DIR`` (a ``data.synthetic``
+folder of a held-out seed) adds the ground-truth accuracies — prompt accuracy, family, background, colour,
+direction, speed, each mean ± SE with chance levels — by image analysis of each video against its prompt
+(:mod:`ddm.eval.groundtruth`; no learned weights); its captions are the prompts unless ``--prompts`` /
+``--prompts-from-shards`` are given. ``--domain-backbone PATH`` adds the domain FVD with its real-vs-real floor
+(:mod:`ddm.eval.domain`; built and cached at PATH in seconds when missing). Both score each video from the
+exact frames the model made (``<i>.npy`` beside the mp4: a 16-px mp4 smears the colour of a 3-px shape), and a
+contact sheet (``contact_sheet.png``: per prompt, the real clip and every run's frames) is written.
 """
 from __future__ import annotations
 
@@ -49,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddm.checkpoint import atomic_write
-from ddm.eval.report import EVAL_FORMAT, METRICS, compare_runs, write_report
+from ddm.eval.report import CLASSIC_METRICS, EVAL_FORMAT, METRICS, compare_runs, write_report
 from ddm.eval.stats import TINY_LABEL, MetricResult
 from ddm.eval.videos import to_uint8_video
 from ddm.sampler import RoutingTrace
@@ -63,8 +75,8 @@ log = logging.getLogger("ddm.evaluate")
 
 DDM_DEFAULT_STRATEGIES = ("top1", "top2", "full")
 MONOLITH_STRATEGY = "single"
-TINY_EVAL_FRAMES = 17  # the smallest 4k+1 frame count that holds FVD's 16-frame clip
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+CONTACT_SHEET_ROWS = 6
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STRATEGY_RE = re.compile(r"^(top(\d+)|full|threshold)$")
 
@@ -295,6 +307,10 @@ class RunFolder:
         """Where video ``index`` lives."""
         return self.path / f"{index:06d}.mp4"
 
+    def array_path(self, index: int) -> Path:
+        """The exact uint8 (F, H, W, 3) frames of video ``index`` (the mp4 is lossy: 4:2:0 chroma)."""
+        return self.path / f"{index:06d}.npy"
+
     def is_done(self, index: int, prompt: str, seed: int) -> bool:
         """True when video ``index`` was committed for this prompt and seed (ValueError for another one)."""
         entry = self.videos.get(str(index))
@@ -323,6 +339,18 @@ class RunFolder:
         first = traces[entries[0]["trace"]]
         rows = [traces[e["trace"]].weights[:, e["row"]] for e in entries]
         return RoutingTrace(first.strategy, first.t, torch.stack(rows, dim=1))
+
+
+def _save_array(path: Path, video: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to the temp name
+        np.save(fh, video)
+
+
+def load_run_videos(paths: Sequence[Path]) -> list[np.ndarray]:
+    """A run's exact frames (``<i>.npy``), decoding the mp4 only for folders written before they were kept."""
+    from ddm.video_io import read_video
+
+    return [np.load(p.with_suffix(".npy")) if p.with_suffix(".npy").is_file() else read_video(p)[0] for p in paths]
 
 
 def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *,
@@ -358,6 +386,7 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
             atomic_write(folder.path / trace_name, lambda tmp: trace.to_json(tmp))
         for i, video in zip(batch, videos):
             write_video(folder.video_path(i), video, fps or result.fps or DEFAULT_FPS)
+            atomic_write(folder.array_path(i), lambda tmp, v=video: _save_array(tmp, v))
         folder.commit({i: {"prompt": prompts[i], "seed": seeds[i], "trace": trace_name, "row": row}
                        for row, i in enumerate(batch)}, resolved=result.settings)
         bar.update(len(batch))
@@ -424,7 +453,7 @@ def compute_metrics(paths: Sequence[Path], captions: Sequence[str], metrics: Seq
         "motion": lambda: motion_score(_decoded(paths), resolution=motion_resolution, progress=progress),
     }
     for key in metrics:
-        if key == "fvd" and real_stats is None:
+        if key == "fvd" and real_stats is None or key not in jobs:  # the synthetic metrics: _SyntheticMetrics
             continue
         log.info("%s: computing %s over %d videos", name, METRICS[key].label, len(paths))
         try:
@@ -486,13 +515,16 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
              backbones: Backbones | None = None, real_videos: str | Path | None = None,
              cache_dir: str | Path | None = None, batch_size: int = 4, fps: float | None = None,
              frame_stride: int = 1, motion_resolution: int | None = None, device: str = "cpu", dtype: Any = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, reference: Any = None, domain_backbone: str | Path | None = None,
+             contact_sheet_rows: int = CONTACT_SHEET_ROWS) -> dict[str, Any]:
     """Generate (or reuse) every run's videos, compute the metrics, write ``metrics.json``, ``report.md``, plots.
 
     Everything that can be checked before generating is checked first (prompts, metric names, backbones,
     model folders, strategies, the baseline, the real videos). ``steps``/``cfg`` left None use each model
-    folder's scheduler defaults (``model_index.json``). Returns the evaluation record (the content of
-    ``metrics.json``); see the module docstring.
+    folder's scheduler defaults (``model_index.json``), ``num_frames`` the frames the models were trained on.
+    ``reference`` (a :class:`ddm.eval.reference.SyntheticReference`) enables the ground-truth metrics and,
+    with ``domain_backbone``, the domain FVD. Returns the evaluation record (the content of ``metrics.json``);
+    see the module docstring.
     """
     from ddm.eval.fvd import ClipSettings
 
@@ -501,6 +533,11 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
         raise ValueError("the prompt set is empty: there is nothing to evaluate")
     check_metric_names(metrics)
     _check_backbones(metrics, backbones, fvd_wanted=real_videos is not None)
+    if reference is not None or any(m.startswith("gt_") or m == "domain_fvd" for m in metrics):
+        from ddm.eval.reference import check_synthetic_request
+
+        check_synthetic_request(metrics, prompts, reference, domain_backbone,
+                                num_videos if num_videos is not None else len(prompts))
     names = [m.name for m in models]
     if not models or len(set(names)) != len(names):
         raise ValueError(f"give each --model a distinct NAME, got {names}")
@@ -509,7 +546,14 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
         raise ValueError(f"--num-videos must be >= 1, got {n}")
     clip_settings = ClipSettings()
     fvd_on = "fvd" in metrics and real_videos is not None
-    if fvd_on and num_frames is not None and num_frames < clip_settings.frames_needed:
+    notes: list[str] = []
+    if num_frames is None:
+        num_frames = trained_frames(models[0], stage)
+        if fvd_on and num_frames is not None and num_frames < clip_settings.frames_needed:
+            fvd_on = False
+            notes.append(f"FVD (I3D) skipped: the models were trained on {num_frames}-frame videos and I3D needs "
+                         f"{clip_settings.frames_needed}; pass --num-frames {clip_settings.frames_needed} to force it.")
+    elif fvd_on and num_frames < clip_settings.frames_needed:
         raise ValueError(f"FVD needs videos of at least {clip_settings.frames_needed} frames, but --num-frames is "
                          f"{num_frames}: use 17 (or drop fvd from --metrics)")
     declared = {m.name: _declared_num_experts(m) for m in models}
@@ -519,7 +563,6 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
 
     video_prompts = [prompts[i % len(prompts)] for i in range(n)]
     seeds = [seed + i for i in range(n)]
-    notes: list[str] = []
     if n > len(prompts):
         notes.append(f"{n} videos from {len(prompts)} prompts: prompts repeat (video i uses prompt i mod "
                      f"{len(prompts)}, each with its own seed).")
@@ -527,7 +570,7 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     if fvd_on:
         real_stats = _real_stats(real_videos, backbones.i3d, Path(cache_dir or out / "fvd_cache"), clip_settings,
                                  batch_size=batch_size, progress=progress, notes=notes)
-    elif "fvd" in metrics:
+    elif "fvd" in metrics and real_videos is None:
         notes.append("FVD skipped: no --real-videos given (FVD compares generated with real videos).")
 
     gen = {"num_steps": steps, "cfg_scale": cfg, "num_frames": num_frames, "height": height, "width": width}
@@ -548,10 +591,19 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
                              "--num-frames 17")
     baseline = _resolve_baseline(baseline, runs)
 
+    synthetic = None
+    if reference is not None:
+        from ddm.eval.reference import SyntheticMetrics
+
+        synthetic = SyntheticMetrics(metrics, reference, domain_backbone, runs[0]["videos"], notes)
+    run_paths = {r["name"]: r.pop("_paths") for r in runs}
     for r in runs:
-        results = compute_metrics(r.pop("_paths"), video_prompts, metrics, backbones, real_stats=real_stats,
+        paths = run_paths[r["name"]]
+        results = compute_metrics(paths, video_prompts, metrics, backbones, real_stats=real_stats,
                                   frame_stride=frame_stride, motion_resolution=motion_resolution,
                                   batch_size=batch_size, progress=progress, name=r["name"])
+        if synthetic is not None:
+            results.update(synthetic.run_metrics(load_run_videos(paths), video_prompts, r["name"]))
         r["metrics"] = {k: v.to_dict() for k, v in results.items()}
         for v in results.values():
             log.info("%s: %s", r["name"], v)
@@ -561,6 +613,8 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
                      "steps": steps, "cfg": cfg, "stage": stage, "num_frames": num_frames, "height": height,
                      "width": width, "metrics": list(metrics), "frame_stride": frame_stride,
                      "motion_resolution": motion_resolution, "fps": fps, "runs": [r["name"] for r in runs],
+                     "groundtruth": str(reference.root) if reference else None,
+                     "domain_backbone": str(domain_backbone) if domain_backbone else None,
                      "tiny_backbones": any(getattr(b, "tiny", False) for b in (backbones.i3d, backbones.clip))},
         "comparison": compare_runs(runs, baseline),
     }
@@ -568,7 +622,31 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
                                 lambda tmp: tmp.write_text(json.dumps(record, indent=1, allow_nan=False)))
     written = write_report(metrics_path)
     log.info("wrote %s, %s and %d plot(s) in %s", metrics_path, written["report"], len(written) - 1, out / "plots")
+    if reference is not None and contact_sheet_rows > 0:
+        from ddm.eval.contact_sheet import write_contact_sheet
+
+        rows = min(contact_sheet_rows, n)
+        sheet = write_contact_sheet(
+            out / "contact_sheet.png", video_prompts[:rows],
+            {"real": synthetic.real_for_prompts(video_prompts[:rows]),
+             **{r["name"]: load_run_videos(run_paths[r["name"]][:rows]) for r in runs}})
+        log.info("wrote %s", sheet)
     return record
+
+
+def trained_frames(spec: ModelSpec, stage: str | None) -> int | None:
+    """The frame count of ``stage`` (default: the folder's default stage) in a folder's ``model_index.json``."""
+    from ddm.pipeline import canonical_stage, read_model_index
+
+    try:
+        index = read_model_index(spec.folder)
+    except (OSError, ValueError) as e:
+        raise _model_error(spec, e) from e
+    name = stage or index.default_stage
+    if name is None:
+        return None
+    geometry = index.stages.get(name) or index.stages.get(canonical_stage(name, index.stages) or "")
+    return geometry.num_frames if geometry is not None else None
 
 
 def _check_backbones(metrics: Sequence[str], backbones: Backbones, *, fvd_wanted: bool) -> None:
@@ -658,18 +736,25 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a model folder to evaluate (repeatable); strategies: top1, topN, full, threshold")
     p.add_argument("--baseline", required=True, help="the run (NAME or NAME/STRATEGY) the others are compared with")
     p.add_argument("--out", required=True, type=Path, help="output folder (videos/, metrics.json, report.md, plots/)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line")
     src.add_argument("--prompts-from-shards", type=Path, metavar="SHARDS_DIR",
                      help="use the held-out captions of a shards dir (see --split)")
+    p.add_argument("--groundtruth", type=Path, metavar="SYNTHETIC_DIR",
+                   help="a data.synthetic folder (or its synthetic.csv) of a held-out seed: adds the ground-truth "
+                        "accuracies; its captions are the prompts unless --prompts/--prompts-from-shards are given")
+    p.add_argument("--domain-backbone", type=Path, metavar="PATH",
+                   help="the domain backbone (.safetensors; built and cached there when missing): adds the domain "
+                        "FVD with its real-vs-real floor (needs --groundtruth with >= 2N clips)")
+    p.add_argument("--contact-sheet-rows", type=int, default=CONTACT_SHEET_ROWS,
+                   help="prompts shown in contact_sheet.png (with --groundtruth; 0 = none)")
     p.add_argument("--split", default="val", help="split of --prompts-from-shards (default: val)")
     p.add_argument("--num-videos", type=int, help="videos per run (default: one per prompt; more repeat prompts)")
     p.add_argument("--seed", type=int, default=0, help="video i uses seed SEED + i in every run (default 0)")
     p.add_argument("--steps", type=int, help="Euler steps (default: each model folder's scheduler, else 50)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: each model folder's scheduler, else 7.5)")
     p.add_argument("--stage", help="checkpoint stage to load (default: the folder's)")
-    p.add_argument("--num-frames", type=int, help=f"frames per video (default: the model's; {TINY_EVAL_FRAMES} "
-                                                   "with --tiny-backbones)")
+    p.add_argument("--num-frames", type=int, help="frames per video (default: what the models were trained on)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threshold", type=float, default=0.1, help="weight cut-off of the 'threshold' strategy")
@@ -680,7 +765,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aesthetic", type=Path, help="sac+logos+ava1-l14-linearMSE.pth")
     p.add_argument("--tiny-backbones", type=Path, metavar="DIR",
                    help=f"build/reuse random-init test backbones in DIR instead ({TINY_LABEL})")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}; 'groundtruth' = every gt_* "
+                                     f"(default: {','.join(CLASSIC_METRICS)}; with --groundtruth: the ground-truth "
+                                     "metrics, domain_fvd with --domain-backbone, motion, and those of fvd/clip/"
+                                     "aesthetic whose networks are given)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--fps", type=float, help="frame rate stored in the mp4 files (default: the model's, else 8)")
     p.add_argument("--frame-stride", type=int, default=1, help="score every n-th frame for CLIP and aesthetic")
@@ -696,23 +784,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    from ddm.eval.reference import DOMAIN_METRIC, GT_METRICS, SyntheticReference
+
+    if args.metrics is None and (args.groundtruth or args.domain_backbone):
+        # the synthetic metrics, motion, and the classic ones whose networks were given
+        given = {"fvd": args.i3d, "clip": args.clip, "aesthetic": args.aesthetic and args.clip}
+        metrics = [m for m in CLASSIC_METRICS if m == "motion" or given.get(m) or args.tiny_backbones]
+        metrics += (list(GT_METRICS) if args.groundtruth else []) + ([DOMAIN_METRIC] if args.domain_backbone else [])
+    elif args.metrics is None:
+        metrics = list(CLASSIC_METRICS)
+    else:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        metrics = [k for m in metrics for k in (GT_METRICS if m == "groundtruth" else [m])]
     check_metric_names(metrics)
     models = [parse_model_arg(m) for m in args.model]
+    reference = SyntheticReference.load(args.groundtruth) if args.groundtruth is not None else None
     if args.prompts is not None:
         prompts, source = read_prompt_file(args.prompts), str(args.prompts)
-    else:
+    elif args.prompts_from_shards is not None:
         prompts = shard_captions(args.prompts_from_shards, args.split)
         source = f"{args.prompts_from_shards} ({args.split} split)"
+    elif reference is not None:
+        prompts, source = reference.prompts, f"{reference.root} (held-out synthetic captions)"
+    else:
+        parser.error("give the prompts: --prompts FILE, --prompts-from-shards DIR or --groundtruth DIR")
     num_frames = args.num_frames
     if args.tiny_backbones is not None:
         if any(x is not None for x in (args.i3d, args.clip, args.aesthetic)):
             parser.error("--tiny-backbones replaces --i3d/--clip/--aesthetic: give one or the other")
         paths = build_tiny_backbones(args.tiny_backbones)
         i3d, clip, aesthetic = paths["i3d"], paths["clip"], paths["aesthetic"]
-        if num_frames is None:
-            num_frames = TINY_EVAL_FRAMES
-            log.info("tiny mode: generating %d-frame videos so FVD gets its 16-frame clips", num_frames)
     else:
         i3d, clip, aesthetic = args.i3d, args.clip, args.aesthetic
     backbones = load_backbones([m for m in metrics if m != "fvd" or args.real_videos is not None],
@@ -724,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       backbones=backbones, real_videos=args.real_videos, cache_dir=args.cache_dir,
                       batch_size=args.batch_size, fps=args.fps, frame_stride=args.frame_stride,
                       motion_resolution=args.motion_resolution, device=args.device, dtype=dtype,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, reference=reference, domain_backbone=args.domain_backbone,
+                      contact_sheet_rows=args.contact_sheet_rows)
     reused = sum(r["videos"]["reused"] for r in record["runs"])
     generated = sum(r["videos"]["generated"] for r in record["runs"])
     print(f"reused {reused} video(s), generated {generated}; report: {Path(args.out) / 'report.md'}")

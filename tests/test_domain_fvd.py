@@ -32,8 +32,8 @@ def backbone(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """(videos, family index) of held-out real clips, 16 px, round-robin over the three families."""
-    out = make_synthetic_dataset(tmp_path_factory.mktemp("domain_real"), 4 * N + 2 * N, seed=31337, size=32, num_frames=9,
-                                 progress=False)
+    out = make_synthetic_dataset(tmp_path_factory.mktemp("domain_real"), 6 * N, seed=31337, size=32,
+                                 num_frames=9, progress=False)
     rows = read_manifest(out)
     videos = [resize_center_crop(read_video(out / r["path"])[0], (16, 16)) for r in rows]
     return videos, [int(r["family"]) for r in rows]

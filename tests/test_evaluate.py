@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ddm.eval.report import (METRICS, compare_runs, paired_difference, relative_improvement, render_markdown,
+from ddm.eval.report import (CLASSIC_METRICS, METRICS, compare_runs, paired_difference, relative_improvement, render_markdown,
                              write_report)
 from ddm.eval.stats import TINY_LABEL
 from ddm.evaluate import (Backbones, ModelSpec, SharedImageEmbeddings, build_tiny_backbones, compute_metrics,
@@ -333,7 +333,7 @@ def _cli_args(out: Path, folders: dict[str, Path], backbone_dir: Path, real: Pat
     return ["--model", f"ddm={folders['ddm']}:top1,full", "--model", f"mono={folders['mono']}",
             "--baseline", "mono", "--out", str(out), "--prompts", str(prompts), "--num-videos", "3",
             "--tiny-backbones", str(backbone_dir), "--real-videos", str(real), "--steps", "2", "--cfg", "2.0",
-            "--batch-size", "2", "--height", "16", "--width", "16", "--no-progress", *extra]
+            "--batch-size", "2", "--height", "16", "--width", "16", "--num-frames", "17", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -351,9 +351,9 @@ def test_cli_writes_metrics_report_and_plots(first_run):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(record))
     assert [r["name"] for r in record["runs"]] == ["ddm/top1", "ddm/full", "mono"]
     for run in record["runs"]:
-        assert set(run["metrics"]) == set(METRICS)
+        assert set(run["metrics"]) == set(CLASSIC_METRICS)
         assert run["videos"] == {**run["videos"], "n": 3, "reused": 0, "generated": 3, "frames": 17, "height": 16,
-                                 "width": 16}  # tiny mode generates 17 frames for FVD's 16-frame clips
+                                 "width": 16}  # --num-frames 17: FVD's 16-frame clips
         folder = Path(run["videos"]["dir"])
         assert sorted(p.name for p in folder.glob("*.mp4")) == ["000000.mp4", "000001.mp4", "000002.mp4"]
         assert run["metrics"]["fvd"]["details"]["backbone"] == TINY_LABEL
@@ -389,7 +389,7 @@ def test_rerun_reuses_every_video_and_recovers_from_a_killed_write(first_run, tm
     assert {p: p.stat().st_mtime_ns for p in out.glob("videos/**/*.mp4")} == mtimes
     for a, b in zip(first["runs"], again["runs"]):
         assert b["videos"]["reused"] == 3 and b["videos"]["generated"] == 0
-        for key in METRICS:
+        for key in CLASSIC_METRICS:
             assert b["metrics"][key]["value"] == a["metrics"][key]["value"]
     assert "Reused 9 already generated video(s); generated 0." in (out / "report.md").read_text()
 

@@ -209,7 +209,8 @@ def _real_clips(folder: Path, config: DomainConfig, n: int, seed: int) -> tuple[
     return [read_video(folder / r["path"])[0] for r in rows], rows
 
 
-def build_domain_backbone(config: DomainConfig = DomainConfig(), *, val_clips: int = 120) -> tuple[DomainBackbone, dict]:
+def build_domain_backbone(config: DomainConfig = DomainConfig(), *,
+                          val_clips: int = 120) -> tuple[DomainBackbone, dict]:
     """Train a domain backbone on ``config.num_clips`` real generator clips (seed ``config.seed``).
 
     Returns the model (eval mode) and a report: held-out accuracy per attribute on ``val_clips`` clips
@@ -317,10 +318,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--resolution", type=int, default=DomainConfig.resolution)
     ap.add_argument("--num-clips", type=int, default=DomainConfig.num_clips)
     ap.add_argument("--epochs", type=int, default=DomainConfig.epochs)
+    ap.add_argument("--families", type=int, default=len(DomainConfig.families),
+                    help="the first N of the generator's scene families (data.synthetic --families)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    if not 1 <= args.families <= len(DomainConfig.families):
+        ap.error(f"--families must be in 1..{len(DomainConfig.families)}")
     config = DomainConfig(num_frames=args.num_frames, resolution=args.resolution, num_clips=args.num_clips,
-                          epochs=args.epochs)
+                          epochs=args.epochs, families=DomainConfig.families[: args.families])
     load_or_build(args.out, config)
     _, meta = DomainBackbone.load(args.out)
     print(f"{DOMAIN_LABEL}: {args.out} (held-out accuracy {meta.get('val_accuracy')})")

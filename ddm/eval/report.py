@@ -30,8 +30,8 @@ import numpy as np
 from ddm.checkpoint import atomic_write
 from ddm.eval.stats import TINY_LABEL, mean_and_stderr
 
-__all__ = ["METRICS", "MetricInfo", "EVAL_FORMAT", "relative_improvement", "paired_difference", "compare_runs",
-           "render_markdown", "plot_relative_improvement", "plot_router_weights", "plot_expert_usage",
+__all__ = ["METRICS", "CLASSIC_METRICS", "MetricInfo", "EVAL_FORMAT", "relative_improvement", "paired_difference",
+           "compare_runs", "render_markdown", "plot_relative_improvement", "plot_router_weights", "plot_expert_usage",
            "write_report"]
 
 EVAL_FORMAT = "ddm-eval-v1"
@@ -52,7 +52,17 @@ METRICS: dict[str, MetricInfo] = {
     "clip": MetricInfo("CLIP text-video", lower_is_better=False, digits=4),
     "aesthetic": MetricInfo("aesthetic (LAION)", lower_is_better=False, digits=4),
     "motion": MetricInfo("motion (px/frame)", lower_is_better=False, digits=3),
+    # the synthetic data's own metrics (ddm.eval.reference): ground-truth accuracies and the domain FVD
+    "gt_prompt": MetricInfo("prompt accuracy (GT)", lower_is_better=False, digits=3),
+    "gt_family": MetricInfo("family (GT)", lower_is_better=False, digits=3),
+    "gt_background": MetricInfo("background (GT)", lower_is_better=False, digits=3),
+    "gt_colour": MetricInfo("colour (GT)", lower_is_better=False, digits=3),
+    "gt_direction": MetricInfo("direction (GT)", lower_is_better=False, digits=3),
+    "gt_speed": MetricInfo("speed (GT)", lower_is_better=False, digits=3),
+    "domain_fvd": MetricInfo("domain FVD", lower_is_better=True, digits=2),
 }
+CLASSIC_METRICS = ("fvd", "clip", "aesthetic", "motion")  # --metrics default without a synthetic reference
+NO_SE_METRICS = ("fvd", "domain_fvd")  # distances between distributions: no per-video SE
 
 
 def _finite(x: Any) -> bool:
@@ -114,7 +124,9 @@ def _fmt_value(key: str, result: dict[str, Any] | None) -> str:
         return "skipped"
     digits = METRICS[key].digits
     value = f"{result['value']:.{digits}f}"
-    if key == "fvd":
+    if key == "domain_fvd" and result["details"].get("floor") is not None:
+        return f"{value} (floor {result['details']['floor']:.{digits}f})"
+    if key in NO_SE_METRICS:
         return value  # a distance between distributions: no SE exists
     if result["stderr"] is None:
         return f"{value} ± n/a"  # one video: the spread is unknown (NaN in MetricResult)
@@ -146,6 +158,39 @@ def _stages(metrics: dict[str, Any]) -> str:
     return ", ".join(found) + " (folder default)" if found else "folder default"
 
 
+def _used(metrics: dict[str, Any], setting: str, resolved_key: str) -> str:
+    """A generation setting as asked, else the values the runs actually used (their ``resolved`` records)."""
+    if metrics["settings"].get(setting) is not None:
+        return str(metrics["settings"][setting])
+    found = sorted({str(r.get("resolved", {}).get(resolved_key)) for r in metrics["runs"]
+                    if r.get("resolved", {}).get(resolved_key) is not None})
+    return ", ".join(found) + " (folder default)" if found else "folder default"
+
+
+def _groundtruth_lines(metrics: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """Chance levels, the evaluator's label and the domain FVD's floor, under the table."""
+    lines: list[str] = []
+    gt_keys = [k for k in keys if k.startswith("gt_")]
+    first = {k: r["metrics"][k] for r in metrics["runs"] for k in gt_keys if k in r["metrics"]}
+    if first:
+        some = next(iter(first.values()))["details"]
+        chance = ", ".join(f"{METRICS[k].label.replace(' (GT)', '')} {first[k]['details']['chance']:.3g}"
+                           for k in gt_keys if k in first)
+        lines += [f"(GT) = {some['backbone']}: deterministic image analysis of each video against what its prompt "
+                  f"asked (ddm/eval/groundtruth.py; families {', '.join(some.get('families', []))}). Chance (a "
+                  f"uniform guess): {chance}. Prompt accuracy = every measured attribute right."
+                  + (f" Not measured at this resolution: {', '.join(some['not_measured'])}."
+                     if some.get("not_measured") else ""), ""]
+    domain = [r["metrics"]["domain_fvd"] for r in metrics["runs"] if "domain_fvd" in r["metrics"]]
+    if domain and domain[0]["details"].get("floor") is not None:
+        d = domain[0]["details"]
+        lines += [f"Domain FVD: Fréchet distance in the penultimate features of the **domain backbone** (a small "
+                  f"video CNN trained on real generator clips of its own seed; ddm/eval/domain.py) between each "
+                  f"run's N videos and N real held-out clips. floor = the same distance between two disjoint real "
+                  f"sets of N = {d.get('n_floor', '?')}: what a perfect generator scores at this N.", ""]
+    return lines
+
+
 def render_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The report: the Paris-style table (value ± SE, N), the setup, the improvement table, notes, plots."""
     s, baseline = metrics["settings"], metrics["baseline"]
@@ -164,6 +209,7 @@ def render_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
                      + " | ".join(cells) + " |")
     lines += ["", "FVD has no standard error (a distance between two distributions): compare it only at equal N "
               "and equal backbone. The others are mean ± SE over videos.", ""]
+    lines += _groundtruth_lines(metrics, keys)
 
     sizes = sorted({(r["videos"]["frames"], r["videos"]["height"], r["videos"]["width"]) for r in metrics["runs"]})
     backbones = _backbone_names(metrics)
@@ -173,10 +219,15 @@ def render_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
               f"| seeds | {s['seed']} … {s['seed'] + s['num_videos'] - 1} (video i: seed + i, same for every run) |",
               "| resolution | " + ", ".join(f"{h}×{w}" for _, h, w in sizes) + " |",
               "| frames | " + ", ".join(str(f) for f, _, _ in sizes) + " |",
-              f"| sampling steps | {s['steps']} |", f"| CFG scale | {s['cfg']} |",
+              f"| sampling steps | {_used(metrics, 'steps', 'num_steps')} |",
+              f"| CFG scale | {_used(metrics, 'cfg', 'cfg_scale')} |",
               f"| stage | {_stages(metrics)} |"]
+    gt_keys = [k for k in keys if k.startswith("gt_")]
     for k in keys:
-        lines.append(f"| {METRICS[k].label} backbone | {backbones.get(k, 'skipped')} |")
+        if k in gt_keys[1:]:
+            continue  # one row for the ground-truth metrics: one evaluator makes them all
+        label = "ground-truth metrics (GT)" if k in gt_keys else METRICS[k].label
+        lines.append(f"| {label} backbone | {backbones.get(k, 'skipped')} |")
     lines.append("")
 
     comparison = metrics["comparison"]
