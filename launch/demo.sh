@@ -20,10 +20,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: two t
 profile="${DDM_DEMO_PROFILE:-full}"
 K=3
 case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yaml)
-  full)  clips=150; gen_steps=30; eval_videos=12; common=(experiment=tiny) ;;
-  long)  clips=150; gen_steps=30; eval_videos=12
-         common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.stage3.max_steps=120 recipe.router.max_steps=600) ;;
-  short) clips=45;  gen_steps=4;  eval_videos=4
+  full)  clips=150; gen_steps=30; common=(experiment=tiny) ;;
+  long)  clips=150; gen_steps=30
+         common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.stage3.max_steps=120
+                 recipe.router.max_steps=1200) ;;
+  short) clips=45;  gen_steps=4
          common=(experiment=tiny recipe.stage2.max_steps=8 recipe.stage3.max_steps=4 recipe.router.max_steps=10
                  recipe.router.val_every_n_steps=10) ;;
   *) echo "DDM_DEMO_PROFILE must be full, long or short, got '$profile'" >&2; exit 2 ;;
