@@ -5,7 +5,9 @@
 #   -> the router (its own job, never loads an expert) -> the compute-matched monolith
 #   -> a Paris-style model folder -> t2v and i2v samples with the routed sampler -> evaluation report.
 # Rerunning reuses everything already done. Outputs go to $DDM_DEMO_DIR (default: ./demo_out).
-# DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs).
+# DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs);
+# DDM_DEMO_PROFILE=long trains longer (about 3x the steps; under 30 minutes). DDM_DEMO_ROUTER=blind trains
+# Paris's text-blind router instead of the tiny recipe's text-aware one (recipe.router.use_text).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
@@ -14,26 +16,37 @@ cd "$repo_root"
 demo="$(mkdir -p "${DDM_DEMO_DIR:-$repo_root/demo_out}" && cd "${DDM_DEMO_DIR:-$repo_root/demo_out}" && pwd)"
 export DDM_ROOT="$demo"            # paths.root_dir: prep/ and runs/ go here
 export WANDB_MODE="${WANDB_MODE:-disabled}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: the experts train side by side
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: two training lanes, one per core
 profile="${DDM_DEMO_PROFILE:-full}"
 K=3
 case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yaml)
-  full)  clips=150; gen_steps=30; eval_videos=12; common=(experiment=tiny) ;;
-  short) clips=45;  gen_steps=4;  eval_videos=4
+  full)  clips=150; gen_steps=30; common=(experiment=tiny) ;;
+  long)  clips=150; gen_steps=30
+         common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.stage3.max_steps=120
+                 recipe.router.max_steps=1200) ;;
+  short) clips=45;  gen_steps=4
          common=(experiment=tiny recipe.stage2.max_steps=8 recipe.stage3.max_steps=4 recipe.router.max_steps=10
                  recipe.router.val_every_n_steps=10) ;;
-  *) echo "DDM_DEMO_PROFILE must be full or short, got '$profile'" >&2; exit 2 ;;
+  *) echo "DDM_DEMO_PROFILE must be full, long or short, got '$profile'" >&2; exit 2 ;;
+esac
+case "${DDM_DEMO_ROUTER:-text}" in
+  text)  router_args=() ;;                 # the tiny recipe's router reads the pooled caption
+  blind) router_args=(use_text=false) ;;   # Paris's router: x_t and t only
+  *) echo "DDM_DEMO_ROUTER must be text or blind, got '$DDM_DEMO_ROUTER'" >&2; exit 2 ;;
 esac
 start=$(date +%s)
 step() { printf '\n\033[1m[demo %4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 logs="$demo/logs"; mkdir -p "$logs"
 
-# Runs one training job (its own process) unless its export exists; its output goes to a log file.
+# Runs one training job (its own process) unless its export exists; its output goes to a log file. Wall and
+# CPU seconds are printed: on a machine shared with other work, CPU seconds are what an idle core would take.
 train_job() {  # train_job <log name> <run dir> <module> <overrides...>
   local name="$1" run_dir="$2" module="$3"; shift 3
   if [ -f "$run_dir/export/master.safetensors" ]; then echo "  $name: done before ($run_dir/export)"; return 0; fi
-  if python -m "$module" "$@" >"$logs/$name.log" 2>&1; then
-    echo "  $name: trained -> $run_dir/export"
+  local TIMEFORMAT="%R %U %S" took
+  if { time python -m "$module" "$@" >"$logs/$name.log" 2>&1; } 2>"$logs/$name.time"; then
+    took=$(awk '{printf "%.0f s wall, %.0f s CPU", $1, $2 + $3}' "$logs/$name.time")
+    echo "  $name: trained in $took -> $run_dir/export"
   else
     echo "  $name FAILED; last lines of $logs/$name.log:" >&2; tail -n 30 "$logs/$name.log" >&2; return 1
   fi
@@ -42,7 +55,9 @@ runs="$demo/runs/tiny"
 
 step "1/7 synthetic data set: $clips clips of moving shapes with captions -> $demo/raw"
 if [ ! -f "$demo/raw/.complete" ]; then
-  python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 >"$logs/synthetic.log" 2>&1
+  # 32 px, 17 frames: enough for both stages (16 and 24 px, 9-frame centred windows) at an eighth of the pixels
+  python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 --size 32 --num-frames 17 \
+    >"$logs/synthetic.log" 2>&1
   touch "$demo/raw/.complete"
 fi
 
@@ -52,27 +67,34 @@ python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_exp
 python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
   cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false 2>&1 | grep -E '^\[encode\]|audit|Error' || true
 
-step "3/7 stage 2: $K experts, the router and the monolith — independent processes, side by side"
-echo "  (the router needs no expert; the monolith is the same trainer over all shards, its compute matched"
-echo "   to the $K experts + the router)"
-pids=()
-for k in $(seq 1 $K); do
-  train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 & pids+=($!)
-done
-train_job router "$runs/router/stage2" train.router "${common[@]}" stage=stage2 & pids+=($!)
-train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true \
-  stage=stage2 & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done
+step "3-4/7 training: $K experts, the router and the monolith — independent processes in two lanes, one per core"
+echo "  lane 1: the monolith, stage 2 then stage 3 (its compute matched to the $K experts + the router)"
+echo "  lane 2: experts 1..$K at stage 2, the router (it needs no expert), experts 1..$K at stage 3"
+echo "  (stage 3 starts weights-only from each model's own stage-2 export; one router serves both stages)"
+lane_monolith() {
+  train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true \
+    stage=stage2 || return 1
+  train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true \
+    stage=stage3
+}
+lane_ddm() {
+  local k
+  for k in $(seq 1 $K); do
+    train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 || return 1
+  done
+  train_job router "$runs/router/stage2" train.router "${common[@]}" ${router_args[@]+"${router_args[@]}"} \
+    stage=stage2 || return 1
+  for k in $(seq 1 $K); do
+    train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 || return 1
+  done
+}
+lane_monolith & mono_pid=$!
+lane_ddm & ddm_pid=$!
+failed=0
+wait "$ddm_pid" || failed=1
+wait "$mono_pid" || failed=1
+[ "$failed" = 0 ] || exit 1
 grep -A7 "compute ledger" "$logs/monolith_stage2.log" 2>/dev/null | sed 's/^/  /' || true
-
-step "4/7 stage 3: each model starts weights-only from its own stage-2 export (one router serves both stages)"
-pids=()
-for k in $(seq 1 $K); do
-  train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 & pids+=($!)
-done
-train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true \
-  stage=stage3 & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done
 
 step "5/7 export the Paris-style model folders"
 models="$demo/models"

@@ -36,9 +36,10 @@ def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_r
             assert (demo / "runs" / "tiny" / role / stage / "export" / "master.safetensors").exists()
     assert (demo / "runs" / "tiny" / "router" / "stage2" / "export" / "master.safetensors").exists()
     assert "compute ledger" in first.stdout
+    assert first.stdout.count("trained in") == 9  # 3 experts x 2 stages, the router, the monolith x 2 stages
 
     # rerun: nothing is trained again
     second = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,
                             env=env, timeout=1200)
     assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
-    assert second.stdout.count("done before") == 9 and "trained ->" not in second.stdout
+    assert second.stdout.count("done before") == 9 and "trained in" not in second.stdout
