@@ -107,8 +107,8 @@ class FlowMatchingModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         # context parallelism (train.run.build_strategy): the mesh's tensor_parallel dim is the cp group
-        if "tensor_parallel" in (strategy.device_mesh.mesh_dim_names or ()) \
-                and strategy.device_mesh["tensor_parallel"].size() > 1:
+        names = getattr(strategy.device_mesh, "mesh_dim_names", None) or ()  # tests pass a plain {name: mesh}
+        if "tensor_parallel" in names and strategy.device_mesh["tensor_parallel"].size() > 1:
             from ddm.models.context_parallel import apply_context_parallel, fully_shard_dp_cp
 
             for net in (self.model, self.ema_model):

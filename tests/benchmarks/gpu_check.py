@@ -449,13 +449,22 @@ def single_rank_group():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"})
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                  "WORLD_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in rendezvous}
+    os.environ.update(rendezvous)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        # Put the caller's environment back: a leaked MASTER_PORT/RANK would be inherited by every later
+        # subprocess (e.g. two trainers started side by side would then fight over one port).
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:
