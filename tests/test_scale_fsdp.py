@@ -152,15 +152,20 @@ def test_fsdp2_run_resumes_at_world_2_and_1_and_the_loss_curve_continues(tmp_pat
             "recipe.stage2.warmup_steps=0", "recipe.stage2.batch_size=8"]
     run = tmp_path / "runs" / "tiny" / "expert1" / "stage2"
     run_cli("train.expert", [*args, "trainer.devices=2", "recipe.stage2.max_steps=12"])
-    first = losses(run)  # each run rewrites metrics.csv: read it after every run
+    first = losses(run)  # metrics.csv is the merged history of every segment so far (train.metrics_log)
     again = run_cli("train.expert", [*args, "trainer.devices=2", "recipe.stage2.max_steps=16"])
     assert "mode=resume" in again.stdout and "step-00000012.ckpt" in again.stdout
     after2 = losses(run)
     single = run_cli("train.expert", [*args, "trainer.devices=1", "recipe.stage2.max_steps=20"])
     assert "mode=resume" in single.stdout and "step-00000016.ckpt" in single.stdout
+    assert sorted(first) == list(range(12))
+    assert sorted(after2) == list(range(16))
     after1 = losses(run)
-    assert sorted(first) == list(range(12)) and sorted(after2) == list(range(12, 16))
-    assert sorted(after1) == list(range(16, 20))
+    assert sorted(after1) == list(range(20))
+    # the merged history keeps the earlier segments' rows unchanged; each segment adds only its own steps
+    assert all(after1[s] == first[s] for s in range(12)) and all(after1[s] == after2[s] for s in range(12, 16))
+    after2 = {s: after2[s] for s in range(12, 16)}
+    after1 = {s: after1[s] for s in range(16, 20)}
 
     def mean(d: dict[int, float]) -> float:
         return sum(d.values()) / len(d)
@@ -173,7 +178,8 @@ def test_fsdp2_run_resumes_at_world_2_and_1_and_the_loss_curve_continues(tmp_pat
         assert after < before + 0.5 * (start - before), (start, before, mean(after2), mean(after1))
 
     # stage 3 starts weights-only from that export under FSDP2 x 2: the rows land in the shards
-    proc = run_cli("train.expert", [*args, "trainer.devices=2", "stage=stage3", "recipe.stage3.max_steps=0"])
+    proc = run_cli("train.expert", [*args, "trainer.devices=2", "stage=stage3", "recipe.stage3.max_steps=0",
+                                       "recipe.stage3.resolution=16"])
     assert "mode=init" in proc.stdout
     from ddm.checkpoint import load_export, state_dict_sha256
 
