@@ -34,6 +34,9 @@ case "${DDM_DEMO_ROUTER:-text}" in
   blind) router_args=(use_text=false) ;;   # Paris's router: x_t and t only
   *) echo "DDM_DEMO_ROUTER must be text or blind, got '$DDM_DEMO_ROUTER'" >&2; exit 2 ;;
 esac
+# Shapes drawn at twice the generator's default radius: at the 16 px the experts train at, a default shape is
+# 3-4 px across, too few pixels for the tiny models to learn its colour in minutes (docs/bench/demo.md).
+shape_scale="${DDM_DEMO_SHAPE_SCALE:-2}"
 start=$(date +%s)
 step() { printf '\n\033[1m[demo %4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 logs="$demo/logs"; mkdir -p "$logs"
@@ -57,6 +60,7 @@ step "1/7 synthetic data set: $clips clips of moving shapes with captions -> $de
 if [ ! -f "$demo/raw/.complete" ]; then
   # 32 px, 17 frames: enough for both stages (16 and 24 px, 9-frame centred windows) at an eighth of the pixels
   python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 --size 32 --num-frames 17 \
+    --shape-scale "$shape_scale" \
     >"$logs/synthetic.log" 2>&1
   touch "$demo/raw/.complete"
 fi
@@ -134,16 +138,16 @@ n_families=$(python -c "import sys; from ddm.eval.groundtruth import families_in
 print(len(families_in(read_manifest(sys.argv[1]))))" "$demo/raw")  # the training set's scene families
 # The domain backbone (a small video CNN trained on real clips of its own seed) trains while the videos are
 # generated; a held-out generator set (seed 1, never trained on) gives the prompts and the real clips.
-domain_bb="$demo/eval_backbones/domain_backbone_${profile}_f${eval_frames}.safetensors"
+domain_bb="$demo/eval_backbones/domain_backbone_${profile}_f${eval_frames}_s${shape_scale}.safetensors"
 bb_pid=""
 if [ ! -f "$domain_bb" ]; then
   bb_size=(); [ "$profile" = short ] && bb_size=(--num-clips 192 --epochs 6)  # seconds, for the test suite
-  python -m ddm.eval.domain --out "$domain_bb" --num-frames "$eval_frames" --families "$n_families" ${bb_size[@]+"${bb_size[@]}"} \
+  python -m ddm.eval.domain --out "$domain_bb" --num-frames "$eval_frames" --families "$n_families" --shape-scale "$shape_scale" ${bb_size[@]+"${bb_size[@]}"} \
     >"$logs/domain_backbone.log" 2>&1 & bb_pid=$!
 fi
 if [ ! -f "$demo/heldout_n$eval_n/.complete" ]; then
   python -m data.synthetic --out "$demo/heldout_n$eval_n" --num-videos $((2 * eval_n)) --seed 1 \
-    --families "$n_families" \
+    --families "$n_families" --shape-scale "$shape_scale" \
     >"$logs/heldout.log" 2>&1
   touch "$demo/heldout_n$eval_n/.complete"
 fi

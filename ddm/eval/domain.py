@@ -58,6 +58,7 @@ class DomainConfig:
     feature_dim: int = 32
     families: tuple[str, ...] = ("ocean", "desert", "forest", "dusk", "concrete", "ember")  # generator order
     num_clips: int = 960
+    shape_scale: float = 1.0  # the generator's shape radius multiplier (data.synthetic --shape-scale)
     seed: int = TRAIN_SEED
     epochs: int = 20
     batch_size: int = 32
@@ -204,7 +205,7 @@ def _real_clips(folder: Path, config: DomainConfig, n: int, seed: int) -> tuple[
     # rendered at twice the network's size (area-downsampled like the data pipeline's 64 → 16 px, at a
     # quarter of the cost of rendering 64 px)
     make_synthetic_dataset(folder, n, seed=seed, size=max(2 * config.resolution, 16), num_frames=config.num_frames,
-                           families=len(config.families), progress=False)
+                           families=len(config.families), progress=False, shape_scale=config.shape_scale)
     rows = read_manifest(folder)
     return [read_video(folder / r["path"])[0] for r in rows], rows
 
@@ -320,12 +321,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--epochs", type=int, default=DomainConfig.epochs)
     ap.add_argument("--families", type=int, default=len(DomainConfig.families),
                     help="the first N of the generator's scene families (data.synthetic --families)")
+    ap.add_argument("--shape-scale", type=float, default=DomainConfig.shape_scale,
+                    help="the generator's shape radius multiplier the evaluated data uses (data.synthetic --shape-scale)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     if not 1 <= args.families <= len(DomainConfig.families):
         ap.error(f"--families must be in 1..{len(DomainConfig.families)}")
     config = DomainConfig(num_frames=args.num_frames, resolution=args.resolution, num_clips=args.num_clips,
-                          epochs=args.epochs, families=DomainConfig.families[: args.families])
+                          epochs=args.epochs, families=DomainConfig.families[: args.families],
+                          shape_scale=args.shape_scale)
     load_or_build(args.out, config)
     _, meta = DomainBackbone.load(args.out)
     print(f"{DOMAIN_LABEL}: {args.out} (held-out accuracy {meta.get('val_accuracy')})")
