@@ -60,6 +60,17 @@ def test_real_clips_through_a_small_mp4_still_score_at_least_95_percent(real_cli
         assert res.accuracy[attr][0] >= 0.95, f"{attr} after a 24-px mp4:\n" + "\n".join(res.lines())
 
 
+def test_real_clips_with_the_demos_double_size_shapes_score_at_least_95_percent(tmp_path):
+    """The laptop demo draws shapes at twice the radius (``--shape-scale 2``, 32 px clips trained at 16 px)."""
+    out = make_synthetic_dataset(tmp_path, 60, seed=HELD_OUT_SEED + 1, size=32, num_frames=9,
+                                 families=len(FAMILIES), progress=False, shape_scale=2.0)
+    rows = read_manifest(out)
+    videos = [resize_center_crop(read_video(out / r["path"])[0], (16, 16)) for r in rows]
+    res = evaluate_videos(GroundTruthEvaluator(), videos, [attributes_of(r) for r in rows])
+    for attr in MEASURED:
+        assert res.accuracy[attr][0] >= 0.95, f"{attr} at shape scale 2:\n" + "\n".join(res.lines())
+
+
 def test_noise_and_shuffled_prompts_score_near_chance(real_clips):
     rows, videos = real_clips
     asked = [attributes_of(r) for r in rows]
@@ -101,7 +112,7 @@ def test_float_videos_and_attribute_parsing():
     with pytest.raises(ValueError, match="not a synthetic-generator caption"):
         attributes_of("a cat sitting on a mat")
 
-    from data.synthetic import _draw_spec, render_clip
+    from ddm.synthetic import _draw_spec, render_clip
     spec = _draw_spec(np.random.default_rng([HELD_OUT_SEED, 5]), 4, still=False)
     frames = render_clip(spec, 24, 9)
     as_float = np.moveaxis(frames.astype(np.float32) / 127.5 - 1.0, -1, 0)  # the project's (3, F, H, W)

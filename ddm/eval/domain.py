@@ -75,7 +75,7 @@ class DomainConfig:
 
 
 def _vocab() -> dict[str, list[str]]:
-    from data.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS
+    from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS
 
     return {"family": [f.name for f in FAMILIES], "background": [b for f in FAMILIES for b, _ in f.backgrounds],
             "colour": [c for c, _ in SHAPE_COLOURS], "motion": list(MOTIONS),
@@ -195,7 +195,7 @@ def _accuracy(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[
 
 
 def _real_clips(folder: Path, config: DomainConfig, n: int, seed: int) -> tuple[list[np.ndarray], list[dict]]:
-    from data.synthetic import FAMILIES, make_synthetic_dataset
+    from ddm.synthetic import FAMILIES, make_synthetic_dataset
     from ddm.eval.groundtruth import read_manifest
     from ddm.video_io import read_video
 

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS, TEXTURE_WORDS
+from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS, TEXTURE_WORDS
 
 __all__ = ["Attributes", "attributes_of", "read_manifest", "families_in", "GroundTruthEvaluator", "GroundTruthResult",
            "aggregate", "evaluate_videos", "ATTRIBUTES", "MEASURED", "EVALUATOR_LABEL"]
@@ -53,7 +53,7 @@ ATTRIBUTES = ("family", "background", "colour", "motion", "speed", "shape")
 MEASURED = ("family", "background", "colour", "motion", "speed")  # what the evaluator claims to measure
 EVALUATOR_LABEL = "ground truth (synthetic generator, image analysis)"
 
-# Brightness-multiplier range of each texture (data.synthetic._texture), with a margin for decoding.
+# Brightness-multiplier range of each texture (ddm.synthetic._texture), with a margin for decoding.
 _TEXTURE_RANGE = {"solid": (1.0, 1.0), "gradient": (0.75, 1.25), "stripes": (0.82, 1.18),
                   "checker": (0.8, 1.2), "diagonal": (0.82, 1.18), "dots": (1.0, 1.3)}
 _RANGE_MARGIN = 0.04
@@ -83,7 +83,7 @@ _THING = re.compile(r"^an? (\w+) (\w+)$")
 
 
 def _parse_caption(text: str) -> Attributes:
-    """Parse a generator caption (``data.synthetic._draw_spec``'s grammar); ValueError if it is not one."""
+    """Parse a generator caption (``ddm.synthetic._draw_spec``'s grammar); ValueError if it is not one."""
     t = text.strip().rstrip(".")
     m = re.match(r"^(?P<things>.+?) (?:(?:moves|move)(?: (?P<adv>slowly|quickly))? (?P<dir>\w+) across|on) "
                  r"(?P<bg>an? .+) background$", t)
