@@ -8,6 +8,8 @@
 # DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs);
 # DDM_DEMO_PROFILE=long trains longer (about 3x the steps; under 30 minutes). DDM_DEMO_ROUTER=blind trains
 # Paris's text-blind router instead of the tiny recipe's text-aware one (recipe.router.use_text).
+# DDM_DEMO_CLIPS sets the number of training clips; DDM_DEMO_OVERRIDES adds Hydra overrides to the
+# expert and monolith jobs.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
@@ -29,6 +31,9 @@ case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yam
                  recipe.router.val_every_n_steps=10) ;;
   *) echo "DDM_DEMO_PROFILE must be full, long or short, got '$profile'" >&2; exit 2 ;;
 esac
+clips="${DDM_DEMO_CLIPS:-$clips}"              # training clips (all families)
+# extra Hydra overrides for the expert and monolith jobs, e.g. DDM_DEMO_OVERRIDES="optim.schedule=cosine"
+read -r -a expert_args <<<"${DDM_DEMO_OVERRIDES:-}"
 case "${DDM_DEMO_ROUTER:-text}" in
   text)  router_args=() ;;                 # the tiny recipe's router reads the pooled caption
   blind) router_args=(use_text=false) ;;   # Paris's router: x_t and t only
@@ -76,20 +81,20 @@ echo "  lane 1: the monolith, stage 2 then stage 3 (its compute matched to the $
 echo "  lane 2: experts 1..$K at stage 2, the router (it needs no expert), experts 1..$K at stage 3"
 echo "  (stage 3 starts weights-only from each model's own stage-2 export; one router serves both stages)"
 lane_monolith() {
-  train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" expert=all compute_match=true \
+  train_job monolith_stage2 "$runs/monolith/stage2" train.expert "${common[@]}" ${expert_args[@]+"${expert_args[@]}"} expert=all compute_match=true \
     stage=stage2 || return 1
-  train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" expert=all compute_match=true \
+  train_job monolith_stage3 "$runs/monolith/stage3" train.expert "${common[@]}" ${expert_args[@]+"${expert_args[@]}"} expert=all compute_match=true \
     stage=stage3
 }
 lane_ddm() {
   local k
   for k in $(seq 1 $K); do
-    train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" expert=$k stage=stage2 || return 1
+    train_job "expert${k}_stage2" "$runs/expert$k/stage2" train.expert "${common[@]}" ${expert_args[@]+"${expert_args[@]}"} expert=$k stage=stage2 || return 1
   done
   train_job router "$runs/router/stage2" train.router "${common[@]}" ${router_args[@]+"${router_args[@]}"} \
     stage=stage2 || return 1
   for k in $(seq 1 $K); do
-    train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" expert=$k stage=stage3 || return 1
+    train_job "expert${k}_stage3" "$runs/expert$k/stage3" train.expert "${common[@]}" ${expert_args[@]+"${expert_args[@]}"} expert=$k stage=stage3 || return 1
   done
 }
 lane_monolith & mono_pid=$!

@@ -23,6 +23,7 @@ from ddm.models.context_parallel import (ContextParallel, apply_context_parallel
                                          valid_context_parallel_sizes)
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import get_expert_config
+from ddm.models.router import Router, get_router_config
 from tests.fixtures.models import build_seeded_expert, make_expert_inputs
 
 TOL = 1e-5
@@ -90,6 +91,67 @@ def _train(model: torch.nn.Module) -> tuple[list[float], list[float]]:
     return losses, norms
 
 
+# the router: 2·3·3 = 18 patches + CLS = 19 tokens (odd, so rank 0 holds 10 with the CLS, rank 1 holds 9)
+ROUTER_LATENT = (2, 12, 2, 6, 6)
+
+
+def _seeded_router(seed: int) -> Router:
+    """The text-aware tiny router with every weight random (its zero-initialised modulation and head would
+    make the logits, and most gradients, trivially equal)."""
+    torch.manual_seed(seed)
+    router = Router(get_router_config("tiny-pixel", patch_size=(1, 2, 2), text_dim=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return router
+
+
+def _router_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    b = ROUTER_LATENT[0]
+    return (torch.randn(ROUTER_LATENT, generator=gen), torch.rand(b, generator=gen),
+            {"clip": torch.randn(b, 8, generator=gen)}, torch.tensor([0, 2]))
+
+
+def _check_router(cp: ContextParallel) -> dict[str, float]:
+    """Router logits and summed per-rank gradients under cp=2 against the unsplit router (training mode,
+    activation checkpointing on, so the recompute re-runs the all-to-alls)."""
+    ref = _seeded_router(11)
+    split = copy.deepcopy(ref)
+    split.set_context_parallel(cp)
+    split.set_activation_checkpointing(True)
+    x, t, cond, labels = _router_inputs(12)
+    logits_ref = ref(x, t, cond)
+    torch.nn.functional.cross_entropy(logits_ref, labels).backward()
+    logits_cp = split(x, t, cond)
+    torch.nn.functional.cross_entropy(logits_cp, labels).backward()
+    grad_err = 0.0
+    for (name, p_ref), (_, p_cp) in zip(ref.named_parameters(), split.named_parameters()):
+        g = p_cp.grad.clone()
+        dist.all_reduce(g, group=cp.group)
+        grad_err = max(grad_err, _rel(g, p_ref.grad))
+    return {"router_fwd": _rel(logits_cp, logits_ref), "router_grad": grad_err,
+            "router_logit_scale": float(logits_ref.abs().max())}
+
+
+def _train_router(model: Router) -> list[float]:
+    """STEPS AdamW steps of the router's cross-entropy on a fixed batch; the losses."""
+    x0, _, cond, labels = _router_inputs(13)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(14)
+    losses = []
+    for _ in range(STEPS):
+        t = torch.rand(x0.shape[0], generator=gen)
+        x = flow.interpolate(x0, torch.randn(x0.shape, generator=gen), t)
+        loss = torch.nn.functional.cross_entropy(model(x, t, cond), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -119,6 +181,14 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         results["cp_size"] = apply_context_parallel(model, mesh)
         fully_shard_dp_cp(model, mesh)
         results["loss_cp2"], results["gnorm_cp2"] = _train(model)
+
+        # the router: split forward/backward, then dp=1 × cp=2 under FSDP2 vs the unsplit router
+        results.update(_check_router(cp))
+        results["router_loss_cp1"] = _train_router(_seeded_router(15))
+        router = _seeded_router(15)
+        results["router_cp_size"] = apply_context_parallel(router, mesh)
+        fully_shard_dp_cp(router, mesh)
+        results["router_loss_cp2"] = _train_router(router)
         if rank == 0:
             Path(out_file).write_text(json.dumps(results))
     finally:
@@ -159,6 +229,19 @@ def test_dp1_cp2_fsdp_loss_curve_equals_cp1(cp_results: dict) -> None:
         assert abs(a - b) <= TOL * abs(a), (cp1, cp2)
     for a, b in zip(cp_results["gnorm_cp1"], cp_results["gnorm_cp2"]):
         assert abs(a - b) <= TOL * abs(a), cp_results
+
+
+@pytest.mark.slow
+def test_router_forward_gradients_and_loss_curve_match_unsplit(cp_results: dict) -> None:
+    """The router splits [CLS, patches] (19 tokens, uneven) over cp=2 like the expert does."""
+    assert cp_results["router_logit_scale"] > 0.1  # random weights: the logits are not trivially zero
+    assert cp_results["router_fwd"] <= TOL, cp_results
+    assert cp_results["router_grad"] <= TOL, cp_results
+    assert cp_results["router_cp_size"] == 2
+    cp1, cp2 = cp_results["router_loss_cp1"], cp_results["router_loss_cp2"]
+    assert len(cp1) == len(cp2) == STEPS and cp1[0] != cp1[-1]
+    for a, b in zip(cp1, cp2):
+        assert abs(a - b) <= TOL * abs(a), (cp1, cp2)
 
 
 # ---- single-process pieces ------------------------------------------------------------------------

@@ -128,3 +128,52 @@ def test_the_ranks_of_a_cp_group_read_the_same_batches(test_shards_dir):
     assert keys(0, 2) != keys(2, 2)  # different dp ranks read different batches
     with pytest.raises(ValueError, match="context_parallel=3 must divide the world size 4"):
         keys(0, 3)
+
+
+# ---- the router (router_model.context_parallel): the same wiring as the expert's ---------------------------
+
+
+def test_router_context_parallel_is_refused_without_fsdp_and_its_dry_run_prints_tokens_per_rank(
+        tmp_path, tiny_overrides, capsys):
+    from train.router import train_router
+
+    with pytest.raises(ValueError, match=r"router_model.context_parallel=2 needs strategy=fsdp"):
+        train_router(compose_config("router", [*tiny_overrides, "strategy=ddp", "trainer.devices=2",
+                                               "router_model.context_parallel=2"]))
+    with pytest.raises(ValueError, match=r"router_model.context_parallel=4 must divide the 2 attention heads"):
+        train_router(compose_config("router", [*tiny_overrides, "strategy=fsdp", "trainer.devices=4",
+                                               "router_model.context_parallel=4"]))
+    assert train_router(compose_config("router", [*tiny_overrides, "dry_run=true", "strategy=fsdp",
+                                                  "trainer.devices=4", "router_model.context_parallel=2"])) == 0
+    out = capsys.readouterr().out
+    # tiny stage 2: latent (12, 3, 16, 16) in the router's 1x4x4 patches = 3*4*4 = 48 + CLS = 49 tokens
+    assert "tokens per sample 49; context parallel 2 ranks per sample (2 data-parallel groups); " \
+           "tokens per rank 25" in out, out
+
+
+@pytest.mark.slow
+def test_router_cp2_on_two_processes_trains_the_same_loss_curve_as_one_process(tmp_path, tiny_overrides):
+    """``python -m train.router`` under FSDP2 at dp=1 x cp=2 (2 gloo processes) against one process: the
+    router's [CLS, patches] sequence is split, the losses and gradient norms agree to float summation order."""
+    base = [o for o in tiny_overrides if not o.startswith("paths.root_dir=")]
+    args = [*base, "strategy=fsdp", "recipe.router.max_steps=3", "recipe.router.warmup_steps=0",
+            "recipe.router.val_every_n_steps=1000", "checkpoint.every_n_steps=3", "trainer.throughput_skip_steps=1"]
+    procs = {name: start_cli("train.router", [*args, *extra, f"paths.root_dir={tmp_path / name}"],
+                             tmp_path / f"{name}.log")
+             for name, extra in (("cp2", ["trainer.devices=2", "router_model.context_parallel=2"]),
+                                 ("cp1", ["trainer.devices=1"]))}
+    try:
+        for name, proc in procs.items():
+            code = proc.wait(timeout=300)
+            assert code == 0, f"{name} exited {code}:\n" + (tmp_path / f"{name}.log").read_text()[-6000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    split, whole = (tmp_path / name / "runs" / "tiny" / "router" / "stage2" for name in ("cp2", "cp1"))
+    for name in ("train/loss", "train/grad_norm"):
+        got, want = column(split, name), column(whole, name)
+        assert sorted(got) == sorted(want) == [0, 1, 2], (name, got, want)
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), (name, step, got, want)
+    assert (split / "export" / "master.safetensors").exists()

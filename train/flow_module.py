@@ -115,9 +115,11 @@ class FlowMatchingModule(L.LightningModule):
                 apply_context_parallel(net, strategy.device_mesh, cp_dim="tensor_parallel")
                 fully_shard_dp_cp(net, strategy.device_mesh, dp_dim="data_parallel", cp_dim="tensor_parallel")
             return
+        from ddm.models.context_parallel import transformer_blocks
+
         mesh = strategy.device_mesh["data_parallel"]
         for net in (self.model, self.ema_model):
-            for block in net.blocks():
+            for block in transformer_blocks(net):
                 fully_shard(block, mesh=mesh)
             fully_shard(net, mesh=mesh)
 

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
+from train.run import context_parallel_size, lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
 
 log = logging.getLogger("ddm.train")
 
@@ -54,13 +54,20 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     expert_cfg = job.expert_config(cfg)  # geometry only: the experts' patch for the shift and the FLOP share
     r_flops = job.router_training_flops(router_cfg, geometry)
     e_flops = job.expert_budget(expert_cfg, geometry).flops_per_sample
+    # Ulysses context parallelism for long sequences (768² × 129 frames: ~19k router tokens)
+    cp = context_parallel_size(cfg, router_cfg.num_heads, group="router_model")
     if cfg.dry_run:
+        from ddm.models.context_parallel import tokens_per_rank
         from ddm.models.router import Router
 
         with torch.device("meta"):
             params = sum(p.numel() for p in Router(router_cfg).parameters())
+        tokens = job.router_tokens(router_cfg, geometry)
         print(f"dry run: router {router_cfg.preset}, {params:,} parameters, K={router_cfg.num_experts}; "
               f"training FLOPs/sample {r_flops:.4e} = {r_flops / e_flops:.3%} of one expert's; run dir {run_dir}")
+        world = job.world_size(cfg)
+        print(f"  tokens per sample {tokens:,}; context parallel {cp} ranks per sample "
+              f"({world // cp} data-parallel groups); tokens per rank {tokens_per_rank(tokens, 0, cp):,}")
         return 0
 
     shards = job.check_shards(cfg, "all")
@@ -100,10 +107,10 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
                                  expert_patch_size=list(expert_cfg.patch_size)),
         export_metadata=meta, init_state_dict=init_sd, vae=job.build_training_vae(cfg))
     datamodule = job.datamodule(cfg, experts="all", batch_size=int(cfg.batch_size),
-                                balanced=bool(cfg.balanced_sampling))
+                                balanced=bool(cfg.balanced_sampling), context_parallel=cp)
     return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size),
                    max_steps=int(cfg.max_steps), flops_per_sample=r_flops,
-                   tokens_per_sample=job.router_tokens(router_cfg, geometry))
+                   tokens_per_sample=job.router_tokens(router_cfg, geometry), context_parallel=cp)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="router")

@@ -310,17 +310,18 @@ def resolve_batch(per_rank: int, max_steps: int, world: int, ledger=None, by: st
     raise ValueError(f"compute_match_by must be 'batch' or 'steps', got {by!r}")
 
 
-def context_parallel_size(cfg: DictConfig, num_heads: int) -> int:
-    """``cfg.model.context_parallel`` (Ulysses sequence split, ``ddm.models.context_parallel``), checked before
-    any training: it must divide the heads and the world size, and only ``strategy=fsdp`` carries it."""
-    cp = int(cfg.model.get("context_parallel", 1))
+def context_parallel_size(cfg: DictConfig, num_heads: int, group: str = "model") -> int:
+    """``cfg.<group>.context_parallel`` (Ulysses sequence split, ``ddm.models.context_parallel``; ``group`` is
+    ``model`` for an expert, ``router_model`` for the router), checked before any training: it must divide the
+    heads and the world size, and only ``strategy=fsdp`` carries it."""
+    cp = int(cfg[group].get("context_parallel", 1))
     if cp != 1 and cfg.strategy.name != "fsdp":
-        raise ValueError(f"model.context_parallel={cp} needs strategy=fsdp (FSDP2 over the data-parallel x "
+        raise ValueError(f"{group}.context_parallel={cp} needs strategy=fsdp (FSDP2 over the data-parallel x "
                          f"context-parallel mesh); strategy={cfg.strategy.name} cannot split the sequence. "
-                         "Use strategy=fsdp or model.context_parallel=1")
+                         f"Use strategy=fsdp or {group}.context_parallel=1")
     from ddm.models.context_parallel import check_context_parallel_size
 
-    check_context_parallel_size(cp, int(num_heads), world_size(cfg))
+    check_context_parallel_size(cp, int(num_heads), world_size(cfg), setting=f"{group}.context_parallel")
     return cp
 
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ContextParallel", "SequenceSplit", "shard_sizes", "valid_context_parallel_sizes",
            "check_context_parallel_size", "data_parallel_coords", "rng_seed_for_rank", "make_dp_cp_mesh",
-           "apply_context_parallel", "fully_shard_dp_cp", "tokens_per_rank", "DP_DIM", "CP_DIM"]
+           "apply_context_parallel", "fully_shard_dp_cp", "tokens_per_rank", "transformer_blocks",
+           "DP_DIM", "CP_DIM"]
 
 DP_DIM, CP_DIM = "data_parallel", "context_parallel"
 
@@ -51,14 +52,16 @@ def valid_context_parallel_sizes(num_heads: int) -> list[int]:
     return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
 
 
-def check_context_parallel_size(cp: int, num_heads: int, world_size: int | None = None) -> None:
-    """Raise ValueError naming the valid sizes unless ``cp`` divides ``num_heads`` (and ``world_size``)."""
+def check_context_parallel_size(cp: int, num_heads: int, world_size: int | None = None,
+                                setting: str = "model.context_parallel") -> None:
+    """Raise ValueError naming the valid sizes unless ``cp`` divides ``num_heads`` (and ``world_size``);
+    ``setting`` is the config key the message names."""
     valid = valid_context_parallel_sizes(num_heads)
     if world_size is not None:
         valid = [d for d in valid if world_size % d == 0]
     if cp < 1 or num_heads % cp or (world_size is not None and world_size % cp):
         where = f" and the world size {world_size}" if world_size is not None else ""
-        raise ValueError(f"model.context_parallel={cp} must divide the {num_heads} attention heads{where} "
+        raise ValueError(f"{setting}={cp} must divide the {num_heads} attention heads{where} "
                          f"(Ulysses splits heads across the cp group); valid sizes: {valid}")
 
 
@@ -213,6 +216,13 @@ class SequenceSplit:
 # meshes and wiring
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units FSDP wraps one by one: the expert's ``blocks()`` (double then single), the router's
+    ``blocks`` ModuleList."""
+    blocks = model.blocks
+    return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else list(blocks())
+
+
 def make_dp_cp_mesh(cp: int, device_type: str = "cuda", world_size: int | None = None) -> DeviceMesh:
     """A 2-D DeviceMesh (``data_parallel``, ``context_parallel``) = (world/cp, cp) over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -225,7 +235,7 @@ def make_dp_cp_mesh(cp: int, device_type: str = "cuda", world_size: int | None =
 
 def apply_context_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, cp_dim: str = CP_DIM,
                            check_inputs: bool = True) -> int:
-    """Make ``model`` (an MMDiT) split its sequence over ``mesh[cp_dim]``; returns the cp size.
+    """Make ``model`` (an MMDiT or a Router) split its sequence over ``mesh[cp_dim]``; returns the cp size.
 
     A cp size of 1 (or no mesh) leaves the model unsplit. Call on the model and on its EMA twin, before or
     after :func:`fully_shard_dp_cp` (it only records the group; meta-device models are fine). Every rank of
@@ -254,7 +264,7 @@ def fully_shard_dp_cp(model: torch.nn.Module, mesh: DeviceMesh, dp_dim: str = DP
     from torch.distributed.fsdp import fully_shard
 
     names = mesh.mesh_dim_names or ()
-    units = [*model.blocks(), model]
+    units = [*transformer_blocks(model), model]
     if cp_dim not in names or mesh[cp_dim].size() == 1:  # plain FSDP2 over dp (the cp=1 behaviour)
         for unit in units:
             fully_shard(unit, mesh=mesh[dp_dim], **fsdp_kwargs)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ddm.models.context_parallel import ContextParallel, SequenceSplit
 from ddm.models.layers import MLPEmbedder, Modulation, modulate, timestep_embedding
 
 TIME_EMBED_DIM = 256
@@ -149,12 +150,16 @@ class RouterBlock(nn.Module):
                                  nn.Linear(mlp_hidden, hidden))
         self.modulation = Modulation(hidden, 6)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, split: SequenceSplit | None = None) -> torch.Tensor:
+        """``x`` (B, n, hidden): all tokens, or this rank's slice under context parallelism (``split``)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
         b, n, h = x.shape
         qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))
         q, k, v = qkv.view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h)
+        if split is None:
+            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h)
+        else:  # Ulysses: every local query attends to all ranks' keys (no mask, positions are additive)
+            attn = split.attention(q, k, v)
         x = x + gate1 * self.proj(attn)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -175,7 +180,26 @@ class Router(nn.Module):
         self.head = nn.Sequential(nn.Linear(h, cfg.head_width), nn.GELU(approximate="tanh"),
                                   nn.Linear(cfg.head_width, cfg.num_experts))
         self.activation_checkpointing = False
+        self._context_parallel: ContextParallel | None = None
         self.reset_parameters()
+
+    @property
+    def config(self) -> RouterConfig:
+        """The config (the name the expert uses too, so FSDP and context-parallel wiring serve both)."""
+        return self.cfg
+
+    def set_context_parallel(self, cp: ContextParallel | None) -> None:
+        """Split the token sequence over ``cp``'s group in every forward (None or size 1: unsplit), as the
+        expert does (:mod:`ddm.models.context_parallel`): each rank embeds and runs its contiguous slice of
+        [CLS, patches]; attention gathers keys by an all-to-all over heads; the CLS token (on rank 0) goes
+        through the head there and the logits are all-gathered, so every rank returns the same logits and
+        every parameter's gradient is a per-rank share that sums to the unsplit one."""
+        self._context_parallel = cp if cp is not None and cp.size > 1 else None
+
+    @property
+    def context_parallel(self) -> int:
+        """The cp group size this router's forward splits over (1 = unsplit)."""
+        return 1 if self._context_parallel is None else self._context_parallel.size
 
     def reset_parameters(self) -> None:
         """DiT initialisation: xavier linears, zero adaLN modulation (blocks start as identity), zero last
@@ -228,6 +252,15 @@ class Router(nn.Module):
         is ignored entirely (the router then commutes with CFG, DESIGN §2).
         """
         t = self._check_inputs(x, t)
+        clip = None
+        if self.vector_in is not None:
+            clip = (cond or {}).get("clip")
+            if clip is None or clip.shape != (x.shape[0], self.cfg.text_dim):
+                raise ValueError(f"this router is text-conditioned: cond['clip'] must be (B, {self.cfg.text_dim}), "
+                                 f"got {None if clip is None else tuple(clip.shape)}")
+        cp = self._context_parallel
+        if cp is not None:
+            cp.assert_same_inputs(x, t, clip)
         dtype = self.patch_embed.weight.dtype
         tokens = self.patch_embed(x.to(dtype))  # (B, H, T', H', W')
         grid = tuple(tokens.shape[2:])
@@ -235,19 +268,24 @@ class Router(nn.Module):
         tokens = tokens + sincos_position_embedding_3d(grid, tokens.shape[-1], self.cfg.pos_ref_grid,
                                                        device=tokens.device).to(dtype)
         h = torch.cat([self.cls_token.to(dtype).expand(x.shape[0], -1, -1), tokens], dim=1)
+        split = None
+        if cp is not None:  # this rank's slice of [CLS, patches]; the CLS token is on rank 0
+            split = cp.split(0, h.shape[1])
+            h = cp.shard(h)
         c = self.time_in(timestep_embedding(t).to(dtype))
-        if self.vector_in is not None:
-            clip = (cond or {}).get("clip")
-            if clip is None or clip.shape != (x.shape[0], self.cfg.text_dim):
-                raise ValueError(f"this router is text-conditioned: cond['clip'] must be (B, {self.cfg.text_dim}), "
-                                 f"got {None if clip is None else tuple(clip.shape)}")
+        if clip is not None:
             c = c + self.vector_in(clip.to(dtype))
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, use_reentrant=False)
+                h = checkpoint(block, h, c, split, use_reentrant=False)
             else:
-                h = block(h, c)
-        return self.head(self.final_norm(h[:, 0]))
+                h = block(h, c, split)
+        if cp is None:
+            return self.head(self.final_norm(h[:, 0]))
+        # the head runs only where the CLS token is (rank 0; the others hold an empty slice), so its
+        # gradient is not counted cp times; the gather hands every rank the logits
+        cls = h[:, :1] if cp.rank == 0 else h[:, :0]
+        return cp.gather(self.head(self.final_norm(cls)), 1)[:, 0]
 
 
 def router_flops(cfg: RouterConfig, latent_shape: tuple[int, ...]) -> int:
