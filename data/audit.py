@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data.encode import REJECTED_NAME, shards_dir_for
-from data.shards import (HASH_COLUMN, ShardReadError, available_experts, decode_sample, expert_dirname, iter_shard,
+from ddm.shards import (HASH_COLUMN, ShardReadError, available_experts, decode_sample, expert_dirname, iter_shard,
                          non_finite_members, read_index, sample_digest, scan_shard)
 
 REQUIRED_MEMBERS = ("t5.npy", "clip.npy", "txt", "json")

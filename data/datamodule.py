@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import (ShardReadError, available_experts, check_split, decode_sample, index_digests, iter_shard,
+from ddm.shards import (ShardReadError, available_experts, check_split, decode_sample, index_digests, iter_shard,
                           non_finite_members, sample_digest, shard_sizes)
 from ddm.models.context_parallel import data_parallel_coords
 from ddm.models.text import pad_tokens

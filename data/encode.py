@@ -7,7 +7,7 @@ mode, ``vae=None``, which defers the VAE to training); encode the caption with T
 token length) and CLIP (pooled). A still image becomes a static clip (``image_mode="repeat"``) or is
 rejected (``"skip"``). Each sample goes to the ``train`` or ``val`` split by a stable hash of its key.
 
-Outputs, under ``<out_dir>/shards/<stage>/`` (see :mod:`data.shards`): ``expert_<k>/<split>-NNNNNN.tar``,
+Outputs, under ``<out_dir>/shards/<stage>/`` (see :mod:`ddm.shards`): ``expert_<k>/<split>-NNNNNN.tar``,
 ``shards.parquet`` (the index, with every sample's content hash), ``encode_rejected.parquet`` (key, reason)
 and ``encode_plan.json``.
 
@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
+from ddm.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
                          shard_relpath, write_index, write_shard)
 from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
 from ddm.checkpoint import atomic_path

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data.encode import PLAN_NAME
-from data.shards import available_experts, decode_sample, iter_shard, list_shards
+from ddm.shards import available_experts, decode_sample, iter_shard, list_shards
 
 # VAE spec fields that say where the weights sit or how they run, not which latent space they produce
 VAE_RUNTIME_FIELDS = ("path", "device", "dtype", "tiling")

@@ -16,10 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from ddm.checkpoint import atomic_path  # the one temp-file + fsync + rename helper of the project
+from ddm.checkpoint import atomic_path, write_parquet_atomic  # the one temp-file + fsync + rename helper
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +136,3 @@ def mark_stage_done(out_dir: str | Path, stage: str, fingerprint: str, result: S
     return marker
 
 
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write ``table`` to ``path`` atomically (:func:`ddm.checkpoint.atomic_path`); returns the path."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)

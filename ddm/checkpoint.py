@@ -107,6 +107,15 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def write_parquet_atomic(table: Any, path: str | Path) -> Path:
+    """Write the pyarrow ``table`` to ``path`` atomically (:func:`atomic_path`); returns the path."""
+    import pyarrow.parquet as pq  # here, not at the top: model code imports this module and needs no pyarrow
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj, path)``, atomically."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))

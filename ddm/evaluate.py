@@ -173,8 +173,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def shard_captions(shards_dir: str | Path, split: str = "val") -> list[str]:
-    """The captions of one split of a shards dir (``data.shards`` index order): the held-out prompts."""
-    from data.shards import check_split, iter_shard, read_index  # data/ only when this source is used
+    """The captions of one split of a shards dir (``ddm.shards`` index order): the held-out prompts."""
+    from ddm.shards import check_split, iter_shard, read_index  # only when this source is used
 
     index = read_index(shards_dir).to_pydict()
     wanted = {k for k, s in zip(index["key"], index["split"]) if s == check_split(split)}

@@ -46,6 +46,17 @@ start=$(date +%s)
 step() { printf '\n\033[1m[demo %4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 logs="$demo/logs"; mkdir -p "$logs"
 
+# Runs one step's command with its output in logs/<name>.log; prints the log lines matching <pattern> (none if
+# empty) on success, and on failure the log's tail, then stops the demo (fail fast, at the step that failed).
+quiet() {  # quiet <log name> <pattern> <command...>
+  local name="$1" pattern="$2"; shift 2
+  if "$@" >"$logs/$name.log" 2>&1; then
+    if [ -n "$pattern" ]; then grep -E "$pattern" "$logs/$name.log" | sed -E 's/^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - //; s/^/  /' || true; fi
+  else
+    echo "  $name FAILED (exit $?); last lines of $logs/$name.log:" >&2; tail -n 30 "$logs/$name.log" >&2; exit 1
+  fi
+}
+
 # Runs one training job (its own process) unless its export exists; its output goes to a log file. Wall and
 # CPU seconds are printed: on a machine shared with other work, CPU seconds are what an idle core would take.
 train_job() {  # train_job <log name> <run dir> <module> <overrides...>
@@ -64,17 +75,16 @@ runs="$demo/runs/tiny"
 step "1/7 synthetic data set: $clips clips of moving shapes with captions -> $demo/raw"
 if [ ! -f "$demo/raw/.complete" ]; then
   # 32 px, 17 frames: enough for both stages (16 and 24 px, 9-frame centred windows) at an eighth of the pixels
-  python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 --size 32 --num-frames 17 \
-    --shape-scale "$shape_scale" \
-    >"$logs/synthetic.log" 2>&1
+  quiet synthetic "" python -m data.synthetic --out "$demo/raw" --num-videos "$clips" --seed 0 --size 32 \
+    --num-frames 17 --shape-scale "$shape_scale"
   touch "$demo/raw/.complete"
 fi
 
 step "2/7 prepare: ingest -> embed -> balanced clustering into K=$K -> shards (stage2 16 px, stage3 24 px)"
-python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
-  cluster.fine_clusters=24 encode.stage=stage2 progress=false 2>&1 | grep -E '^\[|audit|Error' || true
-python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny num_experts=$K \
-  cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false 2>&1 | grep -E '^\[encode\]|audit|Error' || true
+quiet prepare_stage2 '\[data.prepare\]\[INFO\] - \[(cluster|encode)\] ' python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel \
+  text=tiny num_experts=$K cluster.fine_clusters=24 encode.stage=stage2 progress=false
+quiet prepare_stage3 '\[data.prepare\]\[INFO\] - \[encode\] ' python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny \
+  num_experts=$K cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false
 
 step "3-4/7 training: $K experts, the router and the monolith — independent processes in two lanes, one per core"
 echo "  lane 1: the monolith, stage 2 then stage 3 (its compute matched to the $K experts + the router)"
@@ -109,9 +119,11 @@ step "5/7 export the Paris-style model folders"
 models="$demo/models"
 # Sampling defaults recorded in the folders: guidance 3 (Paris' 7.5 over-saturates models this small).
 sampling=(--num-steps "$gen_steps" --cfg-scale 3)
-[ -f "$models/ddm/model_index.json" ] || python -m ddm.export --runs "$runs" --out "$models/ddm" "${sampling[@]}"
-[ -f "$models/monolith/model_index.json" ] || python -m ddm.export --runs "$runs" --monolith --out "$models/monolith" \
+[ -f "$models/ddm/model_index.json" ] || quiet export_ddm "" python -m ddm.export --runs "$runs" --out "$models/ddm" \
   "${sampling[@]}"
+[ -f "$models/monolith/model_index.json" ] || quiet export_monolith "" python -m ddm.export --runs "$runs" --monolith \
+  --out "$models/monolith" "${sampling[@]}"
+echo "  $models/ddm (3 experts + router), $models/monolith"
 
 step "6/7 sample with the routed sampler: text-to-video (top-2) and image-to-video"
 python - "$demo" <<'PY'
@@ -127,11 +139,11 @@ videos = [r for r in manifest if r["kind"] == "video"]
 frames, _ = read_video(videos[0]["path"], frame_indices=[0])
 Image.fromarray(frames[0]).save(demo / "i2v_first_frame.png")
 PY
-python -m ddm.generate --model "$models/ddm" --prompts "$demo/prompts.txt" --strategy topk --k 2 \
-  --seed 0 --trace --out "$demo/samples/t2v" 2>&1 | tail -n 6
-python -m ddm.generate --model "$models/ddm" --prompt "$(head -n 1 "$demo/prompts.txt")" \
-  --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --seed 0 \
-  --out "$demo/samples/i2v" 2>&1 | tail -n 3
+quiet generate_t2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
+  --prompts "$demo/prompts.txt" --strategy topk --k 2 --seed 0 --trace --out "$demo/samples/t2v"
+quiet generate_i2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
+  --prompt "$(head -n 1 "$demo/prompts.txt")" --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --seed 0 \
+  --out "$demo/samples/i2v"
 
 step "7/7 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions, by the synthetic ground truth"
 # N videos per run: SE of a prompt accuracy is sqrt(p(1-p)/N) <= 0.05 for every p when N >= 100.
@@ -151,9 +163,8 @@ if [ ! -f "$domain_bb" ]; then
     >"$logs/domain_backbone.log" 2>&1 & bb_pid=$!
 fi
 if [ ! -f "$demo/heldout_n$eval_n/.complete" ]; then
-  python -m data.synthetic --out "$demo/heldout_n$eval_n" --num-videos $((2 * eval_n)) --seed 1 \
-    --families "$n_families" --shape-scale "$shape_scale" \
-    >"$logs/heldout.log" 2>&1
+  quiet heldout "" python -m data.synthetic --out "$demo/heldout_n$eval_n" --num-videos $((2 * eval_n)) --seed 1 \
+    --families "$n_families" --shape-scale "$shape_scale"
   touch "$demo/heldout_n$eval_n/.complete"
 fi
 evaluate=(python -m ddm.evaluate --groundtruth "$demo/heldout_n$eval_n" --num-videos "$eval_n" --stage "$eval_stage"

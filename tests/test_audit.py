@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data.audit import audit, main
-from data.shards import iter_shard, scan_shard, write_index, write_shard
+from ddm.shards import iter_shard, scan_shard, write_index, write_shard
 from tests.fixtures.data import TEST_PREP_DIR
 
 STAGE = "tiny"

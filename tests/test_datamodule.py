@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.datamodule import ShardDataModule, ShardInfo, shards_for_slot
-from data.shards import decode_sample, encode_sample, iter_shard, write_index, write_shard
+from ddm.shards import decode_sample, encode_sample, iter_shard, write_index, write_shard
 
 # 8 train shards over three experts (enough for 2 ranks x 2 workers to read disjoint subsets) + a val split.
 COUNTS = {(1, "train"): [4, 4, 3], (2, "train"): [4, 2], (3, "train"): [3, 3, 1],

@@ -43,3 +43,18 @@ def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_r
                             env=env, timeout=1200)
     assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
     assert second.stdout.count("done before") == 9 and "trained in" not in second.stdout
+
+
+def test_a_failed_step_stops_the_demo_there_with_its_log_tail(tmp_path, repo_root):
+    """A prepare that fails (here: an input folder with no clips, marked complete) stops the demo at step 2 with
+    the failing command's log tail; nothing is trained on missing shards."""
+    demo = tmp_path / "demo"
+    (demo / "raw").mkdir(parents=True)
+    (demo / "raw" / ".complete").touch()
+    env = {**os.environ, "DDM_DEMO_DIR": str(demo), "DDM_DEMO_PROFILE": "short"}
+    run = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode != 0, run.stdout
+    assert "prepare_stage2 FAILED" in run.stderr, run.stderr[-3000:]
+    assert (demo / "logs" / "prepare_stage2.log").read_text().strip().splitlines()[-1] in run.stderr
+    assert "3-4/7" not in run.stdout and not (demo / "runs").exists()

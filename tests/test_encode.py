@@ -13,7 +13,7 @@ import torch
 from data.encode import (encode, plan_shards, sample_frame_indices, shards_dir_for, split_of,
                          target_size)
 from data.ingest import ingest
-from data.shards import decode_sample, iter_shard, read_index
+from ddm.shards import decode_sample, iter_shard, read_index
 from data.synthetic import make_synthetic_dataset
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae

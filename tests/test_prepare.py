@@ -13,7 +13,7 @@ from data.audit import audit
 from data.datamodule import ShardDataModule
 from data.encode import KILL_ENV
 from data.prepare import compose_config, prepare
-from data.shards import read_index
+from ddm.shards import read_index
 from data.synthetic import make_synthetic_dataset
 from ddm.lock import DirLockedError
 from tests.fixtures.data import REPO_ROOT, TINY_PREP_OVERRIDES

@@ -1,4 +1,4 @@
-"""Shard format, atomic writing, index and reading (data/shards.py)."""
+"""Shard format, atomic writing, index and reading (ddm/shards.py)."""
 from __future__ import annotations
 
 import tarfile
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data.shards import (
+from ddm.shards import (
     ShardReadError,
     ShardWriter,
     available_experts,

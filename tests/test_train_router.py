@@ -31,7 +31,7 @@ def gmm_dataset() -> GaussianMixture:
 
 def write_gmm_shards(root: Path, gmm: GaussianMixture, n: int, per_shard: int = 50) -> None:
     """Shards in the real format whose latents are mixture samples labelled by their component."""
-    from data.shards import encode_sample, shard_relpath, write_index, write_shard
+    from ddm.shards import encode_sample, shard_relpath, write_index, write_shard
 
     x, comp = gmm.sample(n, generator=torch.Generator().manual_seed(1), return_components=True)
     rows, by_expert = [], {}

@@ -207,7 +207,7 @@ class ShardSet:
 
 def check_shards(cfg: DictConfig, expert: int | str) -> ShardSet:
     """The shard set exists and holds this expert (or every expert, for ``all``) — before any training."""
-    from data.shards import available_experts, expert_counts, index_path, list_shards
+    from ddm.shards import available_experts, expert_counts, index_path, list_shards
 
     root = Path(cfg.data.shards_dir)
     folders = available_experts(root)

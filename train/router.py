@@ -75,7 +75,7 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
         raise ValueError(f"the router predicts {router_cfg.num_experts} experts but {shards.root} holds "
                          f"{len(shards.expert_folders)} expert shard folders")
     trained_geometry = job.check_geometry(cfg, shards, router_cfg.latent_channels)
-    from data.shards import expert_counts
+    from ddm.shards import expert_counts
 
     counts = expert_counts(shards.root, split="train")
     plan = plan_start(run_dir, resume=cfg.resume, init_from=cfg.init_from, previous_stage=None,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data.datamodule import ShardDataModule, collate
-from data.shards import encode_sample, shard_relpath, write_index, write_shard
+from ddm.shards import encode_sample, shard_relpath, write_index, write_shard
 
 LATENT = (12, 3, 16, 16)
 TEXT_DIM = 32

@@ -1,11 +1,11 @@
-"""Rebuild the checked-in tiny shard set: ``python data/testdata/make_test_shards.py``.
+"""Rebuild the checked-in tiny shard set: ``python tests/testdata/make_test_shards.py``.
 
 30 synthetic items (27 clips of 24×24 px, 12 frames at 8 fps, and 3 still images, three scene families)
 go through the real ``data.prepare`` path — ingest, colour/motion embedding, balanced clustering into
 K = 3 experts, encoding at 16×16 px, 9 frames, 8 fps with the lossless PixelVAE (latents (12, 3, 16, 16))
 and the tiny T5 / CLIP (32 dims, seed 0) — with a 20% val split and 3 samples per shard.
 
-What is kept, under ``data/testdata/tiny/``: ``manifest.parquet``, ``assignments.parquet`` and
+What is kept, under ``tests/testdata/tiny/``: ``manifest.parquet``, ``assignments.parquet`` and
 ``shards/tiny/`` (tars, ``shards.parquet``, ``encode_rejected.parquet``): what the DataModule and the
 audit read. The build runs in a fixed temporary folder so the paths recorded in the manifest and in
 each sample's ``source`` are the same on every rebuild; the output is deterministic.
