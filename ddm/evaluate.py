@@ -729,7 +729,8 @@ def _resolve_baseline(baseline: str, runs: Sequence[dict[str, Any]]) -> str:
 
 # --- CLI -------------------------------------------------------------------------------------------------------
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m ddm.evaluate`` argument parser (no checks beyond argparse's)."""
     p = argparse.ArgumentParser(prog="python -m ddm.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER[:STRATEGY,...]",
@@ -751,10 +752,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split of --prompts-from-shards (default: val)")
     p.add_argument("--num-videos", type=int, help="videos per run (default: one per prompt; more repeat prompts)")
     p.add_argument("--seed", type=int, default=0, help="video i uses seed SEED + i in every run (default 0)")
-    p.add_argument("--steps", type=int, help="Euler steps (default: each model folder's scheduler, else 50)")
-    p.add_argument("--cfg", type=float, help="guidance scale (default: each model folder's scheduler, else 7.5)")
+    # --steps, --cfg and --frames: the old spellings, deprecated aliases for one release (ddm.generate and
+    # ddm.export share the --num-steps/--cfg-scale/--num-frames names); the dest names are unchanged.
+    p.add_argument("--num-steps", "--steps", dest="steps", type=int,
+                   help="Euler steps (default: each model folder's scheduler, else 50); --steps is a deprecated alias")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float,
+                   help="guidance scale (default: each model folder's scheduler, else 7.5); --cfg is a deprecated "
+                        "alias")
     p.add_argument("--stage", help="checkpoint stage to load (default: the folder's)")
-    p.add_argument("--num-frames", type=int, help="frames per video (default: what the models were trained on)")
+    p.add_argument("--num-frames", "--frames", dest="num_frames", type=int,
+                   help="frames per video (default: what the models were trained on); --frames is a deprecated alias")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threshold", type=float, default=0.1, help="weight cut-off of the 'threshold' strategy")
@@ -781,7 +788,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The CLI; returns the evaluation record."""
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ddm.eval.reference import DOMAIN_METRIC, GT_METRICS, SyntheticReference

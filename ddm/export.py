@@ -333,7 +333,8 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
     return final
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m ddm.export`` argument parser (no checks beyond argparse's)."""
     parser = argparse.ArgumentParser(prog="python -m ddm.export", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", required=True, type=Path, help="runs/<experiment> (the training run dirs)")
     parser.add_argument("--out", required=True, type=Path, help="the model folder to write")
@@ -356,10 +357,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     group.add_argument("--no-third-party", action="store_true",
                        help="do not bundle vae.pt, t5/, clip/ (users place them; the index still names them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
-    parser.add_argument("--num-steps", type=int, default=None,
-                        help=f"default Euler steps recorded in the index (else {DEFAULT_SCHEDULER['num_steps']})")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help=f"default guidance scale recorded in the index (else {DEFAULT_SCHEDULER['cfg_scale']})")
+    # --steps/--cfg: ddm.generate's and ddm.evaluate's old spellings, accepted here too for one release so the
+    # three CLIs take the same words (deprecated aliases; the dest names stay num_steps/cfg_scale).
+    parser.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=None,
+                        help=f"default Euler steps recorded in the index (else {DEFAULT_SCHEDULER['num_steps']}); "
+                             "--steps is a deprecated alias")
+    parser.add_argument("--cfg-scale", "--cfg", dest="cfg_scale", type=float, default=None,
+                        help=f"default guidance scale recorded in the index (else {DEFAULT_SCHEDULER['cfg_scale']}); "
+                             "--cfg is a deprecated alias")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI: export the training runs to a model folder."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     scheduler = {key: value for key, value in (("num_steps", args.num_steps), ("cfg_scale", args.cfg_scale))
                  if value is not None}

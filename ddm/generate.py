@@ -3,14 +3,16 @@
 ::
 
     python -m ddm.generate --model FOLDER --prompt "a red car" "a cat" [--image first_frame.png [--image-fit crop]]
-        [--strategy top1|topk|full|threshold|oracle] [--k 2] [--steps 50] [--cfg 7.5] [--seed 0]
-        [--stage stage2|stage3] [--frames 129] [--out samples] [--trace]
+        [--strategy top1|topk|full|threshold|oracle] [--k 2] [--num-steps 50] [--cfg-scale 7.5] [--seed 0]
+        [--stage stage2|stage3] [--num-frames 129] [--out samples] [--trace]
 
 Writes ``<out>/<index>_<slug>.mp4`` and ``.gif`` per sample, ``<out>/samples.json`` (prompt, seed and files
 of every sample, and the settings), and with ``--trace`` the routing trace as ``routing_trace.json`` and
 ``routing_trace.png``. Sample i uses seed ``--seed + i``, so a run is reproducible.
 
-The arguments, the images and a writable ``--out`` are checked before any expert is loaded.
+The arguments, the images and a writable ``--out`` are checked before any expert is loaded. ``--steps``,
+``--cfg`` and ``--frames`` are the old spellings of ``--num-steps``, ``--cfg-scale`` and ``--num-frames``
+(deprecated aliases, kept for one release; ``ddm.export`` and ``ddm.evaluate`` share the same names).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line (``None``: ``sys.argv``); nothing is checked or loaded here."""
     parser = argparse.ArgumentParser(prog="python -m ddm.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="the model folder (model_index.json, expert*/, ...)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -63,11 +66,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=2, help="experts kept by --strategy topk")
     parser.add_argument("--threshold", type=float, default=0.1, help="weight threshold of --strategy threshold")
     parser.add_argument("--expert", type=int, default=None, help="the expert (1..K) of --strategy oracle")
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 50)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 7.5)")
+    # The old spellings (--steps, --cfg, --frames) stay as deprecated aliases of the same arguments for one
+    # release; the dest names are unchanged, so everything below reads what it always read.
+    parser.add_argument("--num-steps", "--steps", dest="steps", type=int, default=None,
+                        help="Euler steps (default: the model's, 50); --steps is a deprecated alias")
+    parser.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
+                        help="guidance scale (default: the model's, 7.5); --cfg is a deprecated alias")
     parser.add_argument("--seed", type=int, default=0, help="seed of sample 0; sample i uses seed + i")
     parser.add_argument("--stage", default=None, help="stage2 | stage3 (default: the model's default stage)")
-    parser.add_argument("--frames", type=int, default=None, help="frames per video, 4k+1 (default: the stage's)")
+    parser.add_argument("--num-frames", "--frames", dest="frames", type=int, default=None,
+                        help="frames per video, 4k+1 (default: the stage's); --frames is a deprecated alias")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -94,12 +102,13 @@ def check_out_writable(out: Path) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every cheap check before the experts are loaded: the numbers, the model index, the images, --out."""
-    for name, value, low in (("--steps", args.steps, 1), ("--k", args.k, 1), ("--batch-size", args.batch_size, 1),
-                             ("--frames", args.frames, 1), ("--height", args.height, 1), ("--width", args.width, 1)):
+    for name, value, low in (("--num-steps", args.steps, 1), ("--k", args.k, 1),
+                             ("--batch-size", args.batch_size, 1), ("--num-frames", args.frames, 1),
+                             ("--height", args.height, 1), ("--width", args.width, 1)):
         if value is not None and value < low:
             raise SystemExit(f"{name} must be >= {low}, got {value}")
     if args.frames is not None and (args.frames - 1) % 4:
-        raise SystemExit(f"--frames must be 4k+1 (1, 5, 9, ...), got {args.frames}")
+        raise SystemExit(f"--num-frames must be 4k+1 (1, 5, 9, ...), got {args.frames}")
     if args.strategy == "threshold" and not 0.0 < args.threshold <= 1.0:
         raise SystemExit(f"--threshold must be in (0, 1], got {args.threshold}")
     try:

@@ -332,7 +332,7 @@ def test_steps_and_guidance_default_to_each_folders_scheduler(tmp_path, model_fo
 def _cli_args(out: Path, folders: dict[str, Path], backbone_dir: Path, real: Path, prompts: Path, *extra: str):
     return ["--model", f"ddm={folders['ddm']}:top1,full", "--model", f"mono={folders['mono']}",
             "--baseline", "mono", "--out", str(out), "--prompts", str(prompts), "--num-videos", "3",
-            "--tiny-backbones", str(backbone_dir), "--real-videos", str(real), "--steps", "2", "--cfg", "2.0",
+            "--tiny-backbones", str(backbone_dir), "--real-videos", str(real), "--num-steps", "2", "--cfg-scale", "2.0",
             "--batch-size", "2", "--height", "16", "--width", "16", "--num-frames", "17", "--no-progress", *extra]
 
 
@@ -414,4 +414,4 @@ def test_rerun_reuses_every_video_and_recovers_from_a_killed_write(first_run, tm
 
     # other generation settings into the same folder are refused, not mixed
     with pytest.raises(ValueError, match="other settings.*num_steps: 2 then, 3 now"):
-        main([a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)])
+        main([a if a != "2" or args[i - 1] != "--num-steps" else "3" for i, a in enumerate(args)])

@@ -205,7 +205,7 @@ def test_generate_checks_its_arguments_before_loading_anything(exported, tmp_pat
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for extra, match in ((["--k", "0"], "--k must be >= 1"), (["--k", "4"], "--k 4 is more than the 3 experts"),
-                         (["--steps", "0"], "--steps must be >= 1"), (["--frames", "6"], r"4k\+1"),
+                         (["--num-steps", "0"], "--num-steps must be >= 1"), (["--num-frames", "6"], r"4k\+1"),
                          (["--image", str(tmp_path / "none.png")], "--image file.* not found"),
                          (["--out", str(blocker / "samples")], "--out .*a-file/samples is not writable")):
         with pytest.raises(SystemExit, match=match):
@@ -217,7 +217,7 @@ def test_generate_checks_its_arguments_before_loading_anything(exported, tmp_pat
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):
     out = tmp_path / "samples"
     proc = run_cli("ddm.generate", ["--model", str(exported), "--prompt", "a red car on a coastal road",
-                                    "a cat asleep", "--steps", "2", "--seed", "5", "--stage", "stage3",
+                                    "a cat asleep", "--num-steps", "2", "--seed", "5", "--stage", "stage3",
                                     "--strategy", "top1", "--out", str(out), "--trace", "--batch-size", "1"],
                    timeout=240)
     res, frames, fps = STAGES["stage3"]

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 from ddm.checkpoint import fsync_dir
-from train.run import EXIT_NOT_REQUEUED, EXIT_SIGTERM
+from train.run import EXIT_NOT_REQUEUED, EXIT_SIGTERM, log_media
 
 log = logging.getLogger("ddm.train")
 
@@ -288,7 +288,8 @@ class ThroughputMonitor(L.Callback):
 
 class SampleVideos(L.Callback):
     """Every N steps, sample a few videos from the EMA weights (the captions of the first batch seen) and
-    write them as mp4 + gif to ``<run_dir>/samples/step-XXXXXXXX_<i>.{mp4,gif}`` (rank 0 only)."""
+    write them as mp4 + gif to ``<run_dir>/samples/step-XXXXXXXX_<i>.{mp4,gif}`` (rank 0 only); the gifs also go
+    to wandb as media under ``samples`` when a wandb logger is attached."""
 
     def __init__(self, every_n_steps: int, out_dir: Path, vae_spec: dict, fps: float, num_videos: int = 2,
                  num_steps: int = 20, cfg_scale: float = 5.0) -> None:
@@ -335,9 +336,12 @@ class SampleVideos(L.Callback):
             videos = self._vae.decode(latents.float().cpu())
         frames = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        gifs = []
         for i, video in enumerate(frames):
             stem = self.out_dir / f"step-{step:08d}_{i}"
             write_video(stem.with_suffix(".mp4"), video, self.fps)
-            write_gif(stem.with_suffix(".gif"), video, self.fps)
+            gifs.append(write_gif(stem.with_suffix(".gif"), video, self.fps))
         (self.out_dir / f"step-{step:08d}.txt").write_text("\n".join(p["caption"]) + "\n")
+        # the gifs as wandb media (they play in the browser) when a wandb logger is attached; no-op otherwise
+        log_media(trainer.loggers, "samples", gifs, step=step, kind="video", captions=p["caption"])
         log.info("step %d: %d sample videos from the EMA weights → %s", step, len(frames), self.out_dir)

@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
-from train.run import (context_parallel_size, lock_run_dir, plan_start, resolve_batch, run_job, save_resolved_config,
-                       setup_logging)
+from train.run import (context_parallel_size, lock_run_dir, plan_start, resolve_batch, role_name, run_job,
+                       save_resolved_config, setup_logging)
 
 log = logging.getLogger("ddm.train")
 
@@ -95,7 +95,7 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
                                             dict(cfg.vae), float(cfg.stage.fps or 8)))
     return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=batch_size, max_steps=max_steps,
                    flops_per_sample=budget.flops_per_sample, tokens_per_sample=budget.tokens_per_sample,
-                   extra_callbacks=extra_callbacks, context_parallel=cp)
+                   role=role_name(expert), extra_callbacks=extra_callbacks, context_parallel=cp)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="expert")

@@ -364,13 +364,14 @@ def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, A
 # --- the fit -------------------------------------------------------------------------------------------
 
 def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, batch_size: int, max_steps: int,
-        flops_per_sample: float, tokens_per_sample: int, extra_callbacks: list | None = None,
+        flops_per_sample: float, tokens_per_sample: int, role: str, extra_callbacks: list | None = None,
         context_parallel: int = 1) -> int:
     """Train with atomic checkpoints, signal handling and throughput logging; export EMA weights at the end.
 
     Returns the job's exit code: 0 when the stage is complete (or a USR1 stop was requeued), non-zero when a
     signal stopped it before ``max_steps`` (``train.run``'s module docstring lists the codes).
-    ``context_parallel``: ranks per sample (``train.run.build_strategy``; throughput counts each sample once)."""
+    ``context_parallel``: ranks per sample (``train.run.build_strategy``; throughput counts each sample once).
+    ``role``: ``expert<k>``, ``monolith`` or ``router``, the wandb run's name (``train.run.wandb_run_names``)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from train.callbacks import SignalHandler, StepCheckpoint, ThroughputMonitor
@@ -386,7 +387,7 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
         TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.log_every_n_steps))),
         *(extra_callbacks or []),
     ]
-    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, run_dir.parent.name), max_steps,
+    trainer = build_trainer(cfg, run_dir, callbacks, build_loggers(cfg, run_dir, role), max_steps,
                             batch_size=batch_size, context_parallel=context_parallel)
     if is_rank_zero_process():
         merge_metrics(run_dir)  # the history so far, also when earlier segments were killed

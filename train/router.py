@@ -110,7 +110,8 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
                                 balanced=bool(cfg.balanced_sampling), context_parallel=cp)
     return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size),
                    max_steps=int(cfg.max_steps), flops_per_sample=r_flops,
-                   tokens_per_sample=job.router_tokens(router_cfg, geometry), context_parallel=cp)
+                   tokens_per_sample=job.router_tokens(router_cfg, geometry), role="router",
+                   context_parallel=cp)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="router")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ddm import flow
 from ddm.models.router import Router, RouterConfig
 from train.flow_module import FlowMatchingModule
+from train.run import log_media
 
 log = logging.getLogger("ddm.train")
 
@@ -155,3 +156,6 @@ class RouterModule(FlowMatchingModule):
                                                                     indent=2))
             plot_calibration(rows, out / "router_calibration.png",
                              title=f"router (EMA) at step {self.global_step}: accuracy {acc:.3f}")
+            # the same PNG as wandb media when a wandb logger is attached (no-op otherwise)
+            log_media(self.trainer.loggers, "val/router_calibration", [out / "router_calibration.png"],
+                      step=self.global_step)

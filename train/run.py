@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,9 +228,18 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> dict:
     return resolved  # type: ignore[return-value]
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
+def wandb_run_names(cfg: DictConfig, role: str) -> dict[str, str]:
+    """The wandb identity of a job: ``group`` = the experiment, ``job_type`` = the stage, ``name`` =
+    ``<role>-<stage>`` (``role``: ``expert<k>``, ``monolith`` or ``router``), so the runs of one experiment sit
+    together and each stage of each role is told apart."""
+    stage = str(cfg.stage.name)
+    return {"group": str(cfg.experiment_name), "job_type": stage, "name": f"{role}-{stage}"}
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, role: str) -> list:
     """CSV always (``logs/csv/segment-NNN/``, one per start of the job; see ``train.metrics_log``); wandb
-    when enabled (offline by default; the run id persists in the run dir)."""
+    when enabled (offline by default; the run id persists in the run dir; named by :func:`wandb_run_names`).
+    ``role``: ``expert<k>``, ``monolith`` or ``router``."""
     from lightning.pytorch.loggers import CSVLogger
 
     from train.metrics_log import next_segment
@@ -247,9 +256,30 @@ def build_loggers(cfg: DictConfig, run_dir: Path, name: str) -> list:
         except ImportError as err:  # pragma: no cover - wandb is a declared dependency
             raise RuntimeError("logger=wandb needs the wandb package (pip install wandb)") from err
         os.environ.setdefault("WANDB_MODE", mode)
-        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=name,
-                                   id=persistent_wandb_id(run_dir), resume="allow", save_dir=str(run_dir)))
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
+                                   id=persistent_wandb_id(run_dir), resume="allow", save_dir=str(run_dir),
+                                   **wandb_run_names(cfg, role)))
     return loggers
+
+
+def log_media(loggers: Sequence[Any], key: str, paths: Sequence[Path], step: int, *, kind: str = "image",
+              captions: Sequence[str] | None = None) -> bool:
+    """Send image (``kind="image"``: png) or video (``kind="video"``: gif/mp4) files already written to disk to
+    every wandb logger among ``loggers`` as media under ``key``; a no-op without one. Returns whether any
+    logger took them. Call it on rank 0 only (the files are rank 0's)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    targets = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    files = [str(p) for p in paths]
+    extra: dict[str, Any] = {"caption": list(captions)} if captions is not None else {}
+    for logger in targets:
+        if kind == "image":
+            logger.log_image(key=key, images=files, step=step, **extra)
+        elif kind == "video":
+            logger.log_video(key=key, videos=files, step=step, **extra)
+        else:
+            raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    return bool(targets)
 
 
 ASSUMED_GPUS_PER_NODE = 8
