@@ -9,6 +9,8 @@
     null_t5.pt, null_clip.pt             →  copied from beside the encoders, else generated with them
     the VAE                              →  a spec in model_index.json for weight-free VAEs (pixel, hunyuan-tiny);
                                             vae.pt copied (--link: symlinked) for the HunyuanVideo VAE
+    pool.json                            →  provenance: per expert its id, config, data and shard hashes, steps,
+                                            and the sha256 of every file of its export (ddm.pool)
     model_index.json                     →  filled from the exports' metadata, written last
 
 ``--no-third-party`` leaves out vae.pt, t5/ and clip/ (the Paris release layout: users place them; the
@@ -41,6 +43,7 @@ from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_nul
 from ddm.pipeline import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
                           copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
                           write_model_index)
+from ddm.pool import write_pool_manifest
 
 log = logging.getLogger("ddm.export")
 
@@ -323,6 +326,8 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
                 "centroids_hash": first.get("centroids_hash"),
                 "steps": {label: m.get("step") for label, (_, m) in metas.items()}}},
         )
+        # pool.json (provenance and hashes of every expert and router file, ddm.pool), then the index: last
+        write_pool_manifest(out, index, operation={"op": "export", "runs": str(runs.resolve())})
         write_model_index(out, index)
     except BaseException:
         _remove(out)  # the staged copy only; ``final`` was never touched

@@ -9,6 +9,7 @@
     the index's scheduler               →  <out>/scheduler/           FlowMatchEulerDiscreteScheduler config, shift of
                                                                       the default stage's geometry
     t5/ clip/ null_*.pt                 →  copied
+    pool.json                           →  rewritten for the new files (ddm.pool)
     model_index.json                    →  ours, "checkpoint_format": "diffusers", written last
 
 The result loads back with ``DDMPipeline.from_pretrained`` (it reads both formats). The folder is assembled beside
@@ -27,6 +28,7 @@ from ddm.flow import video_shift_alpha
 from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_diffusers, save_scheduler,
                          save_vae_diffusers)
 from ddm.models.presets import ExpertConfig
+from ddm.pool import write_pool_manifest
 from ddm.pipeline import (MODEL_INDEX, DDMPipeline, ModelIndex, copy_export, place_folder, read_model_index,
                           scan_model_folder, stage_geometry_from_metadata, write_model_index)
 
@@ -105,6 +107,8 @@ def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype 
             router=router_entry, vae=vae_entry,
             extra={**index.extra, "checkpoint_format": "diffusers", "transformer_class": "FluxTransformer2DModel",
                    "scheduler_dir": "scheduler", "scheduler_shift": alpha})
+        # pool.json of the new files; the slot map, shard records and history come from the source's pool.json
+        write_pool_manifest(out, new_index, source=folder, operation={"op": "export-diffusers", "from": str(folder)})
         write_model_index(out, new_index)
     except BaseException:
         _remove(out)

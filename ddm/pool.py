@@ -1,0 +1,573 @@
+"""The expert pool of a model folder: ``pool.json`` (provenance and hashes) and ``python -m ddm.pool``.
+
+``pool.json`` sits beside ``model_index.json``; ``ddm.export`` writes it when it assembles a folder, and the
+pool commands write it for the folders they make. Per expert slot (1..K, the router's output k-1) it records
+the training ``expert_id`` the slot holds, the preset, config and parameter count, the ``centroids_hash``
+and, per stage, the step, training FLOPs (when the export records them), the data manifest hash (the
+sha256 of the shard index) and the sha256 of every shard file of the expert's cluster (``expert_<id>/*.tar``
+under the stage's ``geometry.shards_dir``, relative to it, when that folder was reachable); then the sha256
+of every file of the expert's export in the folder. The router gets the same: K, text-aware or not, the
+shards of every cluster, its files. File hashes are ``ddm.checkpoint.file_sha256``.
+
+::
+
+    python -m ddm.pool list FOLDER                          the experts and the router, one line each
+    python -m ddm.pool verify FOLDER [--shards DIR ...]     every hash, expert slots, the router's K
+    python -m ddm.pool retire FOLDER --expert J --out NEW   a K-1 folder without expert J (zero-cost)
+    python -m ddm.pool init FOLDER                          record pool.json for a folder that lacks one
+
+**Retiring** an expert is free: its folder is left out, the others are renumbered 1..K-1 (files hard-linked
+when the file system allows, else copied; every file checked against the hashes of the source's pool.json),
+and the router's last head layer loses row J-1 (weight and bias), so the other experts' logits are exactly
+those of the original router and the softmax renormalises over them: p'_k = p_k / (1 - p_J). That is an
+approximation of a router retrained without cluster J: the retired cluster's probability mass goes to the
+other experts in proportion to their weights, not to its nearest neighbours alone. The per-expert router
+metadata (``prior_correction``, ``expert_counts``, ``num_experts``) loses entry J as well. The kept experts'
+exports are unchanged, so their metadata still names the training ``expert_id``; ``pool.json`` maps slot →
+``expert_id`` and ``verify`` checks the exports against that map.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddm.checkpoint import MASTER_FILE, SHARD_DIR, atomic_write, file_sha256
+from ddm.interop import load_checkpoint, read_checkpoint_metadata
+from ddm.pipeline import (MODEL_INDEX, FolderLayout, ModelIndex, copy_export, read_model_index, scan_model_folder,
+                          stage_order, write_model_index)
+from ddm.shards import INDEX_NAME, available_experts, expert_dirname
+
+POOL_FILE = "pool.json"
+POOL_FORMAT = "ddm-pool-v1"
+FLOPS_KEYS = ("train_flops", "training_flops")  # export metadata keys that may carry a stage's training FLOPs
+
+# file → sha256, keyed by what identifies the bytes on disk; filled by every hash this process computes, so
+# shards shared by the experts and the router, and hard-linked copies, are read once per manifest
+_HASHES: dict[tuple[int, int, int, int], str] = {}
+
+
+# --- hashing ----------------------------------------------------------------------------------------------------
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def hash_files(paths: Sequence[Path], *, fresh: bool = False) -> list[str]:
+    """sha256 of each file (``file_sha256``), on several threads (hashlib releases the GIL). ``fresh`` reads
+    every byte again (``verify``); otherwise a file this process hashed before, unchanged, is not re-read."""
+    def one(path: Path) -> str:
+        key = _stat_key(path)
+        if fresh or key not in _HASHES:
+            _HASHES[key] = file_sha256(path)
+        return _HASHES[key]
+
+    workers = min(8, os.cpu_count() or 1, max(1, len(paths)))
+    if workers == 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def _files_under(root: Path, rels: Iterable[str]) -> list[str]:
+    """Every file under the folders ``rels`` of ``root``, as sorted paths relative to ``root``."""
+    found = {str(p.relative_to(root)) for rel in rels for p in (root / rel).rglob("*") if p.is_file()}
+    return sorted(found)
+
+
+def _hash_rel(root: Path, rels: Sequence[str], fresh: bool = False) -> dict[str, str]:
+    return dict(zip(rels, hash_files([root / r for r in rels], fresh=fresh)))
+
+
+# --- what an export records -------------------------------------------------------------------------------------
+def shards_dir_of(meta: Mapping[str, Any]) -> str | None:
+    """The shard folder the export's training read: ``geometry.shards_dir``, else ``train_config.data``'s."""
+    geometry = meta.get("geometry") or {}
+    data = (meta.get("train_config") or {}).get("data") or {}
+    return geometry.get("shards_dir") or data.get("shards_dir") or None
+
+
+def cluster_shards(shards_dir: Path, expert_id: int | str | None) -> list[str]:
+    """The shard tars of one cluster (``expert_<id>/*.tar``), or of every cluster for ``all``/None (the
+    monolith, the router), relative to ``shards_dir``; temp files of unfinished writes are left out."""
+    ids = available_experts(shards_dir) if expert_id in (None, "all") else [int(expert_id)]
+    return sorted(str(p.relative_to(shards_dir)) for k in ids for p in (shards_dir / expert_dirname(k)).glob("*.tar")
+                  if not p.name.startswith("."))
+
+
+def param_count(checkpoint: Path) -> int | None:
+    """Parameters of a checkpoint from its safetensors headers alone (no tensor is read); None if unknown."""
+    files = [checkpoint / MASTER_FILE] if (checkpoint / MASTER_FILE).is_file() else \
+        sorted((checkpoint / SHARD_DIR).glob("*.safetensors")) or sorted(checkpoint.glob("*.safetensors"))
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += int(torch.Size(entry["shape"]).numel())
+    return total or None
+
+
+def _stage_record(root: Path, path: Path, meta: Mapping[str, Any], expert_id: int | str | None,
+                  carried: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One stage of an expert or router; ``carried``: that stage's record in the pool this folder derives from,
+    whose shard hashes say what the model was trained on (re-reading the shards today cannot: they may have
+    changed or moved since)."""
+    shards_dir = shards_dir_of(meta)
+    record: dict[str, Any] = {
+        "path": str(path.relative_to(root)), "step": meta.get("step"),
+        "train_flops": next((meta[k] for k in FLOPS_KEYS if meta.get(k) is not None), None),
+        "manifest_hash": meta.get("manifest_hash") or None, "shards_dir": shards_dir, "shards": None}
+    if carried is not None:
+        record.update(shards_dir=carried.get("shards_dir"), shards=carried.get("shards"))
+    elif shards_dir and Path(shards_dir).is_dir():
+        record["shards"] = _hash_rel(Path(shards_dir), cluster_shards(Path(shards_dir), expert_id))
+    return record
+
+
+def _stage_key(stage: str | None, meta: Mapping[str, Any]) -> str:
+    return str(stage) if stage is not None else str(meta.get("stage") or "default")
+
+
+def _is_monolith(index: ModelIndex, layout: FolderLayout) -> bool:
+    return bool(index.extra.get("monolith")) or (len(layout.experts) == 1 and not layout.routers)
+
+
+def _expert_dir(root: Path, stages: Mapping[str, Path]) -> str:
+    """The expert's own folder (``expert3``, ``experts/3``): its stage folders' parent, or the checkpoint
+    folder itself when the expert folder holds its checkpoint flat."""
+    dirs = {p if p.parent == root or p.parent.name.lower() == "experts" else p.parent for p in stages.values()}
+    return os.path.commonpath([str(d.relative_to(root)) for d in dirs])
+
+
+def build_pool_manifest(folder: str | Path, index: ModelIndex | None = None, *,
+                        expert_ids: Sequence[int | str] | None = None, history: Sequence[Mapping[str, Any]] = (),
+                        retired: Sequence[Mapping[str, Any]] = (), carry: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """The ``pool.json`` content of a model folder, read from its exports' metadata (module docstring).
+
+    ``expert_ids``: the training id each slot holds (default: the slot number, or ``all`` for a monolith);
+    an export whose ``expert_id`` says otherwise is a ValueError naming it (a misplaced expert).
+    ``history``: the operations that made the folder; ``retired``: experts retired from the router.
+    ``carry``: ``{"experts": [the source pool's entry of each slot], "router": its router entry}`` of the pool
+    this folder derives from: their shard records are kept instead of hashing the shards again.
+    """
+    root = Path(folder)
+    index = index or read_model_index(root)
+    layout = scan_model_folder(root, index)
+    monolith = _is_monolith(index, layout)
+    carried_experts = list((carry or {}).get("experts") or [None] * len(layout.experts))
+    experts = []
+    for slot, stages in layout.experts.items():
+        metas = {stage: read_checkpoint_metadata(path) for stage, path in stages.items()}
+        want = expert_ids[slot - 1] if expert_ids is not None else ("all" if monolith else slot)
+        for stage, meta in metas.items():
+            got = meta.get("expert_id")
+            if got is not None and str(got) != str(want) and not (monolith and str(got) == "all"):
+                raise ValueError(f"'{stages[stage]}' holds the export of expert_id {got} but sits in slot {slot}, "
+                                 f"which should hold expert {want}: a misplaced expert export")
+        latest = sorted(metas, key=stage_order)[-1]
+        config = metas[latest].get("config") or {}
+        expert_dir = _expert_dir(root, stages)
+        carried = (carried_experts[slot - 1] or {}).get("stages") or {}
+        experts.append({
+            "slot": slot, "folder": expert_dir, "expert_id": want, "preset": config.get("preset"),
+            "params": param_count(stages[latest]), "config": config,
+            "centroids_hash": metas[latest].get("centroids_hash") or None,
+            "stages": {s: _stage_record(root, stages[s], m, want, carried.get(s)) for s, m in metas.items()},
+            "files": _hash_rel(root, _files_under(root, [expert_dir]))})
+    router = None
+    if layout.routers:
+        metas = {_stage_key(s, m): (p, m) for s, p in layout.routers.items() for m in [read_checkpoint_metadata(p)]}
+        path, last = metas[sorted(metas, key=stage_order)[-1]]
+        config = last.get("config") or {}
+        carried = ((carry or {}).get("router") or {}).get("stages") or {}
+        router = {
+            "num_experts": int(config.get("num_experts") or last.get("num_experts") or 0),
+            "uses_text": bool(last.get("uses_text", config.get("text_dim") is not None)),
+            "preset": config.get("preset"), "params": param_count(path),
+            "centroids_hash": last.get("centroids_hash") or None,
+            "stages": {s: _stage_record(root, p, m, None, carried.get(s)) for s, (p, m) in metas.items()},
+            "files": _hash_rel(root, _files_under(root, [str(p.relative_to(root)) for p, _ in metas.values()])),
+            "retired": [dict(r) for r in retired]}
+    return {"format": POOL_FORMAT, "num_experts": len(experts), "monolith": monolith, "experts": experts,
+            "router": router, "history": [dict(h) for h in history]}
+
+
+def _stamp(operation: Mapping[str, Any]) -> dict[str, Any]:
+    return {**operation, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_pool_manifest(folder: str | Path, index: ModelIndex | None = None, *, source: str | Path | None = None,
+                        operation: Mapping[str, Any] | None = None, **kw: Any) -> Path:
+    """Build and write ``folder/pool.json`` atomically (:func:`build_pool_manifest`'s ``kw``). ``source``: a
+    folder of the same experts whose ``pool.json`` this one derives from (its slot → ``expert_id`` map,
+    shard records, retired experts and history carry over); ``operation``: the history entry of what made
+    this folder (a time stamp is added). Returns the path."""
+    previous = read_pool(source) if source is not None and (Path(source) / POOL_FILE).is_file() else None
+    history = list(kw.pop("history", None) or (previous or {}).get("history") or [])
+    if previous is not None:
+        kw.setdefault("expert_ids", [e["expert_id"] for e in previous["experts"]])
+        kw.setdefault("retired", (previous.get("router") or {}).get("retired") or ())
+        kw.setdefault("carry", {"experts": previous["experts"], "router": previous.get("router")})
+    if operation is not None:
+        history.append(_stamp(operation))
+    manifest = build_pool_manifest(folder, index, history=history, **kw)
+    text = json.dumps(manifest, indent=2) + "\n"
+    return atomic_write(Path(folder) / POOL_FILE, lambda tmp: tmp.write_text(text))
+
+
+def read_pool(folder: str | Path) -> dict[str, Any]:
+    """Parse ``folder/pool.json``; a FileNotFoundError says how to make one."""
+    path = Path(folder) / POOL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{folder}' has no {POOL_FILE} (export it with python -m ddm.export, or record "
+                                f"one for this folder with python -m ddm.pool init {folder})")
+    try:
+        pool = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(pool, dict) or pool.get("format") != POOL_FORMAT:
+        raise ValueError(f"{path} is not a {POOL_FORMAT} manifest")
+    return pool
+
+
+# --- list -------------------------------------------------------------------------------------------------------
+def _human(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _steps(stages: Mapping[str, Any]) -> str:
+    return " ".join(f"{s}:{r.get('step')}" for s, r in stages.items())
+
+
+def _data(stages: Mapping[str, Any]) -> str:
+    hashes = {s: (r.get("manifest_hash") or "?")[:12] for s, r in stages.items()}
+    return next(iter(hashes.values())) if len(set(hashes.values())) == 1 else \
+        " ".join(f"{s}:{h}" for s, h in hashes.items())
+
+
+def pool_table(pool: Mapping[str, Any]) -> str:
+    """The ``list`` table: one row per expert slot, then the router's line."""
+    rows = [("slot", "expert_id", "preset", "params", "steps", "data")]
+    rows += [(str(e["slot"]), str(e["expert_id"]), str(e.get("preset")), _human(e.get("params")),
+              _steps(e["stages"]), _data(e["stages"])) for e in pool["experts"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    router = pool.get("router")
+    if router is None:
+        lines.append("router: none (a monolith)" if pool.get("monolith") else "router: none")
+    else:
+        retired = ", ".join(f"expert_id {r['expert_id']}" for r in router.get("retired") or [])
+        lines.append(f"router: K={router['num_experts']}, text-aware: {'yes' if router.get('uses_text') else 'no'}, "
+                     f"preset {router.get('preset')}, params {_human(router.get('params'))}, steps "
+                     f"{_steps(router['stages'])}, data {_data(router['stages'])}"
+                     + (f", retired: {retired}" if retired else ""))
+    return "\n".join(lines)
+
+
+# --- verify -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Report:
+    """What ``verify`` found: ``problems`` (each a sentence naming the file or slot), ``notes`` (what could
+    not be checked), and counts of what was checked."""
+
+    problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    files: int = 0
+    shards: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return not self.problems
+
+
+def _check_files(root: Path, owner: str, recorded: Mapping[str, str], folders: Iterable[str], report: Report) -> None:
+    present = set(_files_under(root, folders))
+    for rel in sorted(set(recorded) - present):
+        report.problems.append(f"{owner}: '{rel}' is recorded in {POOL_FILE} but missing from the folder")
+    for rel in sorted(present - set(recorded)):
+        report.problems.append(f"{owner}: '{rel}' is in the folder but not recorded in {POOL_FILE} (an added file)")
+    rels = sorted(set(recorded) & present)
+    for rel, digest in zip(rels, hash_files([root / r for r in rels], fresh=True)):
+        report.files += 1
+        if digest != recorded[rel]:
+            report.problems.append(f"{owner}: '{rel}' does not match its recorded sha256 (recorded "
+                                   f"{recorded[rel][:12]}…, now {digest[:12]}…): the file was changed or replaced")
+
+
+def _shards_dir_for(record: Mapping[str, Any], overrides: Sequence[Path]) -> Path | None:
+    """Where to find a stage's shards: of the ``--shards`` folders, the one whose index hashes to the recorded
+    manifest (else the only one given); without ``--shards``, the recorded folder."""
+    if overrides:
+        want = record.get("manifest_hash")
+        for d in overrides:
+            if want and (d / INDEX_NAME).is_file() and hash_files([d / INDEX_NAME])[0] == want:
+                return d
+        return overrides[0] if len(overrides) == 1 else None
+    return Path(record["shards_dir"]) if record.get("shards_dir") else None
+
+
+def _check_shards(owner: str, stages: Mapping[str, Any], overrides: Sequence[Path], report: Report) -> None:
+    for stage, record in stages.items():
+        if record.get("shards") is None:
+            report.notes.append(f"{owner} {stage}: no shard hashes recorded (its shards dir was not reachable at "
+                                "export)")
+            continue
+        d = _shards_dir_for(record, overrides)
+        if d is None or not d.is_dir():
+            report.notes.append(f"{owner} {stage}: shards dir '{d or record.get('shards_dir')}' not reachable: "
+                                "shards not checked")
+            continue
+        if record.get("manifest_hash") and (d / INDEX_NAME).is_file():
+            if hash_files([d / INDEX_NAME], fresh=True)[0] != record["manifest_hash"]:
+                report.problems.append(f"{owner} {stage}: the shard index '{d / INDEX_NAME}' does not hash to the "
+                                       f"recorded manifest_hash {record['manifest_hash'][:12]}…")
+        recorded = record["shards"]
+        missing = sorted(r for r in recorded if not (d / r).is_file())
+        report.problems += [f"{owner} {stage}: shard '{d / r}' is missing" for r in missing]
+        rels = sorted(set(recorded) - set(missing))
+        for rel, digest in zip(rels, hash_files([d / r for r in rels], fresh=True)):
+            report.shards += 1
+            if digest != recorded[rel]:
+                report.problems.append(f"{owner} {stage}: shard '{d / rel}' does not match its recorded sha256: "
+                                       "the training data changed since the expert was trained")
+
+
+def verify_folder(folder: str | Path, shards: Sequence[str | Path] = (), check_shards: bool = True) -> Report:
+    """Check a model folder against its ``pool.json``: every file hash, the expert ids in each slot's exports,
+    the router's K, and (``check_shards``) each recorded shard where its folder is reachable."""
+    root, report = Path(folder), Report()
+    try:
+        pool, index = read_pool(root), read_model_index(root)
+        layout = scan_model_folder(root, index)
+    except (FileNotFoundError, ValueError) as err:
+        report.problems.append(str(err))
+        return report
+    overrides = [Path(s) for s in shards]
+    if len(pool["experts"]) != len(layout.experts):
+        report.problems.append(f"{POOL_FILE} records {len(pool['experts'])} experts but the folder holds "
+                               f"{len(layout.experts)}")
+    for entry in pool["experts"]:
+        slot, owner = int(entry["slot"]), f"expert slot {entry['slot']}"
+        _check_files(root, owner, entry["files"], [entry["folder"]], report)
+        for stage, path in layout.experts.get(slot, {}).items():
+            got = read_checkpoint_metadata(path).get("expert_id")
+            if got is not None and str(got) != str(entry["expert_id"]):
+                report.problems.append(
+                    f"{owner}: '{path.relative_to(root)}' holds the export of expert_id {got}, but {POOL_FILE} "
+                    f"records slot {slot} as expert {entry['expert_id']} (a swapped or misplaced expert export)")
+        if check_shards:
+            _check_shards(owner, entry["stages"], overrides, report)
+    router = pool.get("router")
+    if router is not None:
+        _check_files(root, "router", router["files"], [r["path"] for r in router["stages"].values()], report)
+        if check_shards:
+            _check_shards("router", router["stages"], overrides, report)
+    elif layout.routers:
+        report.problems.append(f"the folder holds a router but {POOL_FILE} records none")
+    for stage, path in layout.routers.items():
+        meta = read_checkpoint_metadata(path)
+        for name, k in (("its config", (meta.get("config") or {}).get("num_experts")),
+                        ("its metadata", meta.get("num_experts"))):
+            if k is not None and int(k) != len(layout.experts):
+                report.problems.append(f"router '{path.relative_to(root)}': {name} predicts {k} experts but the "
+                                       f"folder holds {len(layout.experts)} (a router of the wrong K)")
+    return report
+
+
+# --- retire -----------------------------------------------------------------------------------------------------
+def _place(src: Path, dst: Path, link: bool) -> None:
+    """``dst`` as a hard link of ``src`` (when ``link`` and the file system allows), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+    shutil.copy2(src, dst)
+
+
+def _place_tree(src: Path, dst: Path, link: bool) -> None:
+    if src.is_symlink() or src.is_file():
+        if src.is_symlink():
+            dst.symlink_to(os.readlink(src))  # a --link export's vae.pt / t5/: keep pointing at the source
+        else:
+            _place(src, dst, link)
+        return
+    shutil.copytree(src, dst, symlinks=True, copy_function=lambda s, d: _place(Path(s), Path(d), link))
+
+
+def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], expert: int
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Drop output ``expert`` (1-based) of a router: row ``expert-1`` of its last head layer and entry
+    ``expert`` of its per-expert metadata. The other logits are unchanged (module docstring)."""
+    heads = sorted((int(m.group(1)), k) for k in state_dict if (m := re.fullmatch(r"head\.(\d+)\.weight", k)))
+    if not heads:
+        raise ValueError("the router has no head.<i>.weight: cannot find its output layer")
+    weight_key = heads[-1][1]
+    bias_key = weight_key[:-len("weight")] + "bias"
+    k = state_dict[weight_key].shape[0]
+    if not 1 <= expert <= k:
+        raise ValueError(f"expert {expert} is out of range: the router predicts experts 1..{k}")
+    keep = [i for i in range(k) if i != expert - 1]
+    out = dict(state_dict)
+    out[weight_key] = state_dict[weight_key][keep].clone()
+    if bias_key in state_dict:
+        out[bias_key] = state_dict[bias_key][keep].clone()
+    new = {key: v for key, v in meta.items() if key not in ("tensor_sha256", "_path")}
+    new["config"] = {**(meta.get("config") or {}), "num_experts": k - 1}
+    new["num_experts"] = k - 1
+    if isinstance(meta.get("prior_correction"), list):
+        new["prior_correction"] = [meta["prior_correction"][i] for i in keep]
+    if isinstance(meta.get("expert_counts"), Mapping):  # keyed by expert id 1..K: renumbered like the experts
+        counts = meta["expert_counts"]
+        new["expert_counts"] = {str(n + 1): counts[str(i + 1)] for n, i in enumerate(keep) if str(i + 1) in counts}
+    return out, new
+
+
+def retire_expert(folder: str | Path, expert: int, out: str | Path, *, link: bool = True) -> Path:
+    """Write ``out``: the model folder ``folder`` without expert slot ``expert`` (module docstring). The
+    source must verify (its files against its ``pool.json``) first. Returns ``out``."""
+    from ddm.export import staging_dir, swap_into_place  # here: ddm.export imports this module
+
+    root, out = Path(folder), Path(out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"'{out}' already exists: pick a new --out (retire never overwrites a folder)")
+    pool, index = read_pool(root), read_model_index(root)
+    layout = scan_model_folder(root, index)
+    k = len(layout.experts)
+    if k == 1:
+        raise ValueError(f"'{root}' holds a single expert: retiring the last expert would leave no model")
+    if not 1 <= expert <= k:
+        raise ValueError(f"expert {expert} is out of range: '{root}' holds experts 1..{k}")
+    report = verify_folder(root, check_shards=False)
+    if not report.ok:
+        raise ValueError(f"'{root}' does not verify, so it is not retired from:\n  " + "\n  ".join(report.problems))
+    kept = [e for e in pool["experts"] if int(e["slot"]) != expert]
+    gone = next(e for e in pool["experts"] if int(e["slot"]) == expert)
+    staged = staging_dir(out)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        expert_roots = {e["folder"].split("/")[0] for e in pool["experts"]}
+        router_roots = {str(p.relative_to(root)).split("/")[0] for p in layout.routers.values()}
+        for child in sorted(root.iterdir()):  # third-party parts (t5/, clip/, vae.pt, nulls, ...) as they are
+            if child.name not in expert_roots | router_roots | {MODEL_INDEX, POOL_FILE}:
+                _place_tree(child, staged / child.name, link)
+        names = []
+        for slot, entry in enumerate(kept, start=1):
+            names.append(f"expert{slot}")
+            for rel, digest in entry["files"].items():
+                new_rel = names[-1] + rel[len(entry["folder"]):]
+                _place(root / rel, staged / new_rel, link)
+                if hash_files([staged / new_rel])[0] != digest:  # a copy that differs from what was verified
+                    raise OSError(f"'{staged / new_rel}' does not hash like its source '{root / rel}'")
+        for path in layout.routers.values():
+            state_dict, meta = load_checkpoint(path)
+            state_dict, meta = retire_router(state_dict, meta, expert)
+            copy_export(None, staged / path.relative_to(root), state_dict=state_dict, metadata=meta,
+                        single_file=(path / MASTER_FILE).is_file() or not (path / SHARD_DIR).is_dir(),
+                        sharded=(path / SHARD_DIR).is_dir())
+        new_index = dataclasses.replace(index, num_experts=k - 1, experts=names, extra=dict(index.extra))
+        steps = (new_index.extra.get("source") or {}).get("steps")
+        if isinstance(steps, Mapping):  # "expert<k>/<stage>" labels follow the renumbering
+            new_index.extra["source"] = {**new_index.extra["source"], "steps": _renumber_steps(steps, expert)}
+        retired = [*((pool.get("router") or {}).get("retired") or []),
+                   {"slot": expert, "expert_id": gone["expert_id"], "from": str(root.resolve())}]
+        write_pool_manifest(staged, new_index, expert_ids=[e["expert_id"] for e in kept], retired=retired,
+                            carry={"experts": kept, "router": pool.get("router")}, history=pool.get("history"),
+                            operation={"op": "retire", "slot": expert, "expert_id": gone["expert_id"],
+                                       "from": str(root.resolve())})
+        write_model_index(staged, new_index)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_into_place(staged, out)
+    return out
+
+
+def _renumber_steps(steps: Mapping[str, Any], retired: int) -> dict[str, Any]:
+    out = {}
+    for label, step in steps.items():
+        m = re.fullmatch(r"expert(\d+)(/.*)?", label)
+        if m is None:
+            out[label] = step
+        elif int(m.group(1)) != retired:
+            k = int(m.group(1))
+            out[f"expert{k - 1 if k > retired else k}{m.group(2) or ''}"] = step
+    return out
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m ddm.pool`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m ddm.pool", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the experts and the router of a model folder").add_argument("folder", type=Path)
+    verify = sub.add_parser("verify", help="check the folder against its pool.json")
+    verify.add_argument("folder", type=Path)
+    verify.add_argument("--shards", action="append", type=Path, default=[],
+                        help="a shards dir to check the recorded shards in (repeatable; default: the recorded dirs)")
+    retire = sub.add_parser("retire", help="a new folder without one expert (zero-cost: the router's row dropped)")
+    retire.add_argument("folder", type=Path)
+    retire.add_argument("--expert", type=int, required=True, help="the slot to retire (1..K)")
+    retire.add_argument("--out", type=Path, required=True, help="the new folder (must not exist)")
+    retire.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
+    sub.add_parser("init", help="record pool.json for a folder that has none").add_argument("folder", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (non-zero when verify finds a problem or a command fails)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            print(pool_table(read_pool(args.folder)))
+        elif args.command == "verify":
+            report = verify_folder(args.folder, args.shards)
+            for note in report.notes:
+                print(f"note: {note}")
+            if not report.ok:
+                for problem in report.problems:
+                    print(f"FAIL: {problem}", file=sys.stderr)
+                print(f"{args.folder}: {len(report.problems)} problem(s)", file=sys.stderr)
+                return 1
+            print(f"OK: {args.folder}: {report.files} files and {report.shards} shards match {POOL_FILE}")
+        elif args.command == "retire":
+            out = retire_expert(args.folder, args.expert, args.out, link=not args.copy)
+            print(f"retired expert {args.expert}: {out} ({read_pool(out)['num_experts']} experts)")
+        else:
+            if (args.folder / POOL_FILE).exists():
+                raise FileExistsError(f"'{args.folder / POOL_FILE}' exists: init records a folder only once")
+            write_pool_manifest(args.folder, operation={"op": "init"})
+            print(f"wrote {args.folder / POOL_FILE}")
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
