@@ -547,14 +547,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(pool_table(read_pool(args.folder)))
         elif args.command == "verify":
             report = verify_folder(args.folder, args.shards)
-            for note in report.notes:
-                print(f"note: {note}")
             if not report.ok:
-                for problem in report.problems:
-                    print(f"FAIL: {problem}", file=sys.stderr)
+                for line in [f"FAIL: {p}" for p in report.problems] + [f"note: {n}" for n in report.notes]:
+                    print(line, file=sys.stderr)
                 print(f"{args.folder}: {len(report.problems)} problem(s)", file=sys.stderr)
                 return 1
-            print(f"OK: {args.folder}: {report.files} files and {report.shards} shards match {POOL_FILE}")
+            unchecked = f"; shards of {len(report.notes)} stage record(s) not checked (no hashes recorded or " \
+                        "shards dir not reachable)" if report.notes else ""
+            print(f"OK: {args.folder}: {report.files} files and {report.shards} shards match {POOL_FILE}{unchecked}")
         elif args.command == "retire":
             out = retire_expert(args.folder, args.expert, args.out, link=not args.copy)
             print(f"retired expert {args.expert}: {out} ({read_pool(out)['num_experts']} experts)")
