@@ -84,6 +84,7 @@ def test_component_velocity_is_the_regression_of_simulated_pairs(mixture: Gaussi
     assert np.all(np.abs(coef - closed) <= 5 * se), np.abs(coef - closed) / se
 
 
+@pytest.mark.slow
 def test_marginal_velocity_matches_quadrature_in_1d() -> None:
     """E[ε - x0 | x_t = x] straight from its definition, integrated numerically over x0 (ε = (x - a x0)/t)."""
     w, mu, var = [0.35, 0.65], [-1.5, 2.0], [0.3, 0.8]

@@ -112,6 +112,7 @@ def test_validation_is_one_ordered_pass_split_evenly_across_ranks(make_shards):
     assert sorted(seen) == val_keys  # every val sample exactly once over the ranks
 
 
+@pytest.mark.slow
 def test_balanced_sampling_is_uniform_over_experts(make_shards):
     shards_dir, truth = make_shards({(1, "train"): [10, 10, 10], (2, "train"): [3]})
     for balanced, p2 in ((False, 3 / 33), (True, 0.5)):
@@ -231,6 +232,7 @@ def test_non_finite_latents_and_text_are_skipped_per_sample_naming_shard_and_key
                for m in messages)
 
 
+@pytest.mark.slow
 def test_one_bad_sample_redrawn_across_epochs_and_resumes_counts_once(make_shards, caplog):
     # The router's case: balanced sampling draws the small expert's only shard again and again, so its one
     # bad sample was met ~20 times in 600 and, counted each time, stopped the run at max_skip_fraction=0.01.

@@ -7,9 +7,12 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from ddm.video_io import probe_video
 
 
+@pytest.mark.slow
 def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_root):
     env = {**os.environ, "DDM_DEMO_DIR": str(tmp_path / "demo"), "DDM_DEMO_PROFILE": "short"}
     first = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,

@@ -41,6 +41,7 @@ def wait_for(path: Path, proc, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
     run_cli("train.expert", [*tiny_overrides, "expert=2", "recipe.stage2.max_steps=6", "checkpoint.every_n_steps=3",
                              "trainer.sample_every_n_steps=6"])
@@ -76,6 +77,7 @@ def test_train_exports_and_stage3_starts_from_it(tmp_path, tiny_overrides):
     assert state_dict_sha256(stage3) == state_dict_sha256(master)
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_same_command_resumes(tmp_path, tiny_overrides):
     args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=12", "checkpoint.every_n_steps=4"]
     run = run_dir(tmp_path)
@@ -96,6 +98,7 @@ def test_kill_minus_9_then_same_command_resumes(tmp_path, tiny_overrides):
     assert read_export_metadata(run / "export")["step"] == 12
 
 
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_never_tears_last(tmp_path, tiny_overrides):
     args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=8", "checkpoint.every_n_steps=4"]
     run = run_dir(tmp_path)
@@ -112,6 +115,7 @@ def test_kill_while_writing_a_checkpoint_never_tears_last(tmp_path, tiny_overrid
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
 
 
+@pytest.mark.slow
 def test_first_frame_condition_is_used(tmp_path, tiny_overrides):
     """With t2v and first-frame samples mixed, the loss on first-frame-conditioned samples falls below the
     loss on text-only ones: the expert reads its cond_in input (the given frame, and what it says about
@@ -127,6 +131,7 @@ def test_first_frame_condition_is_used(tmp_path, tiny_overrides):
     assert sum(first) / len(first) < 0.9 * sum(t2v) / len(t2v)
 
 
+@pytest.mark.slow
 def test_two_experts_run_concurrently_in_their_own_worlds(tmp_path, tiny_overrides):
     """Two DDP jobs (2 CPU processes each) at once: separate process groups, ports and run dirs."""
     procs = []
@@ -185,6 +190,7 @@ def test_dry_run_of_the_11b_expert_allocates_nothing(tmp_path):
     assert not list(tmp_path.glob("runs/**/*.ckpt")) and not list(tmp_path.glob("runs/**/export"))
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_checkpoint_reshards_and_consolidates(tmp_path, tiny_overrides):
     """FSDP2 on 2 CPU processes writes a sharded (DCP) checkpoint; it resumes on 1 process, and
     `python -m train.export` consolidates it to the same weights the run exported itself."""

@@ -50,6 +50,7 @@ def write_gmm_shards(root: Path, gmm: GaussianMixture, n: int, per_shard: int = 
     write_index(root, rows)
 
 
+@pytest.mark.slow
 def test_router_matches_the_closed_form_posterior(tmp_path):
     """Trained on mixture samples, the router's P(k | x_t, t) matches the exact posterior (MAE ≤ 0.05 over
     t in [0.1, 0.9]) and its accuracy at each t follows the Bayes accuracy."""
@@ -95,6 +96,7 @@ def router_args(tmp_path: Path, shards: Path, text_dir: Path) -> list[str]:
             "recipe.router.val_every_n_steps=6", "checkpoint.every_n_steps=4"]
 
 
+@pytest.mark.slow
 def test_router_cli_resumes_after_a_kill_and_exports(tmp_path, test_shards_dir, tiny_text_dir):
     args = router_args(tmp_path, test_shards_dir, tiny_text_dir)
     run = tmp_path / "runs" / "tiny" / "router" / "stage2"
@@ -118,6 +120,7 @@ def test_router_cli_resumes_after_a_kill_and_exports(tmp_path, test_shards_dir, 
     assert "accuracy" in (run / "plots" / "router_calibration.json").read_text()
 
 
+@pytest.mark.slow
 def test_router_job_never_loads_an_expert(tmp_path, test_shards_dir, tiny_text_dir):
     """The router process imports no expert model code and reads no expert weights."""
     args = router_args(tmp_path, test_shards_dir, tiny_text_dir) + ["recipe.router.max_steps=2",

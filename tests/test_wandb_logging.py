@@ -92,6 +92,7 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
             "WANDB_DATA_DIR": home, "WANDB_API_KEY": ""}
 
 
+@pytest.mark.slow
 def test_training_jobs_send_their_plot_and_sample_videos_to_wandb(tmp_path, tiny_overrides):
     """The real CLIs with logger=wandb (offline): the router's calibration plot and the expert's periodic
     sample gifs land in each job's own wandb run, inside its run dir."""
