@@ -99,6 +99,36 @@ def test_kill_minus_9_then_same_command_resumes(tmp_path, tiny_overrides):
 
 
 @pytest.mark.slow
+def test_expert_on_raw_frames_with_a_weighted_vae_resumes(tmp_path, make_shards, tiny_text_dir):
+    """Raw-frame shards encoded during training by a VAE with weights (hunyuan-tiny): the frozen VAE stays
+    out of the checkpoint, and the run resumes from it (a strict load that must not miss the vae.* keys)."""
+    from train.expert import train_expert
+
+    shards, _ = make_shards({(k, split): [6] for k in (1, 2, 3) for split in ("train", "val")}, raw_frames=True,
+                            t5_dim=32, clip_dim=32)
+    args = ["experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}", "data.raw_frames=true",
+            f"text.folder={tiny_text_dir}", "expert=1",
+            # the fixture's clips: 5 frames of 4x4 px at 8 fps; a tiny HunyuanVideo VAE compressing 2x in
+            # space turns them into 16-channel latents of 2 frames x 2x2 for the 16-channel tiny expert
+            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}", "recipe.vae_spatial_factor=2",
+            "recipe.stage2.resolution=4", "recipe.stage2.num_frames=5", "recipe.stage2.fps=8",
+            "model.preset=tiny", "recipe.stage2.batch_size=4", "checkpoint.every_n_steps=2"]
+    run = run_dir(tmp_path)
+    assert train_expert(compose_config("expert", [*args, "recipe.stage2.max_steps=2"])) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert not [k for k in ckpt["state_dict"] if k.startswith("vae.")]  # frozen: not saved
+    assert [k for k in ckpt["state_dict"] if k.startswith("model.")]
+
+    assert train_expert(compose_config("expert", [*args, "recipe.stage2.max_steps=4"])) == 0
+    assert "mode=resume" in (run / "logs" / "expert.log").read_text()
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 4
+    assert not [k for k in final["state_dict"] if k.startswith("vae.")]
+    assert read_export_metadata(run / "export")["step"] == 4
+
+
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_never_tears_last(tmp_path, tiny_overrides):
     args = [*tiny_overrides, "expert=1", "recipe.stage2.max_steps=8", "checkpoint.every_n_steps=4"]
     run = run_dir(tmp_path)

@@ -121,6 +121,35 @@ def test_router_cli_resumes_after_a_kill_and_exports(tmp_path, test_shards_dir, 
 
 
 @pytest.mark.slow
+def test_router_on_raw_frames_with_a_weighted_vae_resumes(tmp_path, make_shards):
+    """Raw-frame shards encoded during training by a VAE with weights (hunyuan-tiny): the frozen VAE stays
+    out of the checkpoint, and the run resumes from it (a strict load that must not miss the vae.* keys)."""
+    from train.router import train_router
+
+    shards, _ = make_shards({(k, split): [6] for k in (1, 2, 3) for split in ("train", "val")}, raw_frames=True)
+    args = ["experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}", "data.raw_frames=true",
+            # the fixture's clips: 5 frames of 4x4 px at 8 fps; a tiny HunyuanVideo VAE compressing 2x in
+            # space turns them into 16-channel latents of 2 frames x 2x2, one patch per latent frame
+            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}", "recipe.vae_spatial_factor=2",
+            "recipe.stage2.resolution=4", "recipe.stage2.num_frames=5", "recipe.stage2.fps=8",
+            "router_model.preset=tiny", "+router_model.overrides.patch_size=[1,2,2]", "use_text=false",
+            "recipe.router.batch_size=4", "recipe.router.val_every_n_steps=100", "checkpoint.every_n_steps=2"]
+    run = tmp_path / "runs" / "tiny" / "router" / "stage2"
+    assert train_router(compose_config("router", [*args, "recipe.router.max_steps=2"])) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert not [k for k in ckpt["state_dict"] if k.startswith("vae.")]  # frozen: not saved
+    assert [k for k in ckpt["state_dict"] if k.startswith("model.")]
+
+    assert train_router(compose_config("router", [*args, "recipe.router.max_steps=4"])) == 0
+    assert "mode=resume" in (run / "logs" / "router.log").read_text()
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 4
+    assert not [k for k in final["state_dict"] if k.startswith("vae.")]
+    assert read_export_metadata(run / "export")["step"] == 4
+
+
+@pytest.mark.slow
 def test_router_job_never_loads_an_expert(tmp_path, test_shards_dir, tiny_text_dir):
     """The router process imports no expert model code and reads no expert weights."""
     args = router_args(tmp_path, test_shards_dir, tiny_text_dir) + ["recipe.router.max_steps=2",

@@ -18,10 +18,10 @@ from ddm.models.layouts import load_expert_state_dict
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import ExpertConfig
 from train.ema import ema_copy_from
-from train.flow_module import FlowMatchingModule, masked_mean
+from train.flow_module import TrainingModule, masked_mean
 
 
-class ExpertModule(FlowMatchingModule):
+class ExpertModule(TrainingModule):
     """One expert (or the monolith): rectified flow with CFG dropout and the i2v conditioning mixture."""
 
     def __init__(self, model_cfg: dict[str, Any], train: dict[str, Any], null_t5: torch.Tensor,
@@ -64,37 +64,15 @@ class ExpertModule(FlowMatchingModule):
             for block in self.model.blocks():
                 block.compile()
 
-    def state_dict(self, *args, **kwargs):
-        sd = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in sd.items() if not k.startswith("vae.")}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.vae is not None:
-            state_dict = dict(state_dict)
-            state_dict.update({f"vae.{k}": v for k, v in self.vae.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def latents(self, batch: dict) -> torch.Tensor:
-        if "latent" in batch:
-            return batch["latent"].float()
-        if self.vae is None:
-            raise ValueError("batch holds raw frames but no VAE was given (set data.raw_frames and the vae config)")
-        with torch.no_grad():
-            return self.vae.encode(batch["frames"]).float()
-
-    def shift_alpha(self, x0: torch.Tensor) -> float:
-        if self.train_cfg["flow"].get("shift") is not None:
-            return float(self.train_cfg["flow"]["shift"])
-        _, _, t, h, w = x0.shape
-        _, ph, pw = self.expert_cfg.patch_size
-        return flow.video_shift_alpha((h // ph) * (w // pw), t)
+    def flow_patch_size(self) -> tuple[int, int, int]:
+        """The expert's own patch."""
+        return tuple(self.expert_cfg.patch_size)
 
     def training_step(self, batch: dict, batch_idx: int):
         x0 = self.latents(batch)
         b, _, n_frames, _, _ = x0.shape
         fcfg = self.train_cfg["flow"]
-        t = flow.shift_time(flow.sample_logit_normal(b, device=x0.device, mean=fcfg["logit_mean"],
-                                                     std=fcfg["logit_std"]), self.shift_alpha(x0))
+        t = self.sample_t(x0)
         noise = torch.randn_like(x0)
         x_t = flow.interpolate(x0, noise, t)
         target = flow.velocity_target(x0, noise)

@@ -1,7 +1,11 @@
-"""What the expert and router LightningModules share: AdamW with warm-up + constant/cosine LR, the EMA
-twin (updated right after each optimizer step), FSDP2 sharding of both, gradient-norm logging and
-clipping, and the guard that skips NaN/Inf losses on every rank and aborts after too many.
-Subclasses build their network in ``build_network`` and write ``training_step``.
+"""What the expert and router LightningModules share (:class:`TrainingModule`): the latents both train on
+(shard latents, or raw frames encoded by a frozen training VAE that never enters a checkpoint but is put
+back on load so a strict resume finds its keys), the experts' video shift of t, AdamW with warm-up +
+constant/cosine LR, the EMA twin (updated right after each optimizer step), FSDP2 sharding of both,
+gradient-norm logging and clipping, and the guard that skips NaN/Inf losses on every rank and aborts after
+too many. Subclasses build their network in ``build_network``, name the experts' patch in
+``flow_patch_size`` and write ``training_step``: the expert a flow-matching regression, the router a
+classifier of noised latents.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ddm import flow
 from train.ema import ema_copy_from, ema_decay_at, ema_update, make_ema_twin
 
 log = logging.getLogger("ddm.train")
@@ -37,8 +42,9 @@ def lr_lambda(warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: fl
     return fn
 
 
-class FlowMatchingModule(L.LightningModule):
-    """What the expert and router modules share: optimiser, LR schedule, EMA twin, non-finite guard."""
+class TrainingModule(L.LightningModule):
+    """Base of the expert (flow matching) and router (classifier) modules: the latents and noise geometry
+    they train on, optimiser, LR schedule, EMA twin, FSDP2 sharding, non-finite guard."""
 
     def __init__(self, train: dict[str, Any], init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
@@ -60,7 +66,50 @@ class FlowMatchingModule(L.LightningModule):
 
     # -- subclasses build self.model in build_network() --------------------------------------------
     def build_network(self) -> torch.nn.Module:
+        """The network to train (``self.model``; its EMA twin is made from it)."""
         raise NotImplementedError
+
+    def flow_patch_size(self) -> tuple[int, int, int]:
+        """The experts' (t, h, w) patch: the video shift of t counts the experts' tokens per frame."""
+        raise NotImplementedError
+
+    # -- the latents both modules train on ----------------------------------------------------------
+    def latents(self, batch: dict) -> torch.Tensor:
+        """x0 of a batch (B, C, T, H, W) float32: the shards' latents, or its raw frames through the VAE."""
+        if "latent" in batch:
+            return batch["latent"].float()
+        if self.vae is None:
+            raise ValueError("batch holds raw frames but no VAE was given (set data.raw_frames and the vae config)")
+        with torch.no_grad():
+            return self.vae.encode(batch["frames"]).float()
+
+    def shift_alpha(self, x0: torch.Tensor) -> float:
+        """The shift of the logit-normal t: ``flow.shift`` if set, else the video shift for x0's geometry in
+        the experts' tokens (the router noises exactly like the experts, whatever its own patch)."""
+        if self.train_cfg["flow"].get("shift") is not None:
+            return float(self.train_cfg["flow"]["shift"])
+        _, _, t, h, w = x0.shape
+        _, ph, pw = self.flow_patch_size()
+        return flow.video_shift_alpha((h // ph) * (w // pw), t)
+
+    def sample_t(self, x0: torch.Tensor) -> torch.Tensor:
+        """Training times (B,): logit-normal (``flow.logit_mean``/``logit_std``), shifted by :meth:`shift_alpha`."""
+        fcfg = self.train_cfg["flow"]
+        t = flow.sample_logit_normal(x0.shape[0], device=x0.device, mean=fcfg["logit_mean"], std=fcfg["logit_std"])
+        return flow.shift_time(t, self.shift_alpha(x0))
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        """The module's state without the frozen training VAE (``vae.*``): checkpoints hold what trains."""
+        sd = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in sd.items() if not k.startswith("vae.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint's state; the training VAE's own weights fill the ``vae.*`` keys that
+        :meth:`state_dict` left out, so a strict resume of a raw-frames run does not miss them."""
+        if self.vae is not None:
+            state_dict = dict(state_dict)
+            state_dict.update({f"vae.{k}": v for k, v in self.vae.state_dict().items()})
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # Subclasses whose network train.sharding.replay_init_ can initialise set this: under FSDP2 they are
     # built on the meta device, sharded, then initialised shard by shard (no full copy on any rank).
@@ -193,3 +242,7 @@ class FlowMatchingModule(L.LightningModule):
         else:
             self.model.load_state_dict(state_dict, strict=True)
         ema_copy_from(self.ema_model, self.model)
+
+
+# The base's former name (it fits the expert's flow matching, not the router's classifier); kept for imports.
+FlowMatchingModule = TrainingModule

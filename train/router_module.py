@@ -1,4 +1,4 @@
-"""The LightningModule of the router: a classifier of (x_t, t) → which expert's cluster x0 came from.
+"""The router's classifier LightningModule: (x_t, t) → which expert's cluster x0 came from.
 
 Trained on every expert's shards with label = expert id − 1, noised with exactly the experts' flow
 (same interpolation, logit-normal t, same video shift computed from the *expert's* patch geometry, t on
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ddm import flow
 from ddm.models.router import Router, RouterConfig
-from train.flow_module import FlowMatchingModule
+from train.flow_module import TrainingModule
 from train.run import log_media
 
 log = logging.getLogger("ddm.train")
@@ -69,8 +69,9 @@ def plot_calibration(rows: list[dict[str, float]], path: Path, title: str = "rou
     plt.close(fig)
 
 
-class RouterModule(FlowMatchingModule):
-    """Cross-entropy on noised latents from all experts' shards."""
+class RouterModule(TrainingModule):
+    """The router's classifier: cross-entropy of expert id on x_t, t (noised as the experts') from all
+    experts' shards; validation on the EMA twin gives its calibration per t."""
 
     def __init__(self, router_cfg: dict[str, Any], train: dict[str, Any], export_metadata: dict[str, Any],
                  init_state_dict: dict[str, torch.Tensor] | None = None,
@@ -89,32 +90,16 @@ class RouterModule(FlowMatchingModule):
             self.load_initial_weights(self._init_state_dict)
             self._init_state_dict = None
 
-    def state_dict(self, *args, **kwargs):
-        sd = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in sd.items() if not k.startswith("vae.")}
-
-    def latents(self, batch: dict) -> torch.Tensor:
-        if "latent" in batch:
-            return batch["latent"].float()
-        with torch.no_grad():
-            return self.vae.encode(batch["frames"]).float()
-
-    def shift_alpha(self, x0: torch.Tensor) -> float:
-        """The experts' shift: computed from the expert's patch, not the router's coarser one."""
-        if self.train_cfg["flow"].get("shift") is not None:
-            return float(self.train_cfg["flow"]["shift"])
-        _, _, t, h, w = x0.shape
-        _, ph, pw = self.train_cfg["expert_patch_size"]
-        return flow.video_shift_alpha((h // ph) * (w // pw), t)
+    def flow_patch_size(self) -> tuple[int, int, int]:
+        """The experts' patch (from the job), not the router's coarser one: x_t is noised as the experts'."""
+        return tuple(self.train_cfg["expert_patch_size"])
 
     def cond(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
 
     def training_step(self, batch: dict, batch_idx: int):
         x0 = self.latents(batch)
-        fcfg = self.train_cfg["flow"]
-        t = flow.shift_time(flow.sample_logit_normal(x0.shape[0], device=x0.device, mean=fcfg["logit_mean"],
-                                                     std=fcfg["logit_std"]), self.shift_alpha(x0))
+        t = self.sample_t(x0)
         x_t = flow.interpolate(x0, torch.randn_like(x0), t)
         logits = self.model(x_t, t, self.cond(batch))
         labels = batch["label"].long()
