@@ -52,7 +52,6 @@ from ddm.shards import INDEX_NAME, available_experts, expert_dirname
 
 POOL_FILE = "pool.json"
 POOL_FORMAT = "ddm-pool-v1"
-FLOPS_KEYS = ("train_flops", "training_flops")  # export metadata keys that may carry a stage's training FLOPs
 
 # file → sha256, keyed by what identifies the bytes on disk; filled by every hash this process computes, so
 # shards shared by the experts and the router, and hard-linked copies, are read once per manifest
@@ -130,7 +129,7 @@ def _stage_record(root: Path, path: Path, meta: Mapping[str, Any], expert_id: in
     shards_dir = shards_dir_of(meta)
     record: dict[str, Any] = {
         "path": str(path.relative_to(root)), "step": meta.get("step"),
-        "train_flops": next((meta[k] for k in FLOPS_KEYS if meta.get(k) is not None), None),
+        "train_flops": meta.get("train_flops"),  # written by train.job.fit since this release
         "manifest_hash": meta.get("manifest_hash") or None, "shards_dir": shards_dir, "shards": None}
     if carried is not None:
         record.update(shards_dir=carried.get("shards_dir"), shards=carried.get("shards"))

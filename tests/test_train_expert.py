@@ -95,7 +95,14 @@ def test_kill_minus_9_then_same_command_resumes(tmp_path, tiny_overrides):
     # The data position continued from the checkpoint's (8 batches, plus Lightning's one-batch prefetch);
     # a restart from 0 would show about 4.
     assert data_state["epoch"] == 0 and data_state["consumed"] >= 12
-    assert read_export_metadata(run / "export")["step"] == 12
+    meta = read_export_metadata(run / "export")
+    assert meta["step"] == 12
+    # the stage's training FLOPs (the pool manifest's figure) count all 12 steps, the killed segment's too
+    from train import job
+
+    cfg = compose_config("expert", args)
+    per_sample = job.expert_budget(job.expert_config(cfg), job.stage_geometry(cfg)).flops_per_sample
+    assert meta["train_flops"] == pytest.approx(12 * int(cfg.stage.batch_size) * per_sample, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -402,12 +402,16 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
                  "signal" if signals.exit_code is not None else "interrupted or stopped early", code)
         return code
     if cfg.checkpoint.export_on_end:
-        export_module(trainer, module, run_dir)
+        # this stage's training compute, for the pool manifest (ddm.pool): every step since step 0, resumes
+        # included; a step trains batch_size samples on each of world / context_parallel data-parallel ranks
+        samples = trainer.global_step * batch_size * trainer.world_size // max(1, int(context_parallel))
+        export_module(trainer, module, run_dir, train_flops=float(flops_per_sample) * samples)
     return 0
 
 
-def export_module(trainer, module, run_dir: Path) -> Path:
-    """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes)."""
+def export_module(trainer, module, run_dir: Path, train_flops: float | None = None) -> Path:
+    """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes). ``train_flops``: the
+    stage's training FLOPs, recorded in the metadata when given."""
     from train.ema import cast_for_export
     from train.export import gather_full_state_dict
 
@@ -416,6 +420,8 @@ def export_module(trainer, module, run_dir: Path) -> Path:
     out = export_dir(run_dir)
     if trainer.is_global_zero:
         meta["step"] = int(trainer.global_step)
+        if train_flops is not None:
+            meta["train_flops"] = float(train_flops)
         save_export(sd, out, meta, max_shard_bytes=int(meta.get("max_shard_bytes", 5 * 1024**3)))
         log.info("exported EMA weights at step %d → %s", trainer.global_step, out)
     trainer.strategy.barrier("ddm-export")
