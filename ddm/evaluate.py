@@ -48,7 +48,6 @@ contact sheet (``contact_sheet.png``: per prompt, the real clip and every run's 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -56,15 +55,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ddm.checkpoint import atomic_write
+from ddm.eval.classic import (Backbones, SharedImageEmbeddings, build_tiny_backbones, compute_metrics, load_backbones,
+                              real_video_paths)
+from ddm.eval.generation import RunFolder, generate_run, load_run_videos
 from ddm.eval.report import CLASSIC_METRICS, EVAL_FORMAT, METRICS, compare_runs, write_report
-from ddm.eval.stats import TINY_LABEL, MetricResult
-from ddm.eval.videos import to_uint8_video
-from ddm.sampler import RoutingTrace
+from ddm.eval.stats import TINY_LABEL
 
 __all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_prompt_file", "shard_captions",
            "Backbones", "build_tiny_backbones", "load_backbones", "SharedImageEmbeddings", "RunFolder",
@@ -75,7 +73,6 @@ log = logging.getLogger("ddm.evaluate")
 
 DDM_DEFAULT_STRATEGIES = ("top1", "top2", "full")
 MONOLITH_STRATEGY = "single"
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 CONTACT_SHEET_ROWS = 6
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STRATEGY_RE = re.compile(r"^(top(\d+)|full|threshold)$")
@@ -190,277 +187,6 @@ def shard_captions(shards_dir: str | Path, split: str = "val") -> list[str]:
         raise ValueError(f"the '{split}' split of '{shards_dir}' holds no samples, so there is no prompt to "
                          "evaluate on")
     return captions
-
-
-# --- backbones -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Backbones:
-    """The loaded metric networks (None where the metric is not computed)."""
-
-    i3d: Any = None  # ddm.eval.i3d.I3DBackbone
-    clip: Any = None  # ddm.eval.clip_score.ClipEmbedder
-    aesthetic: Any = None  # ddm.eval.aesthetic.AestheticHead
-
-
-def build_tiny_backbones(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Build the random-init test backbones once in ``folder``: ``i3d_tiny.pt``, ``clip/``, ``aesthetic_tiny.pth``.
-
-    ``tiny_backbones.json`` is written last, so a killed build is redone rather than half reused.
-    """
-    from ddm.eval.aesthetic import make_tiny_aesthetic_head
-    from ddm.eval.i3d import make_tiny_i3d
-    from ddm.models.text import make_tiny_clip
-
-    folder = Path(folder)
-    paths = {"i3d": folder / "i3d_tiny.pt", "clip": folder / "clip", "aesthetic": folder / "aesthetic_tiny.pth"}
-    marker = folder / "tiny_backbones.json"
-    if marker.is_file() and all(p.exists() for p in paths.values()):
-        log.info("tiny backbones: reusing %s", folder)
-        return paths
-    log.info("tiny backbones: building random-init I3D, CLIP and aesthetic head in %s (%s)", folder, TINY_LABEL)
-    make_tiny_i3d(paths["i3d"], seed=seed)
-    make_tiny_clip(paths["clip"], seed=seed)
-    clip_config = json.loads((paths["clip"] / "config.json").read_text())
-    make_tiny_aesthetic_head(paths["aesthetic"], in_dim=int(clip_config["projection_dim"]), seed=seed)
-    atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"label": TINY_LABEL, "seed": seed})))
-    return paths
-
-
-def load_backbones(metrics: Sequence[str], *, i3d: str | Path | None, clip: str | Path | None,
-                   aesthetic: str | Path | None, device: str = "cpu") -> Backbones:
-    """Load what ``metrics`` need; a missing path raises FileNotFoundError saying where to get the file."""
-    def need(path: Any, flag: str, metric: str) -> Any:
-        if path is None:
-            raise ValueError(f"the {metric} metric needs {flag} PATH (or --tiny-backbones DIR for a test run, or "
-                             f"leave {metric} out of --metrics)")
-        return path
-
-    out = Backbones()
-    if "fvd" in metrics:
-        from ddm.eval.i3d import load_i3d
-
-        out.i3d = load_i3d(need(i3d, "--i3d", "fvd"), device=device)
-    if "clip" in metrics or "aesthetic" in metrics:
-        from ddm.eval.clip_score import ClipEmbedder
-
-        out.clip = ClipEmbedder.from_folder(need(clip, "--clip", "clip/aesthetic"), device=device)
-    if "aesthetic" in metrics:
-        from ddm.eval.aesthetic import load_aesthetic_head
-
-        out.aesthetic = load_aesthetic_head(need(aesthetic, "--aesthetic", "aesthetic"), device=device)
-    return out
-
-
-class SharedImageEmbeddings:
-    """A :class:`~ddm.eval.clip_score.ClipEmbedder` that embeds each video's frames once.
-
-    CLIP score and the aesthetic score read the same frames through the same CLIP, and CLIP's image tower is
-    the dominant cost of an evaluation (docs/bench/eval.md), so the second metric reuses the first one's
-    embeddings, keyed by a hash of the frames. Use one per run, so the cache lives as long as the run's metrics.
-    """
-
-    def __init__(self, embedder: Any):
-        self._embedder = embedder
-        self._cache: dict[str, torch.Tensor] = {}
-        self.frames_embedded = 0  # frames that really went through CLIP
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._embedder, name)
-
-    def image_embeddings(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-        """As ``ClipEmbedder.image_embeddings``, computed once per distinct frame array."""
-        frames = np.ascontiguousarray(frames)
-        key = hashlib.sha1(frames.tobytes()).hexdigest() + str(frames.shape)
-        if key not in self._cache:
-            self._cache[key] = self._embedder.image_embeddings(frames, batch_size)
-            self.frames_embedded += len(frames)
-        return self._cache[key]
-
-
-# --- resumable generation --------------------------------------------------------------------------------------
-
-class RunFolder:
-    """``<out>/videos/<model>/<strategy>/``: the videos of one run, their traces and ``run.json``."""
-
-    MANIFEST = "run.json"
-
-    def __init__(self, path: str | Path, settings: dict[str, Any]):
-        self.path = Path(path)
-        self.settings = settings
-        self.videos: dict[str, dict[str, Any]] = {}
-        self.resolved: dict[str, Any] = {}  # what the pipeline made of the settings (stage, size, shift, ...)
-        manifest = self.path / self.MANIFEST
-        if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            differ = {k: (data["settings"].get(k), v) for k, v in settings.items() if data["settings"].get(k) != v}
-            if differ:
-                raise ValueError(f"'{self.path}' holds videos generated with other settings "
-                                 + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
-                                 + ". Use another --out, or delete that folder to regenerate.")
-            self.videos, self.resolved = data["videos"], data.get("resolved") or {}
-        # Leftovers of writes a kill interrupted (video_io and atomic_write temp names) are never trusted.
-        for tmp in self.path.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
-
-    def video_path(self, index: int) -> Path:
-        """Where video ``index`` lives."""
-        return self.path / f"{index:06d}.mp4"
-
-    def array_path(self, index: int) -> Path:
-        """The exact uint8 (F, H, W, 3) frames of video ``index`` (the mp4 is lossy: 4:2:0 chroma)."""
-        return self.path / f"{index:06d}.npy"
-
-    def is_done(self, index: int, prompt: str, seed: int) -> bool:
-        """True when video ``index`` was committed for this prompt and seed (ValueError for another one)."""
-        entry = self.videos.get(str(index))
-        if entry is None or not self.video_path(index).is_file():
-            return False
-        if entry["prompt"] != prompt or entry["seed"] != seed:
-            raise ValueError(f"'{self.video_path(index)}' was generated for prompt {entry['prompt']!r} with seed "
-                             f"{entry['seed']}, but video {index} is now prompt {prompt!r} with seed {seed}. Use "
-                             "another --out for another prompt set or seed.")
-        return True
-
-    def commit(self, entries: dict[int, dict[str, Any]], resolved: dict[str, Any] | None = None) -> None:
-        """Record finished videos in ``run.json`` (atomically: the file is the commit point)."""
-        self.videos.update({str(i): e for i, e in entries.items()})
-        self.resolved = dict(resolved or self.resolved)
-        data = {"settings": self.settings, "resolved": self.resolved,
-                "videos": dict(sorted(self.videos.items(), key=lambda kv: int(kv[0])))}
-        atomic_write(self.path / self.MANIFEST, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
-
-    def routing_trace(self, count: int) -> RoutingTrace | None:
-        """The routing weights of videos 0..count-1 as one trace (steps, count, K); None without traces."""
-        entries = [self.videos[str(i)] for i in range(count)]
-        if any(e.get("trace") is None for e in entries):
-            return None
-        traces = {name: RoutingTrace.from_json(self.path / name) for name in {e["trace"] for e in entries}}
-        first = traces[entries[0]["trace"]]
-        rows = [traces[e["trace"]].weights[:, e["row"]] for e in entries]
-        return RoutingTrace(first.strategy, first.t, torch.stack(rows, dim=1))
-
-
-def _save_array(path: Path, video: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to the temp name
-        np.save(fh, video)
-
-
-def load_run_videos(paths: Sequence[Path]) -> list[np.ndarray]:
-    """A run's exact frames (``<i>.npy``), decoding the mp4 only for folders written before they were kept."""
-    from ddm.video_io import read_video
-
-    return [np.load(p.with_suffix(".npy")) if p.with_suffix(".npy").is_file() else read_video(p)[0] for p in paths]
-
-
-def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *,
-                 generate_kwargs: dict[str, Any], batch_size: int, fps: float | None = None, progress: bool = True,
-                 name: str = "run") -> tuple[int, int]:
-    """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated)``.
-
-    ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, seeds=..., trace=True, **generate_kwargs)``).
-    Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else ``ddm.generate``'s
-    default), then the ``run.json`` commit.
-    """
-    from ddm.generate import DEFAULT_FPS
-    from ddm.video_io import write_video
-
-    pending = [i for i in range(len(prompts)) if not folder.is_done(i, prompts[i], seeds[i])]
-    reused = len(prompts) - len(pending)
-    if not pending:
-        log.info("%s: all %d videos already generated in %s (reused)", name, reused, folder.path)
-        return reused, 0
-    log.info("%s: generating %d video(s) into %s (%d reused)", name, len(pending), folder.path, reused)
-    bar = tqdm(total=len(pending), desc=f"generate {name}", unit="video", disable=not progress)
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        result = pipe.generate([prompts[i] for i in batch], seeds=[seeds[i] for i in batch], batch_size=len(batch),
-                               trace=True, progress=False, **generate_kwargs)
-        videos = [to_uint8_video(v, where=f"{name} video {i}") for i, v in zip(batch, result.videos)]
-        if len(videos) != len(batch):
-            raise ValueError(f"{name}: the pipeline returned {len(videos)} videos for {len(batch)} prompts")
-        trace, trace_name = result.traces, None
-        if trace is not None:
-            ids = hashlib.sha1(json.dumps(batch).encode()).hexdigest()[:8]
-            trace_name = f"trace-{batch[0]:06d}-{batch[-1]:06d}-{ids}.json"
-            atomic_write(folder.path / trace_name, lambda tmp: trace.to_json(tmp))
-        for i, video in zip(batch, videos):
-            write_video(folder.video_path(i), video, fps or result.fps or DEFAULT_FPS)
-            atomic_write(folder.array_path(i), lambda tmp, v=video: _save_array(tmp, v))
-        folder.commit({i: {"prompt": prompts[i], "seed": seeds[i], "trace": trace_name, "row": row}
-                       for row, i in enumerate(batch)}, resolved=result.settings)
-        bar.update(len(batch))
-    bar.close()
-    return reused, len(pending)
-
-
-# --- metrics ---------------------------------------------------------------------------------------------------
-
-def real_video_paths(source: str | Path, min_frames: int) -> tuple[list[Path], int]:
-    """Real videos for FVD from a folder (searched recursively) or a prep ``manifest.parquet``.
-
-    Returns ``(paths with at least min_frames frames, number skipped for being shorter)``.
-    """
-    from ddm.video_io import probe_video
-
-    src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f"--real-videos '{src}' does not exist")
-    if src.is_dir():
-        candidates = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
-        frames = [probe_video(p, exact=False)["num_frames"] for p in candidates]
-    elif src.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = [r for r in pq.read_table(src).to_pylist() if r.get("kind", "video") == "video"]
-        candidates = [Path(r["path"]) if Path(r["path"]).is_absolute() else src.parent / r["path"] for r in rows]
-        frames = [int(r["num_frames"]) for r in rows]
-    else:
-        raise ValueError(f"--real-videos must be a folder of videos or a manifest.parquet, got '{src}'")
-    kept = [p for p, n in zip(candidates, frames) if n >= min_frames]
-    if len(kept) < 2:
-        raise ValueError(f"FVD needs at least 2 real videos with >= {min_frames} frames; '{src}' has {len(kept)} "
-                         f"(of {len(candidates)})")
-    return kept, len(candidates) - len(kept)
-
-
-def _decoded(paths: Sequence[Path]):
-    from ddm.eval.fvd import DecodedVideos  # the sized, lazily decoding iterable FVD uses for real videos
-    from ddm.video_io import read_video
-
-    return DecodedVideos(list(paths), lambda p: read_video(p)[0])
-
-
-def compute_metrics(paths: Sequence[Path], captions: Sequence[str], metrics: Sequence[str], backbones: Backbones, *,
-                    real_stats: Any = None, frame_stride: int = 1, motion_resolution: int | None = None,
-                    batch_size: int = 8, progress: bool = True, name: str = "run") -> dict[str, MetricResult]:
-    """The requested metrics of one run's video files; FVD only when ``real_stats`` is given.
-
-    Errors from the metric modules (too few frames, mixed sizes, ...) are re-raised naming the run.
-    """
-    from ddm.eval.aesthetic import aesthetic_score
-    from ddm.eval.clip_score import clip_score
-    from ddm.eval.fvd import fvd
-    from ddm.eval.motion import motion_score
-
-    out: dict[str, MetricResult] = {}
-    shared = SharedImageEmbeddings(backbones.clip) if backbones.clip is not None else None
-    jobs = {
-        "fvd": lambda: fvd(_decoded(paths), real_stats, backbones.i3d, batch_size=batch_size, progress=progress),
-        "clip": lambda: clip_score(_decoded(paths), captions, shared, frame_stride=frame_stride, progress=progress),
-        "aesthetic": lambda: aesthetic_score(_decoded(paths), shared, backbones.aesthetic, frame_stride=frame_stride,
-                                             progress=progress),
-        "motion": lambda: motion_score(_decoded(paths), resolution=motion_resolution, progress=progress),
-    }
-    for key in metrics:
-        if key == "fvd" and real_stats is None or key not in jobs:  # the synthetic metrics: _SyntheticMetrics
-            continue
-        log.info("%s: computing %s over %d videos", name, METRICS[key].label, len(paths))
-        try:
-            out[key] = jobs[key]()
-        except ValueError as e:
-            raise ValueError(f"{name}: {METRICS[key].label}: {e}") from e
-    return out
 
 
 # --- the evaluation --------------------------------------------------------------------------------------------
