@@ -208,7 +208,7 @@ def _model_error(spec: ModelSpec, e: Exception) -> Exception:
 
 def _declared_num_experts(spec: ModelSpec) -> int | None:
     """``num_experts`` from the folder's ``model_index.json`` (None when it does not say)."""
-    from ddm.pipeline import read_model_index
+    from ddm.model_folder import read_model_index
 
     try:
         return read_model_index(spec.folder).num_experts
@@ -362,7 +362,7 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
 
 def trained_frames(spec: ModelSpec, stage: str | None) -> int | None:
     """The frame count of ``stage`` (default: the folder's default stage) in a folder's ``model_index.json``."""
-    from ddm.pipeline import canonical_stage, read_model_index
+    from ddm.model_folder import canonical_stage, read_model_index
 
     try:
         index = read_model_index(spec.folder)

@@ -40,9 +40,9 @@ from ddm.assets import require_path
 from ddm.checkpoint import fsync_dir, load_export, read_export_metadata
 from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors
-from ddm.pipeline import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
-                          copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
-                          write_model_index)
+from ddm.model_folder import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
+                              copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
+                              write_model_index)
 from ddm.pool import write_pool_manifest
 
 log = logging.getLogger("ddm.export")

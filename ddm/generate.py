@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddm.pipeline import DDMPipeline, read_model_index
+from ddm.model_folder import read_model_index
+from ddm.pipeline import DDMPipeline
 from ddm.sampler import STRATEGIES
 from ddm.video_io import write_gif, write_video
 

@@ -29,8 +29,9 @@ from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_
                          save_vae_diffusers)
 from ddm.models.presets import ExpertConfig
 from ddm.pool import write_pool_manifest
-from ddm.pipeline import (MODEL_INDEX, DDMPipeline, ModelIndex, copy_export, place_folder, read_model_index,
-                          scan_model_folder, stage_geometry_from_metadata, write_model_index)
+from ddm.model_folder import (MODEL_INDEX, ModelIndex, copy_export, place_folder, read_model_index, scan_model_folder,
+                              stage_geometry_from_metadata, write_model_index)
+from ddm.pipeline import DDMPipeline
 
 __all__ = ["export_diffusers"]
 

@@ -46,8 +46,8 @@ import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, atomic_write, file_sha256
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
-from ddm.pipeline import (MODEL_INDEX, FolderLayout, ModelIndex, copy_export, read_model_index, scan_model_folder,
-                          stage_order, write_model_index)
+from ddm.model_folder import (MODEL_INDEX, FolderLayout, ModelIndex, copy_export, read_model_index,
+                              scan_model_folder, stage_order, write_model_index)
 from ddm.shards import INDEX_NAME, available_experts, expert_dirname
 
 POOL_FILE = "pool.json"
