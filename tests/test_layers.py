@@ -70,3 +70,9 @@ def test_every_module_is_in_the_architecture_module_map():
         if (package, rel) not in listed:
             missing.append(f"{package}/{'/'.join(rest)}")
     assert not missing, f"modules missing from docs/architecture.md's module map: {missing}"
+
+
+def test_no_module_is_over_600_lines():
+    """A file a reader can hold in their head (the project's rule): long modules are split by concern."""
+    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"modules over 600 lines: {long}"
