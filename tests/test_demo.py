@@ -48,6 +48,7 @@ def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_r
     assert second.stdout.count("done before") == 9 and "trained in" not in second.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_step_stops_the_demo_there_with_its_log_tail(tmp_path, repo_root):
     """A prepare that fails (here: an input folder with no clips, marked complete) stops the demo at step 2 with
     the failing command's log tail; nothing is trained on missing shards."""

@@ -376,6 +376,7 @@ def test_cli_writes_metrics_report_and_plots(first_run):
     assert "Reused 0 already generated video(s); generated 9." in report
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_video_and_recovers_from_a_killed_write(first_run, tmp_path, capsys):
     root, args, first = first_run
     out = tmp_path / "out"

@@ -214,6 +214,7 @@ def test_generate_checks_its_arguments_before_loading_anything(exported, tmp_pat
         generate_main(base)
 
 
+@pytest.mark.slow
 def test_cli_generates_a_video_end_to_end(exported, tmp_path):
     out = tmp_path / "samples"
     proc = run_cli("ddm.generate", ["--model", str(exported), "--prompt", "a red car on a coastal road",
