@@ -1,7 +1,8 @@
 """Rectified-flow math shared by expert training, router training and the sampler.
 
 Convention (DESIGN §2, §5.2): ``x_t = (1 - t)·x0 + t·noise``; t = 1 is pure noise, t = 0 is data; the
-model predicts the velocity ``v = noise - x0``. Training draws t from a logit-normal and shifts it
+model predicts the velocity ``v = noise - x0`` — or, for a heterogeneous pool (Paris 1.0), the noise ε or the
+data x0, converted to a velocity at sampling (:func:`to_velocity`). Training draws t from a logit-normal and shifts it
 towards noise for large inputs; sampling integrates with Euler on a shifted ``linspace(1, 0, N+1)``.
 
 Every function here is pure tensor math with no model or framework dependency.
@@ -15,6 +16,10 @@ import torch
 __all__ = [
     "interpolate",
     "velocity_target",
+    "PREDICTIONS",
+    "check_prediction",
+    "training_target",
+    "to_velocity",
     "sample_logit_normal",
     "shift_time",
     "video_shift_alpha",
@@ -52,6 +57,47 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     if x0.shape != noise.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
     return noise - x0
+
+
+PREDICTIONS: tuple[str, ...] = ("velocity", "epsilon", "x0")
+# The conversions divide by 1 - t (epsilon) or t (x0); clamping the divisor keeps them finite at the ends of
+# the path, where the prediction carries no information about the velocity (epsilon at t = 1: x_t is the noise;
+# x0 at t = 0: x_t is the data). Euler never evaluates t = 0; it does evaluate t = 1 at its first step.
+PREDICTION_MIN_GAP = 1e-3
+
+
+def check_prediction(prediction: str) -> None:
+    """A clear error for a prediction target other than :data:`PREDICTIONS`."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction target {prediction!r}: expected one of {', '.join(PREDICTIONS)}")
+
+
+def training_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The regression target of an expert trained to predict ``prediction``: the velocity ``noise - x0``,
+    the noise ε (``epsilon``) or the data (``x0``)."""
+    check_prediction(prediction)
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    return {"velocity": lambda: noise - x0, "epsilon": lambda: noise, "x0": lambda: x0}[prediction]()
+
+
+def to_velocity(prediction: str, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """The velocity implied by a model's ``output`` at ``(x_t, t)`` for its prediction target.
+
+    From ``x_t = (1 - t)·x0 + t·ε`` and ``v = ε - x0``: an ε prediction gives ``v = (ε̂ - x_t) / (1 - t)``, an
+    x0 prediction ``v = (x_t - x̂0) / t``; the divisors are clamped at :data:`PREDICTION_MIN_GAP`. A velocity
+    is returned as it is (same object).
+    """
+    check_prediction(prediction)
+    if prediction == "velocity":
+        return output
+    if output.shape != x_t.shape:
+        raise ValueError(f"output {tuple(output.shape)} and x_t {tuple(x_t.shape)} must have the same shape")
+    tb = _per_sample(t, x_t)
+    tb = tb if isinstance(tb, torch.Tensor) else torch.tensor(tb, dtype=x_t.dtype, device=x_t.device)
+    if prediction == "epsilon":
+        return (output - x_t) / (1 - tb).clamp_min(PREDICTION_MIN_GAP)
+    return (x_t - output) / tb.clamp_min(PREDICTION_MIN_GAP)
 
 
 def sample_logit_normal(n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,

@@ -72,6 +72,10 @@ def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype 
         for k, stages in layout.experts.items():
             for stage, src in stages.items():
                 sd, meta = load_checkpoint(src)
+                if (meta.get("prediction") or "velocity") != "velocity":
+                    # diffusers' Flux pipelines read every transformer output as a velocity
+                    raise ValueError(f"expert {k} ({src}) predicts {meta['prediction']!r}, not a velocity: "
+                                     "diffusers' Flux pipelines would sample it wrongly; export a velocity pool")
                 cfg = ExpertConfig.from_dict(meta["config"])
                 save_expert_diffusers(sd, cfg, out / f"expert{k}" / stage, metadata=meta, dtype=dtype)
                 log.info("expert %d %s → %s", k, stage, out / f"expert{k}" / stage)

@@ -18,6 +18,10 @@ unknown fields are kept (and written back). Checkpoints may also be diffusers fo
 publishes (0-based ``expert_0/``, ``router/config.json`` + ``pytorch_model.safetensors``, a ``vae/`` folder):
 ``ddm.interop`` reads them; ``ddm.interop_export`` writes a folder in diffusers format.
 
+Heterogeneous pools: experts may differ in size (preset, width, depth, patch) and in prediction target (the
+export metadata's ``prediction``: ``velocity`` when absent, ``epsilon`` or ``x0``); a non-velocity expert is
+wrapped in :class:`ddm.models.velocity.VelocityModel`, so the sampler mixes velocities as always.
+
 ``model_index.json`` (Paris 1.0's field names, plus ours)::
 
     _class_name "DDMPipeline", _ddm_version, num_experts, expert_architecture, router_architecture,
@@ -49,6 +53,7 @@ from ddm.model_folder import (ARCHITECTURES, MODEL_INDEX, ROUTER_DIR, VAE_FILE, 
                               scan_model_folder, stage_geometry_from_metadata, stage_order, write_model_index)
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
 from ddm.models.vae import PixelVAE, build_vae, load_vae
+from ddm.models.velocity import VelocityModel, as_velocity_model, unwrap_velocity_model
 from ddm.sampler import ExpertPlacement, RoutingTrace, sample
 from ddm.video_io import read_video, resize_center_crop
 
@@ -184,7 +189,9 @@ class DDMPipeline:
             if meta.get("kind") not in (None, "expert"):
                 raise ValueError(f"'{stages[stage]}' holds a {meta.get('kind')!r} export, not an expert")
             log.info("expert %d: %s (%s)", k, stages[stage], meta.get("stage", stage))
-            experts.append(build_checkpoint_model(stages[stage], device=str(build_device), dtype=dtype))
+            # an epsilon / x0 expert of a heterogeneous pool is converted to a velocity at every call
+            experts.append(as_velocity_model(build_checkpoint_model(stages[stage], device=str(build_device),
+                                                                    dtype=dtype), meta.get("prediction")))
             metas.append(meta)
         router, router_meta = cls._load_router(layout, stage, len(experts), str(device), dtype)
         geometry = index.stages.get(stage) or stage_geometry_from_metadata(metas[0], stage)
@@ -298,9 +305,9 @@ class DDMPipeline:
             stages = self.layout.experts[k] if self.layout else {self.stage: None}
             for stage, src in stages.items():
                 if stage == self.stage:
-                    copy_export(src, out / name / stage, state_dict=expert.state_dict(),
-                                metadata=self.expert_metadata[k - 1] or {"kind": "expert", "config":
-                                                                          expert.config.to_dict()}, **forms)
+                    net = unwrap_velocity_model(expert)  # the trained network; its metadata keeps the target
+                    copy_export(src, out / name / stage, state_dict=net.state_dict(),
+                                metadata=self.expert_metadata[k - 1] or _expert_metadata(expert), **forms)
                 else:
                     copy_export(src, out / name / stage, **forms)
         router_index = self._save_routers(out, forms)
@@ -518,6 +525,14 @@ class DDMPipeline:
             pixels = ((video + 1.0) * 127.5).round().to(torch.uint8)
             videos.append(pixels.permute(0, 2, 3, 4, 1).cpu().numpy())
         return np.concatenate(videos)
+
+
+def _expert_metadata(expert: torch.nn.Module) -> dict[str, Any]:
+    """The export metadata of an expert built in memory (not loaded from a folder)."""
+    meta = {"kind": "expert", "config": unwrap_velocity_model(expert).config.to_dict()}
+    if isinstance(expert, VelocityModel):
+        meta["prediction"] = expert.prediction
+    return meta
 
 
 def _per_sample_seeds(seeds: Sequence[int] | int | None, n: int) -> list[int]:

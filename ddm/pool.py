@@ -186,6 +186,7 @@ def build_pool_manifest(folder: str | Path, index: ModelIndex | None = None, *,
         experts.append({
             "slot": slot, "folder": expert_dir, "expert_id": want, "preset": config.get("preset"),
             "params": param_count(stages[latest]), "config": config,
+            "prediction": metas[latest].get("prediction") or "velocity",  # heterogeneous pools
             "centroids_hash": metas[latest].get("centroids_hash") or None,
             "stages": {s: _stage_record(root, stages[s], m, want, carried.get(s)) for s, m in metas.items()},
             "files": _hash_rel(root, _files_under(root, [expert_dir]))})
@@ -267,9 +268,10 @@ def _data(stages: Mapping[str, Any]) -> str:
 
 def pool_table(pool: Mapping[str, Any]) -> str:
     """The ``list`` table: one row per expert slot, then the router's line."""
-    rows = [("slot", "expert_id", "preset", "params", "steps", "data")]
+    rows = [("slot", "expert_id", "preset", "params", "target", "steps", "data")]
     rows += [(str(e["slot"]), str(e["expert_id"]), str(e.get("preset")), _human(e.get("params")),
-              _steps(e["stages"]), _data(e["stages"])) for e in pool["experts"]]
+              str(e.get("prediction") or "velocity"), _steps(e["stages"]), _data(e["stages"]))
+             for e in pool["experts"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     router = pool.get("router")

@@ -36,6 +36,7 @@ def train_expert(cfg: DictConfig) -> int:
 
 def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
     setup_logging(run_dir, "expert")
+    job.apply_expert_overrides(cfg, expert)  # a heterogeneous pool: this expert's own size / prediction target
     geometry = job.stage_geometry(cfg)
     model_cfg = job.expert_config(cfg)
     # Ulysses context parallelism: cp ranks share each sample (checked: fsdp, divides heads and world)

@@ -75,7 +75,8 @@ class ExpertModule(TrainingModule):
         t = self.sample_t(x0)
         noise = torch.randn_like(x0)
         x_t = flow.interpolate(x0, noise, t)
-        target = flow.velocity_target(x0, noise)
+        # velocity (default), or epsilon / x0 for a heterogeneous pool's expert (converted at sampling)
+        target = flow.training_target(fcfg.get("prediction", "velocity"), x0, noise)
         t5, clip, _, _ = flow.drop_text(batch["t5"].float(), batch["clip"].float(), self.null_t5, self.null_clip,
                                         fcfg["text_dropout_t5"], fcfg["text_dropout_clip"])
         cond: dict[str, torch.Tensor] = {"t5": t5, "clip": clip}

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from ddm.checkpoint import file_sha256, read_export_metadata, save_export
+from ddm import flow
 from ddm.flow import latent_frames
 from ddm.models import budget as expert_budget_lib
 from ddm.models.context_parallel import tokens_per_rank
@@ -68,6 +69,53 @@ def expert_config(cfg: DictConfig) -> ExpertConfig:
     return get_expert_config(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
 
 
+MEMBER_KEYS = ("model", "prediction")  # what ``expert_overrides.<k>`` may change
+
+
+def expert_overrides(cfg: DictConfig) -> dict[int, dict[str, Any]]:
+    """``cfg.expert_overrides`` checked: {expert id: {"model": {ExpertConfig field: value}, "prediction": ...}}."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("expert_overrides")
+    raw = OmegaConf.to_container(node, resolve=True) if node else {}
+    out: dict[int, dict[str, Any]] = {}
+    for key, entry in raw.items():
+        k = parse_expert(key, cfg.num_experts)
+        if k == "all":
+            raise ValueError("expert_overrides are per expert (1..num_experts); the monolith uses `model` itself")
+        unknown = sorted(set(entry or {}) - set(MEMBER_KEYS))
+        if unknown:
+            raise ValueError(f"expert_overrides.{k} has unknown keys {unknown}; expected {list(MEMBER_KEYS)}")
+        entry = dict(entry or {})
+        if "prediction" in entry:
+            flow.check_prediction(entry["prediction"])
+        out[k] = entry
+    return out
+
+
+def member_config(cfg: DictConfig, expert: int | str) -> tuple[ExpertConfig, str]:
+    """The model config and prediction target of ``expert`` in this (possibly heterogeneous) pool."""
+    entry = expert_overrides(cfg).get(expert, {}) if expert != "all" else {}
+    overrides = {**dict(cfg.model.get("overrides") or {}), **dict(entry.get("model") or {})}
+    prediction = entry.get("prediction") or cfg.flow.get("prediction") or "velocity"
+    flow.check_prediction(prediction)
+    return get_expert_config(cfg.model.preset, **overrides), str(prediction)
+
+
+def apply_expert_overrides(cfg: DictConfig, expert: int | str) -> None:
+    """Write expert ``expert``'s entry of ``expert_overrides`` into ``cfg.model.overrides`` and
+    ``cfg.flow.prediction`` (in place), so the job, its saved config and its export describe this expert."""
+    from omegaconf import open_dict
+
+    entry = expert_overrides(cfg).get(expert, {}) if expert != "all" else {}
+    with open_dict(cfg):
+        if entry.get("model"):
+            cfg.model.overrides = {**dict(cfg.model.get("overrides") or {}), **dict(entry["model"])}
+        if entry.get("prediction"):
+            cfg.flow.prediction = entry["prediction"]
+    flow.check_prediction(str(cfg.flow.get("prediction") or "velocity"))
+
+
 def router_config(cfg: DictConfig, num_experts: int) -> RouterConfig:
     overrides = dict(cfg.router_model.get("overrides") or {})
     overrides.setdefault("num_experts", int(num_experts))
@@ -106,10 +154,13 @@ def compute_ledger(cfg: DictConfig, budget: Budget, world: int) -> ComputeLedger
     """The monolith's compute matched to K experts (+ the router, on the DDM side)."""
     g = stage_geometry(cfg)
     r_flops = router_training_flops(router_config(cfg, cfg.num_experts), g)
+    # a heterogeneous pool charges each expert its own FLOPs (expert_overrides)
+    per_expert = ([expert_budget(member_config(cfg, k)[0], g).flops_per_sample
+                   for k in range(1, int(cfg.num_experts) + 1)] if expert_overrides(cfg) else None)
     return match_monolith(int(cfg.num_experts), budget.flops_per_sample, int(cfg.stage.batch_size) * world,
                           int(cfg.stage.max_steps), r_flops, int(cfg.router_batch_size) * world,
                           int(cfg.router_steps), by=cfg.compute_match_by,
-                          include_router=bool(cfg.compute_match_include_router))
+                          include_router=bool(cfg.compute_match_include_router), expert_flops_per_sample=per_expert)
 
 
 def _budget_strategy(cfg: DictConfig) -> str:
@@ -339,6 +390,8 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
     }
     if expert is not None:
         meta["expert_id"] = expert
+    if kind == "expert":
+        meta["prediction"] = str(cfg.flow.get("prediction") or "velocity")
     if geometry is not None:
         meta["geometry"] = geometry.to_dict()
     centroids = Path(cfg.paths.data_dir) / "centroids.safetensors"
