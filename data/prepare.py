@@ -1,5 +1,8 @@
 """``python -m data.prepare``: run the data stages ingest → embed → cluster → encode (Hydra, ``conf/prepare.yaml``).
 
+``mode=extend input=NEW`` instead adds new clips to a prepared pool as expert K+1 without touching it
+(:mod:`data.extend`).
+
 Any subset of ``stages`` runs, always in pipeline order; each stage is idempotent (a rerun with the same
 inputs and config does no work) and encode resumes after a crash. Everything goes to ``paths.data_dir``::
 
@@ -28,6 +31,7 @@ from data.audit import audit
 from data.cluster import cluster
 from data.embed import check_embedder_spec, embed
 from data.encode import encode
+from data.extend import extend
 from data.ingest import ingest
 from data.stage import StageResult
 from ddm.assets import require_path
@@ -115,11 +119,25 @@ def prepare(cfg: DictConfig) -> dict[str, StageResult]:
     it is refused with :class:`ddm.lock.DirLockedError` naming the holder's host and PID, instead of the
     two deleting each other's temporary tars.
     """
+    prep = Path(cfg.paths.data_dir)
+    if str(cfg.get("mode", "prepare")) == "extend":
+        return {"extend": _extend(cfg, prep)}
+    if str(cfg.get("mode", "prepare")) != "prepare":
+        raise ValueError(f"mode must be 'prepare' or 'extend', got {cfg.mode!r}")
     stages = selected_stages(cfg.stages)
     preflight(cfg, stages)
-    prep = Path(cfg.paths.data_dir)
     with DirLock(prep, "prep dir"):
         return _run_stages(cfg, stages, prep)
+
+
+def _extend(cfg: DictConfig, prep: Path) -> StageResult:
+    """``mode=extend``: the new clips of ``input`` become expert K+1 in a new folder (:mod:`data.extend`)."""
+    preflight(cfg, ["ingest", "embed", "encode"])
+    with DirLock(prep, "prep dir"):
+        record = extend(cfg, embedder=_plain(cfg.embedder), text=text_dirs(_plain(cfg.text)),
+                        vae=None if cfg.encode.raw_frames else _plain(cfg.vae), progress=bool(cfg.progress))
+    return StageResult("extend", record["new_clips"], record["encoded"], record["new_clips"] - record["to_new_expert"],
+                       outputs=[record["shards"][str(cfg.encode.stage)]], info=record)
 
 
 def _run_stages(cfg: DictConfig, stages: Sequence[str], prep: Path) -> dict[str, StageResult]:

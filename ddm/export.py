@@ -43,7 +43,7 @@ from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_nul
 from ddm.model_folder import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
                               copy_export, is_export_dir, place_folder, stage_geometry_from_metadata, stage_order,
                               write_model_index)
-from ddm.pool import write_pool_manifest
+from ddm.pool_manifest import write_pool_manifest
 
 log = logging.getLogger("ddm.export")
 
@@ -51,7 +51,7 @@ WEIGHT_FREE_VAES = ("pixel", "hunyuan-tiny")  # rebuilt from their spec: nothing
 
 
 # --- finding the exports -----------------------------------------------------------------------------------------
-def _stage_exports(role_dir: Path) -> dict[str, Path]:
+def stage_exports(role_dir: Path) -> dict[str, Path]:
     """``{stage: <role_dir>/<stage>/export}`` for every stage folder that holds an export."""
     if not role_dir.is_dir():
         return {}
@@ -61,7 +61,7 @@ def _stage_exports(role_dir: Path) -> dict[str, Path]:
 def find_expert_exports(runs: Path, monolith: bool, stages: Sequence[str] | None) -> dict[int, dict[str, Path]]:
     """``{expert id: {stage: export folder}}`` (the monolith as expert 1), each expert holding every stage."""
     if monolith:
-        found = {1: _stage_exports(runs / "monolith")}
+        found = {1: stage_exports(runs / "monolith")}
         if not found[1]:
             raise FileNotFoundError(f"no monolith export in '{runs / 'monolith'}' (expected "
                                     f"monolith/<stage>/export; train it with python -m train.expert expert=all)")
@@ -70,7 +70,7 @@ def find_expert_exports(runs: Path, monolith: bool, stages: Sequence[str] | None
             if runs.is_dir() else {}
         if not dirs:
             raise FileNotFoundError(f"no expert runs in '{runs}' (expected expert1/ … expertK/)")
-        found = {k: _stage_exports(dirs[k]) for k in sorted(dirs)}
+        found = {k: stage_exports(dirs[k]) for k in sorted(dirs)}
         ids = sorted(found)
         if ids != list(range(1, len(ids) + 1)):
             missing = sorted(set(range(1, max(ids) + 1)) - set(ids))
@@ -88,7 +88,7 @@ def find_expert_exports(runs: Path, monolith: bool, stages: Sequence[str] | None
 
 def find_router_exports(runs: Path, stages: Sequence[str]) -> dict[str, Path]:
     """The router export(s) to bundle: those of ``stages``, else the latest one (it is resolution-agnostic)."""
-    found = _stage_exports(runs / "router")
+    found = stage_exports(runs / "router")
     if is_export_dir(runs / "router" / "export"):  # a stage-less router run dir
         found.setdefault(str(read_export_metadata(runs / "router" / "export").get("stage") or "router"),
                          runs / "router" / "export")

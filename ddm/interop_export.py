@@ -28,7 +28,7 @@ from ddm.flow import video_shift_alpha
 from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_diffusers, save_scheduler,
                          save_vae_diffusers)
 from ddm.models.presets import ExpertConfig
-from ddm.pool import write_pool_manifest
+from ddm.pool_manifest import write_pool_manifest
 from ddm.model_folder import (MODEL_INDEX, ModelIndex, copy_export, place_folder, read_model_index, scan_model_folder,
                               stage_geometry_from_metadata, write_model_index)
 from ddm.pipeline import DDMPipeline

@@ -184,14 +184,17 @@ def _write_caption(path: Path, caption: str) -> None:
 
 def make_synthetic_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: int = 64,
                            num_frames: int = 33, fps: float = 8, num_images: int = 0,
-                           families: int = 3, progress: bool = True, shape_scale: float = 1.0) -> Path:
+                           families: int = 3, progress: bool = True, shape_scale: float = 1.0,
+                           first_family: int = 0) -> Path:
     """Write ``num_videos`` mp4 clips (+ ``num_images`` png stills), captions and ``synthetic.csv``.
 
     Items go round-robin over the families, so every family has (almost) the same number of clips.
-    ``shape_scale`` multiplies the shapes' radii (see :func:`render_clip`). Returns ``out_dir``.
+    ``shape_scale`` multiplies the shapes' radii (see :func:`render_clip`). ``first_family`` shifts the
+    families used to ``first_family .. first_family + families - 1`` (new data for a grown pool). Returns ``out_dir``.
     """
-    if not 1 <= families <= len(FAMILIES):
-        raise ValueError(f"families must be in 1..{len(FAMILIES)}, got {families}")
+    if not 1 <= families <= len(FAMILIES) - first_family or first_family < 0:
+        raise ValueError(f"families must be in 1..{len(FAMILIES) - first_family} with first_family={first_family}, "
+                         f"got {families}")
     if num_videos < 0 or num_images < 0 or num_videos + num_images == 0:
         raise ValueError(f"need at least one video or image (num_videos={num_videos}, num_images={num_images})")
     if size < 8 or num_frames < 1 or fps <= 0:
@@ -205,7 +208,7 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, 
     for kind, i in tqdm(items, desc="synthetic", disable=not progress):
         stream = 0 if kind == "video" else 1  # images draw from their own streams: adding some keeps the clips
         rng = np.random.default_rng([seed, stream, i])
-        spec = _draw_spec(rng, i % families, still=kind == "image")
+        spec = _draw_spec(rng, first_family + i % families, still=kind == "image")
         if kind == "video":
             name = f"clip_{i:05d}.mp4"
             write_video(out / name, render_clip(spec, size, num_frames, shape_scale), fps)
