@@ -6,6 +6,7 @@ training FLOPs and every file's hash)::
     python -m ddm.pool list FOLDER                                  the experts and the router, one line each
     python -m ddm.pool verify FOLDER [--shards DIR ...]             every hash, expert slots, the router's K
     python -m ddm.pool retire FOLDER --expert J --out NEW           a K-1 folder without expert J (zero-cost)
+        [--router-runs RUNS]                                        ... with a router retrained without it
     python -m ddm.pool add FOLDER --runs RUNS --expert N --out NEW  a K+1 folder with expert N and a new router
     python -m ddm.pool init FOLDER                                  record pool.json for a folder that lacks one
 
@@ -17,7 +18,10 @@ approximation of a router retrained without cluster J: the retired cluster's pro
 other experts in proportion to their weights, not to its nearest neighbours alone. The per-expert router
 metadata (``prior_correction``, ``expert_counts``, ``num_experts``) loses entry J as well. The kept experts'
 exports are unchanged, so their metadata still names the training ``expert_id``; ``pool.json`` maps slot →
-``expert_id`` and ``verify`` checks the exports against that map.
+``expert_id`` and ``verify`` checks the exports against that map. **Retiring by retraining**: ``python -m
+train.router router_experts=[<the kept ids>] num_experts=K-1`` trains a router on the kept clusters only, and
+``--router-runs`` puts it in place of the old one (its recorded ``expert_ids`` must be the kept experts').
+``python -m ddm.eval.routing`` compares the two routers' accuracy per t on held-out shards.
 
 **Adding** an expert (after ``data.prepare mode=extend`` made its data, :mod:`data.extend`): the new expert's
 run ``RUNS/expert<N>/<stage>/export`` (one per stage the folder has) joins as slot K+1 and the router of
@@ -107,6 +111,31 @@ def _place_kept_parts(root: Path, pool: Mapping[str, Any], layout: Any, kept: Se
     return names
 
 
+def _new_routers(runs: Path, stages: Sequence[str], expert_ids: Sequence[Any], what: str) -> dict[str, Path]:
+    """The router export(s) of ``runs/router/`` for a pool of ``expert_ids`` (slot order): K must match, and
+    so must the training ids of its outputs when its export records them (``expert_ids``)."""
+    routers = find_router_exports(runs, stages)
+    for path in routers.values():
+        meta = read_checkpoint_metadata(path)
+        got = int((meta.get("config") or {}).get("num_experts") or meta.get("num_experts") or 0)
+        if got != len(expert_ids):
+            raise ValueError(f"the router '{path}' predicts {got} experts but {what} has {len(expert_ids)}: train "
+                             f"it with num_experts={len(expert_ids)}")
+        ids = meta.get("expert_ids")
+        if ids is not None and [str(i) for i in ids] != [str(i) for i in expert_ids]:
+            raise ValueError(f"the router '{path}' was trained for experts {ids} but {what} holds {list(expert_ids)}")
+    return routers
+
+
+def _place_routers(routers: Mapping[str, Path], staged: Path) -> str | dict[str, str]:
+    """Copy the router export(s) into ``staged`` (``Router/``, or ``Router/<stage>/`` when there are several;
+    every tensor's hash checked on load) and return the index's ``router`` entry."""
+    entry: str | dict[str, str] = "Router" if len(routers) == 1 else {s: f"Router/{s}" for s in routers}
+    for stage, path in routers.items():
+        copy_export(path, staged / (entry if isinstance(entry, str) else entry[stage]))
+    return entry
+
+
 def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], expert: int
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Drop output ``expert`` (1-based) of a router: row ``expert-1`` of its last head layer and entry
@@ -135,9 +164,11 @@ def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any
     return out, new
 
 
-def retire_expert(folder: str | Path, expert: int, out: str | Path, *, link: bool = True) -> Path:
+def retire_expert(folder: str | Path, expert: int, out: str | Path, *, link: bool = True,
+                  router_runs: str | Path | None = None) -> Path:
     """Write ``out``: the model folder ``folder`` without expert slot ``expert`` (module docstring). The
-    source must verify (its files against its ``pool.json``) first. Returns ``out``."""
+    router: the old one without row ``expert`` (zero-cost), or the router retrained without that expert in
+    ``router_runs/router/`` (``train.router router_experts=[...]``). The source must verify first. Returns ``out``."""
     root, out = Path(folder), Path(out)
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"'{out}' already exists: pick a new --out (retire never overwrites a folder)")
@@ -153,24 +184,35 @@ def retire_expert(folder: str | Path, expert: int, out: str | Path, *, link: boo
         raise ValueError(f"'{root}' does not verify, so it is not retired from:\n  " + "\n  ".join(report.problems))
     kept = [e for e in pool["experts"] if int(e["slot"]) != expert]
     gone = next(e for e in pool["experts"] if int(e["slot"]) == expert)
+    stages = sorted(layout.experts[1], key=stage_order)
+    retrained = None if router_runs is None else \
+        _new_routers(Path(router_runs), stages, [e["expert_id"] for e in kept], "the pool without it")
     with _staged(out) as staged:
         names = _place_kept_parts(root, pool, layout, kept, staged, link)
-        for path in layout.routers.values():
-            state_dict, meta = load_checkpoint(path)
-            state_dict, meta = retire_router(state_dict, meta, expert)
-            copy_export(None, staged / path.relative_to(root), state_dict=state_dict, metadata=meta,
-                        single_file=(path / MASTER_FILE).is_file() or not (path / SHARD_DIR).is_dir(),
-                        sharded=(path / SHARD_DIR).is_dir())
-        new_index = dataclasses.replace(index, num_experts=k - 1, experts=names, extra=dict(index.extra))
+        router_entry = index.router
+        if retrained is not None:
+            router_entry = _place_routers(retrained, staged)
+        else:
+            for path in layout.routers.values():
+                state_dict, meta = load_checkpoint(path)
+                state_dict, meta = retire_router(state_dict, meta, expert)
+                copy_export(None, staged / path.relative_to(root), state_dict=state_dict, metadata=meta,
+                            single_file=(path / MASTER_FILE).is_file() or not (path / SHARD_DIR).is_dir(),
+                            sharded=(path / SHARD_DIR).is_dir())
+        new_index = dataclasses.replace(index, num_experts=k - 1, experts=names, router=router_entry,
+                                        extra=dict(index.extra))
         steps = (new_index.extra.get("source") or {}).get("steps")
         if isinstance(steps, Mapping):  # "expert<k>/<stage>" labels follow the renumbering
             new_index.extra["source"] = {**new_index.extra["source"], "steps": _renumber_steps(steps, expert)}
         retired = [*((pool.get("router") or {}).get("retired") or []),
                    {"slot": expert, "expert_id": gone["expert_id"], "from": str(root.resolve())}]
         write_pool_manifest(staged, new_index, expert_ids=[e["expert_id"] for e in kept], retired=retired,
-                            carry={"experts": kept, "router": pool.get("router")}, history=pool.get("history"),
+                            carry={"experts": kept, "router": None if retrained else pool.get("router")},
+                            history=pool.get("history"),
                             operation={"op": "retire", "slot": expert, "expert_id": gone["expert_id"],
-                                       "from": str(root.resolve())})
+                                       "from": str(root.resolve()),
+                                       "router": "retrained" if retrained else "row dropped (zero-cost)",
+                                       **({"router_runs": str(Path(router_runs).resolve())} if retrained else {})})
         write_model_index(staged, new_index)
     return out
 
@@ -237,13 +279,7 @@ def add_expert(folder: str | Path, runs: str | Path, expert_id: int, out: str | 
     for stage in stages:
         check_joining_expert(read_checkpoint_metadata(layout.experts[1][stage]),
                              read_checkpoint_metadata(found[stage]), stage, f"'{found[stage]}'")
-    routers = find_router_exports(runs, stages)
-    for stage, path in routers.items():
-        meta = read_checkpoint_metadata(path)
-        got = int((meta.get("config") or {}).get("num_experts") or meta.get("num_experts") or 0)
-        if got != k + 1:
-            raise ValueError(f"the router '{path}' predicts {got} experts but the grown pool has {k + 1}: train "
-                             f"it with num_experts={k + 1} on the extended data")
+    routers = _new_routers(runs, stages, [e["expert_id"] for e in pool["experts"]] + [expert_id], "the grown pool")
     report = verify_folder(root, check_shards=False)
     if not report.ok:
         raise ValueError(f"'{root}' does not verify, so nothing is added to it:\n  " + "\n  ".join(report.problems))
@@ -253,9 +289,7 @@ def add_expert(folder: str | Path, runs: str | Path, expert_id: int, out: str | 
         names.append(f"expert{k + 1}")
         for stage in stages:  # load_checkpoint checks every tensor against its recorded sha256
             copy_export(found[stage], staged / names[-1] / stage)
-        router_index: str | dict[str, str] = "Router" if len(routers) == 1 else {s: f"Router/{s}" for s in routers}
-        for stage, path in routers.items():
-            copy_export(path, staged / (router_index if isinstance(router_index, str) else router_index[stage]))
+        router_index = _place_routers(routers, staged)
         new_index = dataclasses.replace(index, num_experts=k + 1, experts=names, router=router_index,
                                         extra=dict(index.extra))
         write_pool_manifest(staged, new_index, expert_ids=[e["expert_id"] for e in pool["experts"]] + [expert_id],
@@ -282,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     retire.add_argument("--expert", type=int, required=True, help="the slot to retire (1..K)")
     retire.add_argument("--out", type=Path, required=True, help="the new folder (must not exist)")
     retire.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
+    retire.add_argument("--router-runs", type=Path, default=None,
+                        help="runs/<experiment> whose router/ was retrained without the expert (train.router "
+                             "router_experts=[...]); default: drop the expert's row of the old router (zero-cost)")
     add = sub.add_parser("add", help="a new folder with one more expert and the K+1-way router")
     add.add_argument("folder", type=Path)
     add.add_argument("--runs", type=Path, required=True, help="runs/<experiment> holding expert<N>/ and router/")
@@ -309,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "shards dir not reachable)" if report.notes else ""
             print(f"OK: {args.folder}: {report.files} files and {report.shards} shards match {POOL_FILE}{unchecked}")
         elif args.command == "retire":
-            out = retire_expert(args.folder, args.expert, args.out, link=not args.copy)
+            out = retire_expert(args.folder, args.expert, args.out, link=not args.copy, router_runs=args.router_runs)
             print(f"retired expert {args.expert}: {out} ({read_pool(out)['num_experts']} experts)")
         elif args.command == "add":
             out = add_expert(args.folder, args.runs, args.expert, args.out, link=not args.copy)

@@ -19,10 +19,11 @@ from data.extend import EXTEND_FILE, decide, extension_dir
 from data.geometry import read_shard_geometry
 from data.prepare import compose_config, prepare
 from data.synthetic import make_synthetic_dataset
-from ddm.checkpoint import file_sha256
+from ddm.checkpoint import file_sha256, read_export_metadata
+from ddm.eval.routing import T_GRID, compare_folders, main as routing_main
 from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline
-from ddm.pool import main as pool_main, read_pool
+from ddm.pool import main as pool_main, read_pool, retire_expert
 from ddm.shards import available_experts, read_index
 from tests.fixtures.data import TINY_PREP_OVERRIDES
 from tests.fixtures.train import run_cli
@@ -158,6 +159,32 @@ def test_grow_the_pool_from_3_to_4_experts_without_touching_the_old_ones(base, t
                       "--out", str(tmp_path / "x")]) == 2
     assert "predicts 3 experts but the grown pool has 4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+    # retire expert 4 again, both ways: its row dropped (zero-cost) and a router retrained on experts 1-3 only
+    dropped, retrained = tmp_path / "dropped", tmp_path / "retrained"
+    assert pool_main(["retire", str(four), "--expert", "4", "--out", str(dropped)]) == 0
+    _train(root, work, tiny_text_dir, "retire", "train.router", "router_experts=[1,2,3]", "num_experts=3")
+    meta = read_export_metadata(root / "runs" / "retire" / "router" / "stage2" / "export")
+    assert meta["expert_ids"] == [1, 2, 3] and meta["num_experts"] == 3 and sorted(meta["expert_counts"]) == ["1", "2", "3"]
+    assert pool_main(["retire", str(four), "--expert", "4", "--router-runs", str(root / "runs" / "retire"),
+                      "--out", str(retrained)]) == 0
+    assert read_pool(retrained)["history"][-1]["router"] == "retrained"
+    assert pool_main(["verify", str(retrained)]) == 0 and pool_main(["verify", str(dropped)]) == 0
+    assert file_sha256(retrained / "Router" / "master.safetensors") != file_sha256(dropped / "Router" / "master.safetensors")
+    # the evaluation that compares them: the same held-out samples of clusters 1-3 (4's are left out), per t
+    results = compare_folders([dropped, retrained, four], work / "shards" / "stage2", split="train", max_per_expert=4)
+    for folder in (dropped, retrained):
+        r = results[str(folder)]
+        assert r["n"] == 12 and r["left_out"] == 4 and len(r["per_t"]) == len(T_GRID)
+        assert all(0.0 <= row["accuracy"] <= 1.0 for row in r["per_t"])
+    assert results[str(four)]["n"] == 16 and results[str(four)]["left_out"] == 0
+    capsys.readouterr()
+    assert routing_main([str(dropped), str(retrained), "--shards", str(work / "shards" / "stage2"), "--split", "train",
+                         "--samples", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # header + one row per folder
+    # a retrained router for the wrong experts is refused
+    with pytest.raises(ValueError, match="trained for experts \\[1, 2, 3\\] but the pool without it holds \\[1, 2, 4\\]"):
+        retire_expert(four, 3, tmp_path / "y", router_runs=root / "runs" / "retire")
 
 
 def test_a_joining_expert_must_share_the_latent_space_and_text_widths():

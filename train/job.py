@@ -256,16 +256,24 @@ class ShardSet:
     expert_folders: list[int]
 
 
-def check_shards(cfg: DictConfig, expert: int | str) -> ShardSet:
-    """The shard set exists and holds this expert (or every expert, for ``all``) — before any training."""
+def check_shards(cfg: DictConfig, expert: int | str | list[int]) -> ShardSet:
+    """The shard set exists and holds this expert (every expert for ``all``, each listed one for a list) —
+    before any training."""
     from ddm.shards import available_experts, expert_counts, index_path, list_shards
 
     root = Path(cfg.data.shards_dir)
     folders = available_experts(root)
-    if len(folders) != int(cfg.num_experts):
+    if isinstance(expert, (list, tuple)):  # a router over some of the pool's experts (retiring one by retraining)
+        wanted = [int(k) for k in expert]
+        absent = sorted(set(wanted) - set(folders))
+        if absent:
+            raise ValueError(f"expert(s) {absent} have no shard folder in {root} (it holds "
+                             f"{', '.join(f'expert_{k}' for k in folders) or 'none'})")
+    elif len(folders) != int(cfg.num_experts):
         raise ValueError(f"num_experts={cfg.num_experts} but {root} holds {len(folders)} expert shard folders "
                          f"({', '.join(f'expert_{k}' for k in folders) or 'none'})")
-    wanted = folders if expert == "all" else [int(expert)]
+    else:
+        wanted = folders if expert == "all" else [int(expert)]
     for k in wanted:
         if not list_shards(root, k, "train"):
             raise ValueError(f"expert {k} has no training shards in {root / f'expert_{k}'}")

@@ -1,6 +1,7 @@
 """``python -m train.router [stage=stage2]`` — train the router as its own job, never loading an expert.
 
-It reads every expert's shards with label = expert id − 1 at the natural cluster frequencies (or
+It reads every expert's shards (or those of ``router_experts``, e.g. the pool without a retired expert: output
+i is then expert ``router_experts[i]``) with label = expert id − 1 at the natural cluster frequencies (or
 uniformly with ``balanced_sampling=true``; the export then stores the log-prior correction the sampler
 adds to the logits). The router is resolution-agnostic (positions are recomputed from the latent size),
 so the router of one stage serves both; ``ddm.pipeline`` picks ``Router/<stage>/`` when a per-stage
@@ -70,14 +71,15 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
               f"({world // cp} data-parallel groups); tokens per rank {tokens_per_rank(tokens, 0, cp):,}")
         return 0
 
-    shards = job.check_shards(cfg, "all")
-    if router_cfg.num_experts != len(shards.expert_folders):
+    expert_ids = router_expert_ids(cfg)
+    shards = job.check_shards(cfg, expert_ids if cfg.get("router_experts") else "all")
+    if router_cfg.num_experts != len(expert_ids):
         raise ValueError(f"the router predicts {router_cfg.num_experts} experts but {shards.root} holds "
                          f"{len(shards.expert_folders)} expert shard folders")
     trained_geometry = job.check_geometry(cfg, shards, router_cfg.latent_channels)
     from ddm.shards import expert_counts
 
-    counts = expert_counts(shards.root, split="train")
+    counts = {k: n for k, n in expert_counts(shards.root, split="train").items() if k in expert_ids}
     plan = plan_start(run_dir, resume=cfg.resume, init_from=cfg.init_from, previous_stage=None,
                       previous_export=None)
     log.info("train.router stage=%s %s; run dir %s; shards %s, expert counts %s", cfg.stage.name,
@@ -99,19 +101,35 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
         "balanced_sampling": bool(cfg.balanced_sampling),
         "prior_correction": prior_correction(counts, bool(cfg.balanced_sampling)),
         "uses_text": router_cfg.text_dim is not None,
+        "expert_ids": expert_ids,  # the training expert id of each output, in order
     })
     module = RouterModule(
         router_cfg=router_cfg.to_dict(),
         train=job.train_settings(cfg, int(cfg.max_steps), label_smoothing=float(cfg.label_smoothing),
                                  calibration_bins=int(cfg.calibration_bins),
-                                 expert_patch_size=list(expert_cfg.patch_size)),
+                                 expert_patch_size=list(expert_cfg.patch_size), expert_ids=expert_ids),
         export_metadata=meta, init_state_dict=init_sd, vae=job.build_training_vae(cfg))
-    datamodule = job.datamodule(cfg, experts="all", batch_size=int(cfg.batch_size),
+    datamodule = job.datamodule(cfg, experts=expert_ids if cfg.get("router_experts") else "all",
+                                batch_size=int(cfg.batch_size),
                                 balanced=bool(cfg.balanced_sampling), context_parallel=cp)
     return job.fit(cfg, module, datamodule, plan, run_dir, batch_size=int(cfg.batch_size),
                    max_steps=int(cfg.max_steps), flops_per_sample=r_flops,
                    tokens_per_sample=job.router_tokens(router_cfg, geometry), role="router",
                    context_parallel=cp)
+
+
+def router_expert_ids(cfg: DictConfig) -> list[int]:
+    """The training expert ids the router's outputs stand for: ``router_experts`` (a subset of the pool, e.g.
+    without a retired expert; ``num_experts`` must be its length) or 1..num_experts."""
+    if not cfg.get("router_experts"):
+        return list(range(1, int(cfg.num_experts) + 1))
+    ids = sorted(int(k) for k in cfg.router_experts)  # outputs in ascending id order, like the pool slots
+    if len(set(ids)) != len(ids) or min(ids) < 1:
+        raise ValueError(f"router_experts must be distinct expert ids >= 1, got {ids}")
+    if len(ids) != int(cfg.num_experts):
+        raise ValueError(f"router_experts lists {len(ids)} experts {ids} but num_experts={cfg.num_experts}; "
+                         f"set num_experts={len(ids)}")
+    return ids
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="router")

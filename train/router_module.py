@@ -97,12 +97,22 @@ class RouterModule(TrainingModule):
     def cond(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
 
+    def labels(self, batch: dict) -> torch.Tensor:
+        """The class of each sample: expert id − 1, or its position in ``expert_ids`` for a router over some of
+        the pool's experts (``router_experts``)."""
+        ids = self.train_cfg.get("expert_ids")
+        if not ids or list(ids) == list(range(1, len(ids) + 1)):
+            return batch["label"].long()
+        lookup = torch.full((max(ids) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(ids)] = torch.arange(len(ids))
+        return lookup.to(batch["expert"].device)[batch["expert"].long()]
+
     def training_step(self, batch: dict, batch_idx: int):
         x0 = self.latents(batch)
         t = self.sample_t(x0)
         x_t = flow.interpolate(x0, torch.randn_like(x0), t)
         logits = self.model(x_t, t, self.cond(batch))
-        labels = batch["label"].long()
+        labels = self.labels(batch)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=float(self.train_cfg["label_smoothing"]))
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), on_step=True, on_epoch=False)
@@ -118,7 +128,7 @@ class RouterModule(TrainingModule):
             t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             logits = self.ema_model(flow.interpolate(x0, noise, t), t, self.cond(batch))
-            self._val.append((t.cpu(), logits.float().softmax(-1).cpu(), batch["label"].long().cpu()))
+            self._val.append((t.cpu(), logits.float().softmax(-1).cpu(), self.labels(batch).cpu()))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
