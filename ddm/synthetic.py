@@ -242,13 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-frames", type=int, default=33)
     ap.add_argument("--fps", type=float, default=8)
     ap.add_argument("--families", type=int, default=3)
+    ap.add_argument("--first-family", type=int, default=0,
+                    help="use families FIRST..FIRST+FAMILIES-1 (e.g. a new family for a grown pool)")
     ap.add_argument("--shape-scale", type=float, default=1.0,
                     help="multiply the shapes' radii (1: 9-14%% of the frame)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = make_synthetic_dataset(args.out, args.num_videos, seed=args.seed, size=args.size,
                                  num_frames=args.num_frames, fps=args.fps, num_images=args.num_images,
-                                 families=args.families, shape_scale=args.shape_scale)
+                                 families=args.families, shape_scale=args.shape_scale,
+                                 first_family=args.first_family)
     print(f"wrote {args.num_videos} clips + {args.num_images} images to {out}")
 
 
