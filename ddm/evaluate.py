@@ -11,7 +11,8 @@ CLIP text-video, aesthetic and motion, and writes ``<out>/metrics.json`` first, 
         --aesthetic sac+logos+ava1-l14-linearMSE.pth
 
 Runs. ``--model NAME=FOLDER[:STRATEGY,...]``; strategies are ``top1``, ``topN`` (top-N renormalised,
-``top2`` = Paris 1.0's best), ``full`` and ``threshold``. A DDM folder without strategies runs
+``top2`` = Paris 1.0's best), ``full``, ``threshold`` and ``oracle`` (the expert of each prompt's true
+cluster, from ``--oracle-ids``). A DDM folder without strategies runs
 ``top1,top2,full``; a monolith folder (one expert) runs once, as strategy ``single``. Each run is named
 ``NAME/STRATEGY`` (or ``NAME`` for a monolith); ``--baseline`` takes either form when unambiguous.
 
@@ -50,8 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +61,8 @@ from ddm.eval.classic import (Backbones, SharedImageEmbeddings, build_tiny_backb
                               real_video_paths)
 from ddm.eval.generation import RunFolder, generate_run, load_run_videos
 from ddm.eval.report import CLASSIC_METRICS, EVAL_FORMAT, METRICS, compare_runs, write_report
+from ddm.eval.runs import (DDM_DEFAULT_STRATEGIES, MONOLITH_STRATEGY, ModelSpec, RunSpec,  # noqa: F401
+                           model_runs, parse_model_arg, parse_strategy)
 from ddm.eval.stats import TINY_LABEL
 
 __all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_prompt_file", "shard_captions",
@@ -71,95 +72,10 @@ __all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_pr
 
 log = logging.getLogger("ddm.evaluate")
 
-DDM_DEFAULT_STRATEGIES = ("top1", "top2", "full")
-MONOLITH_STRATEGY = "single"
 CONTACT_SHEET_ROWS = 6
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_STRATEGY_RE = re.compile(r"^(top(\d+)|full|threshold)$")
 
 
-# --- what to evaluate ------------------------------------------------------------------------------------------
-
-def parse_strategy(label: str) -> tuple[str, int]:
-    """A strategy label → the sampler's ``(strategy, k)``: ``top1``, ``topN`` → ``("topk", N)``, ``full``,
-    ``threshold``."""
-    m = _STRATEGY_RE.match(label)
-    if not m or m.group(2) == "0":
-        raise ValueError(f"unknown routing strategy {label!r}: expected top1, topN (N >= 2, e.g. top2), full or "
-                         "threshold")
-    if m.group(2) is None:
-        return label, 1
-    n = int(m.group(2))
-    return ("top1", 1) if n == 1 else ("topk", n)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One ``--model NAME=FOLDER[:STRATEGY,...]`` argument (``strategies`` None = the default set)."""
-
-    name: str
-    folder: Path
-    strategies: tuple[str, ...] | None = None
-
-
-def parse_model_arg(text: str) -> ModelSpec:
-    """Parse ``NAME=FOLDER[:STRATEGY[,STRATEGY...]]`` (the part after the last ``:`` is read as strategies
-    when it looks like a list of names)."""
-    name, sep, rest = text.partition("=")
-    if not sep or not rest:
-        raise ValueError(f"--model expects NAME=FOLDER[:STRATEGY,...], got {text!r}")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"model name {name!r} may only hold letters, digits, '_', '-' and '.' (it names a folder)")
-    folder, strategies = rest, None
-    head, colon, tail = rest.rpartition(":")
-    if colon and head and re.fullmatch(r"[A-Za-z0-9_,.]+", tail):
-        folder, strategies = head, tuple(s for s in tail.split(",") if s)
-        for s in strategies:
-            parse_strategy(s)
-        if len(set(strategies)) != len(strategies):
-            raise ValueError(f"model {name!r}: strategy listed twice in {tail!r}")
-    return ModelSpec(name, Path(folder), strategies)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One model folder sampled with one strategy."""
-
-    model: str
-    folder: Path
-    strategy: str  # label: top1, top2, full, threshold, or "single" for a monolith
-    num_experts: int
-
-    @property
-    def name(self) -> str:
-        """``model/strategy``, or just ``model`` for a monolith."""
-        return self.model if self.strategy == MONOLITH_STRATEGY else f"{self.model}/{self.strategy}"
-
-    def sampler_args(self, threshold: float) -> dict[str, Any]:
-        """The routing arguments of ``DDMPipeline.generate`` for this run."""
-        if self.strategy == MONOLITH_STRATEGY:
-            return {"strategy": "top1", "k": 1}  # one expert, no router: every strategy is the same
-        strategy, k = parse_strategy(self.strategy)
-        return {"strategy": strategy, "k": k, **({"threshold": threshold} if strategy == "threshold" else {})}
-
-
-def model_runs(spec: ModelSpec, num_experts: int) -> list[RunSpec]:
-    """The runs of one model: its strategies (checked against its number of experts) or the default set."""
-    if num_experts == 1:
-        if spec.strategies:
-            raise ValueError(f"model {spec.name!r} ({spec.folder}) has one expert (a monolith): routing strategies "
-                             f"{list(spec.strategies)} do not apply; pass it as {spec.name}={spec.folder}")
-        return [RunSpec(spec.name, spec.folder, MONOLITH_STRATEGY, 1)]
-    runs = []
-    for label in spec.strategies or DDM_DEFAULT_STRATEGIES:
-        strategy, k = parse_strategy(label)
-        if strategy == "topk" and k > num_experts:
-            raise ValueError(f"model {spec.name!r}: strategy {label} keeps {k} experts but the folder has "
-                             f"{num_experts}")
-        runs.append(RunSpec(spec.name, spec.folder, label, num_experts))
-    return runs
-
-
+# --- prompts ---------------------------------------------------------------------------------------------------
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (``ddm.generate``'s reader); ValueError when there are none."""
     from ddm.generate import read_prompts
@@ -242,15 +158,16 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
              cache_dir: str | Path | None = None, batch_size: int = 4, fps: float | None = None,
              frame_stride: int = 1, motion_resolution: int | None = None, device: str = "cpu", dtype: Any = None,
              progress: bool = True, reference: Any = None, domain_backbone: str | Path | None = None,
-             contact_sheet_rows: int = CONTACT_SHEET_ROWS) -> dict[str, Any]:
+             contact_sheet_rows: int = CONTACT_SHEET_ROWS, oracle_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Generate (or reuse) every run's videos, compute the metrics, write ``metrics.json``, ``report.md``, plots.
 
     Everything that can be checked before generating is checked first (prompts, metric names, backbones,
     model folders, strategies, the baseline, the real videos). ``steps``/``cfg`` left None use each model
     folder's scheduler defaults (``model_index.json``), ``num_frames`` the frames the models were trained on.
     ``reference`` (a :class:`ddm.eval.reference.SyntheticReference`) enables the ground-truth metrics and,
-    with ``domain_backbone``, the domain FVD. Returns the evaluation record (the content of ``metrics.json``);
-    see the module docstring.
+    with ``domain_backbone``, the domain FVD. ``oracle_ids`` (one expert id 1..K per prompt, the prompt's true
+    cluster) is what an ``oracle`` run samples with. Returns the evaluation record (the content of
+    ``metrics.json``); see the module docstring.
     """
     from ddm.eval.fvd import ClipSettings
 
@@ -287,7 +204,12 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     if len(planned) == len(models):  # every run is known: a wrong --baseline fails before any generation
         _resolve_baseline(baseline, [{"name": r.name, "model": r.model} for rs in planned.values() for r in rs])
 
+    wants_oracle = any(parse_strategy(st)[0] == "oracle" for m in models for st in (m.strategies or ()))
+    if wants_oracle and (oracle_ids is None or len(oracle_ids) != len(prompts)):
+        raise ValueError(f"an oracle run needs one expert id per prompt (--oracle-ids): got "
+                         f"{'none' if oracle_ids is None else len(oracle_ids)} for {len(prompts)} prompts")
     video_prompts = [prompts[i % len(prompts)] for i in range(n)]
+    per_prompt = {"oracle_ids": [int(oracle_ids[i % len(prompts)]) for i in range(n)]} if wants_oracle else {}
     seeds = [seed + i for i in range(n)]
     if n > len(prompts):
         notes.append(f"{n} videos from {len(prompts)} prompts: prompts repeat (video i uses prompt i mod "
@@ -304,7 +226,7 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     for spec in models:
         runs += _generate_model(spec, planned.get(spec.name), out, video_prompts, seeds, gen, threshold=threshold,
                                 stage=stage, device=device, dtype=dtype, batch_size=batch_size, fps=fps,
-                                progress=progress)
+                                progress=progress, per_prompt=per_prompt)
         sizes = {(r["videos"]["frames"], r["videos"]["height"], r["videos"]["width"]): r["name"] for r in runs}
         if len(sizes) > 1:
             raise ValueError("runs made videos of different sizes: " + ", ".join(
@@ -402,8 +324,10 @@ def _real_stats(real_videos: str | Path, i3d: Any, cache_dir: Path, settings: An
 
 def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prompts: list[str], seeds: list[int],
                     gen: dict[str, Any], *, threshold: float, stage: str | None, device: str, dtype: Any,
-                    batch_size: int, fps: float | None, progress: bool) -> list[dict[str, Any]]:
-    """Generate (or reuse) the videos of every run of one model; the model is loaded only if needed."""
+                    batch_size: int, fps: float | None, progress: bool,
+                    per_prompt: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+    """Generate (or reuse) the videos of every run of one model; the model is loaded only if needed.
+    ``per_prompt`` (``oracle_ids``) goes to the oracle runs, one value per video."""
     pipe = None
     if runs is None:  # the index does not say how many experts: the loaded model does
         pipe = _load_pipeline(spec, stage=stage, device=device, dtype=dtype)
@@ -411,8 +335,9 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
     records = []
     for run in runs:
         sampler = run.sampler_args(threshold)
+        extra = dict(per_prompt or {}) if sampler["strategy"] == "oracle" else {}
         settings = {"folder": str(spec.folder.resolve()), "stage": stage, "num_experts": run.num_experts,
-                    **sampler, **gen}
+                    **sampler, **gen, **extra}  # the oracle ids are settings: other ids never reuse these videos
         folder = RunFolder(out / "videos" / run.model / run.strategy, settings)
         if pipe is None and not all(folder.is_done(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))):
             pipe = _load_pipeline(spec, stage=stage, device=device, dtype=dtype)
@@ -420,7 +345,8 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
                 raise ValueError(f"model {spec.name!r}: model_index.json says {run.num_experts} experts but "
                                  f"{pipe.num_experts} loaded")
         reused, generated = generate_run(pipe, folder, prompts, seeds, generate_kwargs={**sampler, **gen},
-                                         batch_size=batch_size, fps=fps, progress=progress, name=run.name)
+                                         batch_size=batch_size, fps=fps, progress=progress, name=run.name,
+                                         per_prompt=extra)
         frames, height, width = _video_shape(folder.video_path(0))
         trace = folder.routing_trace(len(prompts))
         records.append({
@@ -491,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threshold", type=float, default=0.1, help="weight cut-off of the 'threshold' strategy")
+    p.add_argument("--oracle-ids", type=Path, metavar="JSON",
+                   help="a JSON list: the true cluster (expert id 1..K) of each prompt, for 'oracle' runs")
     p.add_argument("--real-videos", type=Path, metavar="DIR_OR_MANIFEST", help="real videos for FVD")
     p.add_argument("--cache-dir", type=Path, help="where real-video FVD statistics are cached (default OUT/fvd_cache)")
     p.add_argument("--i3d", type=Path, help="i3d_torchscript.pt (FVD)")
@@ -559,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       batch_size=args.batch_size, fps=args.fps, frame_stride=args.frame_stride,
                       motion_resolution=args.motion_resolution, device=args.device, dtype=dtype,
                       progress=not args.no_progress, reference=reference, domain_backbone=args.domain_backbone,
-                      contact_sheet_rows=args.contact_sheet_rows)
+                      contact_sheet_rows=args.contact_sheet_rows,
+                      oracle_ids=json.loads(args.oracle_ids.read_text()) if args.oracle_ids else None)
     reused = sum(r["videos"]["reused"] for r in record["runs"])
     generated = sum(r["videos"]["generated"] for r in record["runs"])
     print(f"reused {reused} video(s), generated {generated}; report: {Path(args.out) / 'report.md'}")

@@ -8,16 +8,16 @@ Per seed s (each in ``<out>/seed<s>/``, every step skipped when its output exist
    one router (the ledger is printed from its log);
 3. three model folders (``ddm-blind``, ``ddm-text``, ``monolith``) and a held-out generator set of seed
    10 000 + s whose captions are the prompts;
-4. ``ddm.evaluate`` with the synthetic ground truth: DDM top-1, top-2 and full for both routers, and the
-   monolith, on the same prompts and noise;
+4. ``ddm.evaluate`` with the synthetic ground truth: DDM top-1, top-2 and full for both routers, the oracle
+   (each prompt's true cluster) and the monolith, on the same prompts and noise;
 5. ``ddm.eval.routing``: each router's accuracy against the true cluster per t on held-out shards.
 
 Then :func:`aggregate` over seeds: for every arm and metric the mean ± SE over seeds, and the paired
 difference arm − monolith (per seed, then over seeds) with a 95 % t interval; ``study.json``, ``study.md`` and
 ``relative_improvement.png`` (bars: mean paired difference relative to the monolith's mean, error bars: its
-SE). Sizes: ``--quick`` (a pipeline check for the test suite, minutes) and the default (the demo's recipe at
-stage 2, under an hour on the 2-core machine for 3 seeds). Not in it yet: the oracle arm (true cluster)
-and the moving-digits data set.
+SE). The oracle arm samples each prompt with the expert its family's training clips went to (no router).
+Sizes: ``--quick`` (a pipeline check for the test suite, minutes) and the default (the demo's recipe at
+stage 2, under an hour on the 2-core machine for 3 seeds). Not in it yet: the moving-digits data set.
 """
 from __future__ import annotations
 
@@ -46,16 +46,44 @@ STRATEGIES = ("top1", "top2", "full")
 MONOLITH = "monolith"
 METRICS = ("gt_prompt", "gt_family", "gt_background", "gt_colour", "gt_direction")
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"clips": 45, "expert_steps": 8, "router_steps": 10, "eval_videos": 6, "gen_steps": 4, "fine": 6},
+    # val_fraction: the held-out shards the routing accuracy is measured on (never trained on)
+    "quick": {"clips": 45, "expert_steps": 8, "router_steps": 10, "eval_videos": 6, "gen_steps": 4, "fine": 6,
+              "val_fraction": 0.3},
     "default": {"clips": 150, "expert_steps": 400, "router_steps": 400, "eval_videos": 60, "gen_steps": 30,
-                "fine": 24},
+                "fine": 24, "val_fraction": 0.1},
 }
 SEED_OFFSET_HELDOUT = 10_000
 
 
+ORACLE = "ddm-blind/oracle"  # the true cluster's expert (no router): ddm.evaluate's oracle strategy
+
+
 def arms() -> list[str]:
-    """Every arm's run name in the evaluation record (``<router>/<strategy>``, and the monolith)."""
-    return [f"ddm-{r}/{s}" for r in ROUTERS for s in STRATEGIES] + [MONOLITH]
+    """Every arm's run name in the evaluation record (``<router>/<strategy>``, the oracle, the monolith)."""
+    return [f"ddm-{r}/{s}" for r in ROUTERS for s in STRATEGIES] + [ORACLE, MONOLITH]
+
+
+def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int], float]:
+    """The expert most of each family's training clips went to (a held-out prompt's true cluster), and the
+    cluster purity: the share of clips in their cluster's majority family."""
+    import csv
+    from collections import Counter, defaultdict
+
+    import pyarrow.parquet as pq
+
+    with train_csv.open(newline="", encoding="utf-8") as fh:
+        family = {Path(r["path"]).stem: int(r["family"]) for r in csv.DictReader(fh)}
+    table = pq.read_table(assignments, columns=["key", "expert"]).to_pydict()
+    missing = [k for k in table["key"] if k not in family]
+    if missing:
+        raise ValueError(f"{len(missing)} clustered keys are not clips of {train_csv} (e.g. {missing[:3]})")
+    by_family: dict[int, Counter] = defaultdict(Counter)
+    by_cluster: dict[int, Counter] = defaultdict(Counter)
+    for key, expert in zip(table["key"], table["expert"]):
+        by_family[family[key]][int(expert)] += 1
+        by_cluster[int(expert)][family[key]] += 1
+    purity = sum(c.most_common(1)[0][1] for c in by_cluster.values()) / len(table["key"])
+    return {f: c.most_common(1)[0][0] for f, c in by_family.items()}, purity
 
 
 # --- aggregation (pure; tested on known inputs) ------------------------------------------------------------------
@@ -209,19 +237,24 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
           root / "raw" / "synthetic.csv")
     r.run("prepare", "data.prepare", [f"input={root / 'raw'}", "recipe=tiny", "vae=pixel", "text=tiny",
                                       f"num_experts={K}", f"cluster.fine_clusters={size['fine']}",
-                                      f"cluster.seed={seed}", "encode.stage=stage2", "progress=false"])
+                                      f"cluster.seed={seed}", "encode.stage=stage2",
+                                      f"encode.val_fraction={size['val_fraction']}", "progress=false"])
     runs = root / "runs"
     common = ["experiment=tiny", "stage=stage2", f"seed={seed}", f"recipe.stage2.max_steps={size['expert_steps']}",
               f"recipe.router.max_steps={size['router_steps']}",
               f"recipe.router.val_every_n_steps={size['router_steps']}"]
 
-    def job(name, module, experiment, role, extra):
-        return (name, module, [*common, f"experiment_name={experiment}", *extra],
-                runs / experiment / role / "stage2" / "export" / "master.safetensors")
+    # One experiment ("study"): the experts, the monolith and the text-blind router under runs/ddm-blind/, the
+    # text-aware router in runs/ddm-text/ beside links to the same experts (one experiment name, so each
+    # folder's exports agree for ddm.export).
+    def job(name, module, folder, role, extra):
+        run_dir = runs / folder / role / "stage2"
+        return (name, module, [*common, "experiment_name=study", f"run_dir={run_dir}", *extra],
+                run_dir / "export" / "master.safetensors")
 
     ddm_lane = [job(f"expert{k}", "train.expert", "ddm-blind", f"expert{k}", [f"expert={k}"]) for k in range(1, K + 1)]
     ddm_lane += [job("router-blind", "train.router", "ddm-blind", "router", ROUTERS["blind"])]
-    mono_lane = [job("monolith", "train.expert", "monolith", "monolith", ["expert=all", "compute_match=true"]),
+    mono_lane = [job("monolith", "train.expert", "ddm-blind", "monolith", ["expert=all", "compute_match=true"]),
                  job("router-text", "train.router", "ddm-text", "router", ROUTERS["text"])]
     r.lanes(ddm_lane, mono_lane)
     for k in range(1, K + 1):  # the text-aware DDM shares the experts: its runs dir links them
@@ -233,21 +266,29 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
     for name in ROUTERS:
         r.run(f"export-{name}", "ddm.export", ["--runs", runs / f"ddm-{name}", "--out", models / f"ddm-{name}",
                                                *sampling], models / f"ddm-{name}" / "model_index.json")
-    r.run("export-monolith", "ddm.export", ["--runs", runs / "monolith", "--monolith", "--out", models / MONOLITH,
+    r.run("export-monolith", "ddm.export", ["--runs", runs / "ddm-blind", "--monolith", "--out", models / MONOLITH,
                                             *sampling], models / MONOLITH / "model_index.json")
     n = size["eval_videos"]
     heldout = root / "heldout"
     r.run("heldout", "data.synthetic", ["--out", heldout, "--num-videos", n, "--seed", SEED_OFFSET_HELDOUT + seed, *gen],
           heldout / "synthetic.csv")
+    # the oracle arm: each held-out prompt sampled by the expert its family's training clips went to
+    family_cluster, purity = cluster_of_family(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
+    with (heldout / "synthetic.csv").open(newline="", encoding="utf-8") as fh:
+        import csv
+
+        oracle = [family_cluster[int(row["family"])] for row in csv.DictReader(fh)]
+    atomic_write(root / "oracle_ids.json", lambda tmp: tmp.write_text(json.dumps(oracle)))
     evaluate = ["--groundtruth", heldout, "--num-videos", n, "--stage", "stage2", "--batch-size", 25, "--no-progress",
-                "--metrics", "groundtruth", "--contact-sheet-rows", 0, "--out", root / "eval"]
+                "--metrics", "groundtruth", "--contact-sheet-rows", 0, "--out", root / "eval",
+                "--oracle-ids", root / "oracle_ids.json"]
     strategies = ",".join(STRATEGIES)
-    a = r.start("evaluate-blind", "ddm.evaluate", [*evaluate, "--model", f"ddm-blind={models / 'ddm-blind'}:{strategies}",
-                                                   "--baseline", "ddm-blind/top1"])
+    blind = f"ddm-blind={models / 'ddm-blind'}:{strategies},oracle"
+    a = r.start("evaluate-blind", "ddm.evaluate", [*evaluate, "--model", blind, "--baseline", "ddm-blind/top1"])
     r.run("evaluate-text", "ddm.evaluate", [*evaluate, "--model", f"ddm-text={models / 'ddm-text'}:{strategies}",
                                             "--model", f"{MONOLITH}={models / MONOLITH}", "--baseline", MONOLITH])
     r.wait("evaluate-blind", a)
-    r.run("evaluate", "ddm.evaluate", [*evaluate, "--model", f"ddm-blind={models / 'ddm-blind'}:{strategies}",
+    r.run("evaluate", "ddm.evaluate", [*evaluate, "--model", blind,
                                        "--model", f"ddm-text={models / 'ddm-text'}:{strategies}",
                                        "--model", f"{MONOLITH}={models / MONOLITH}", "--baseline", MONOLITH])
     r.run("routing", "ddm.eval.routing", [models / "ddm-blind", models / "ddm-text", "--shards",
@@ -257,7 +298,7 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
     routing = json.loads((root / "routing.json").read_text())
     result = {"seed": seed, "arms": {a: arms_found[a] for a in arms()},
               "routing": {name: routing[str(models / f"ddm-{name}")] for name in ROUTERS},
-              "ledger": _ledger(r.logs / "monolith.log"), "seconds": time.time() - t0}
+              "ledger": _ledger(r.logs / "monolith.log"), "cluster_purity": purity, "seconds": time.time() - t0}
     atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return result
 
@@ -279,6 +320,7 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     agg["routing"] = routing
     agg["size"] = size_name
     agg["ledger_seed0"] = results[0].get("ledger")
+    agg["cluster_purity"] = mean_se([r["cluster_purity"] for r in results])
     atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(agg, indent=2)))
     plot_relative_improvement(agg, out / "relative_improvement.png")
     lines = [f"# DDM study ({size_name}, {len(results)} seeds)", "", study_table(agg),
@@ -287,6 +329,8 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
              "|---" * (len(routing["blind"]["per_t"]) + 2) + "|"]
     for name, rr in routing.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row) for row in rr["per_t"]) + f" | {_fmt(rr['chance'])} |")
+    lines += ["", f"Cluster purity (share of training clips in their cluster's majority family): "
+                  f"{_fmt(agg['cluster_purity'])}."]
     if agg["ledger_seed0"]:
         lines += ["", "Compute ledger (seed 0):", "", "```", agg["ledger_seed0"], "```"]
     atomic_write(out / "study.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

@@ -57,9 +57,11 @@ work="$out/prep/extend/expert_4"
 
 step "4/6 only expert 4 and the 4-way router train (on $work) -> ddm.pool add -> models/four"
 grow="$out/runs/grow"
+text=(text.folder="$out/prep/tiny_text")  # the tiny text encoders data.prepare built in the base prep folder
 train expert4 "$grow/expert4/stage2" train.expert "${common[@]}" experiment_name=grow expert=4 num_experts=4 \
-  paths.data_dir="$work" & lane=$!
-train router4 "$grow/router/stage2" train.router "${common[@]}" experiment_name=grow num_experts=4 paths.data_dir="$work"
+  paths.data_dir="$work" "${text[@]}" & lane=$!
+train router4 "$grow/router/stage2" train.router "${common[@]}" experiment_name=grow num_experts=4 \
+  paths.data_dir="$work" "${text[@]}"
 wait "$lane"
 [ -f "$out/models/four/model_index.json" ] || run pool_add python -m ddm.pool add "$out/models/three" --runs "$grow" \
   --expert 4 --out "$out/models/four"

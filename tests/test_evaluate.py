@@ -15,7 +15,7 @@ import torch
 from ddm.eval.report import (CLASSIC_METRICS, METRICS, compare_runs, paired_difference, relative_improvement, render_markdown,
                              write_report)
 from ddm.eval.stats import TINY_LABEL
-from ddm.evaluate import (Backbones, ModelSpec, SharedImageEmbeddings, build_tiny_backbones, compute_metrics,
+from ddm.evaluate import (Backbones, ModelSpec, RunSpec, SharedImageEmbeddings, build_tiny_backbones, compute_metrics,
                           evaluate, load_backbones, main, model_runs, parse_model_arg, parse_strategy,
                           read_prompt_file, shard_captions)
 from ddm.video_io import read_video, write_video
@@ -76,6 +76,8 @@ def test_model_arguments_and_strategies_parse_and_validate():
     assert parse_strategy("top1") == ("top1", 1)
     assert parse_strategy("top2") == ("topk", 2)
     assert parse_strategy("full") == ("full", 1)
+    assert parse_strategy("oracle") == ("oracle", 1)
+    assert RunSpec("ddm", Path("f"), "oracle", 3).sampler_args(0.1) == {"strategy": "oracle"}
     for bad in ("ddm", "ddm=", "a/b=/x", "ddm=/x:tpo1", "ddm=/x:top0", "ddm=/x:top1,top1"):
         with pytest.raises(ValueError):
             parse_model_arg(bad)
@@ -325,6 +327,27 @@ def test_steps_and_guidance_default_to_each_folders_scheduler(tmp_path, model_fo
                       progress=False)
     resolved = record["runs"][0]["resolved"]
     assert (resolved["num_steps"], resolved["cfg_scale"]) == (2, 1.0)
+
+
+def test_oracle_run_samples_each_prompt_with_its_given_expert(tmp_path, model_folders):
+    """``ddm=FOLDER:oracle`` with one expert id per prompt: every step of every video runs exactly that expert
+    (the routing trace says so), ids repeat with the prompts, and a missing id list is refused up front."""
+    folder = tmp_path / "ddm_fast"
+    shutil.copytree(model_folders["ddm"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": {**index["scheduler"], "num_steps": 2}}))
+    spec = ModelSpec("ddm", folder, ("oracle",))
+    with pytest.raises(ValueError, match="an oracle run needs one expert id per prompt .* got none for 2 prompts"):
+        evaluate([spec], "ddm/oracle", tmp_path / "out", PROMPTS[:2], metrics=["motion"], progress=False)
+    record = evaluate([spec], "ddm/oracle", tmp_path / "out", PROMPTS[:2], num_videos=3, metrics=["motion"],
+                      progress=False, oracle_ids=[2, 1], batch_size=3)
+    run = record["runs"][0]
+    assert run["name"] == "ddm/oracle" and run["generation"]["oracle_ids"] == [2, 1, 2]
+    trace = json.loads(next(Path(run["videos"]["dir"]).glob("trace-*.json")).read_text())
+    weights = np.asarray(trace["weights"])  # (steps, videos, K)
+    assert weights.shape[1:] == (3, 2)
+    np.testing.assert_array_equal(weights.argmax(-1), [[1, 0, 1]] * weights.shape[0])
+    assert np.all(weights.max(-1) == 1.0)
 
 
 # --- end to end through the CLI --------------------------------------------------------------------------------
