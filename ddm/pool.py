@@ -136,15 +136,35 @@ def _place_routers(routers: Mapping[str, Path], staged: Path) -> str | dict[str,
     return entry
 
 
-def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], expert: int
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Drop output ``expert`` (1-based) of a router: row ``expert-1`` of its last head layer and entry
-    ``expert`` of its per-expert metadata. The other logits are unchanged (module docstring)."""
+def _last_head_layer(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str]:
     heads = sorted((int(m.group(1)), k) for k in state_dict if (m := re.fullmatch(r"head\.(\d+)\.weight", k)))
     if not heads:
         raise ValueError("the router has no head.<i>.weight: cannot find its output layer")
     weight_key = heads[-1][1]
-    bias_key = weight_key[:-len("weight")] + "bias"
+    return weight_key, weight_key[:-len("weight")] + "bias"
+
+
+def grow_router(state_dict: Mapping[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """A K-way router's weights with output rows added up to ``num_experts`` — to fine-tune the grown pool's
+    router from the old one. Every old row is kept exactly; a new row starts as the mean of the old rows (its
+    logit starts at the average of the others: no expert is favoured before training)."""
+    weight_key, bias_key = _last_head_layer(state_dict)
+    k = state_dict[weight_key].shape[0]
+    if num_experts < k:
+        raise ValueError(f"the router predicts {k} experts; growing it to {num_experts} would drop outputs")
+    out = dict(state_dict)
+    for key in (weight_key, bias_key):
+        if key in state_dict:
+            old = state_dict[key]
+            out[key] = torch.cat([old, old.mean(0, keepdim=True).expand(num_experts - k, *old.shape[1:])]).clone()
+    return out
+
+
+def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], expert: int
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Drop output ``expert`` (1-based) of a router: row ``expert-1`` of its last head layer and entry
+    ``expert`` of its per-expert metadata. The other logits are unchanged (module docstring)."""
+    weight_key, bias_key = _last_head_layer(state_dict)
     k = state_dict[weight_key].shape[0]
     if not 1 <= expert <= k:
         raise ValueError(f"expert {expert} is out of range: the router predicts experts 1..{k}")

@@ -134,6 +134,11 @@ def test_grow_the_pool_from_3_to_4_experts_without_touching_the_old_ones(base, t
     # only the new expert and the K+1 router train, on the extended folder
     _train(root, work, tiny_text_dir, "grow", "train.expert", "expert=4", "num_experts=4")
     _train(root, work, tiny_text_dir, "grow", "train.router", "num_experts=4")
+    # the other way to get the 4-way router: fine-tune the 3-way one, its head grown by a row
+    _train(root, work, tiny_text_dir, "grow-ft", "train.router", "num_experts=4",
+           f"init_from={root / 'runs' / 'base' / 'router' / 'stage2' / 'export'}")
+    assert "head grows to 4 outputs" in (root / "runs" / "grow-ft" / "router" / "stage2" / "logs" / "router.log").read_text()
+    assert read_export_metadata(root / "runs" / "grow-ft" / "router" / "stage2" / "export")["num_experts"] == 4
     four = tmp_path / "four"
     assert pool_main(["add", str(three), "--runs", str(root / "runs" / "grow"), "--expert", "4", "--out", str(four)]) == 0
     assert {p.relative_to(three): file_sha256(p) for p in three.rglob("*") if p.is_file()} == before

@@ -4,11 +4,13 @@ Paris 1.0 mixes experts trained on different objectives by converting each to a 
 math against float64 closed forms, a three-expert folder (a base expert, a wider and deeper one, an ε-objective
 one) exported by ``ddm.export`` and sampled by the same pipeline, its mixed velocity checked against a float64
 reference computed independently from the raw expert outputs, and the training side (per-expert overrides,
-the export's ``prediction``, a ledger charging each expert its own FLOPs).
+the export's ``prediction``, a ledger charging each expert its own FLOPs); and a router's head grown by an
+expert for fine-tuning a grown pool's router.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -214,3 +216,22 @@ def test_diffusers_export_refuses_an_epsilon_expert(folder, tmp_path):
     with pytest.raises(ValueError, match="expert 3 .* predicts 'epsilon'"):
         export_diffusers(folder, tmp_path / "diffusers")
     assert not (tmp_path / "diffusers").exists()
+
+
+def test_grow_router_keeps_every_old_logit_and_starts_the_new_one_at_their_mean():
+    """Fine-tuning the grown pool's router from the K-way one: the old outputs are exactly the old router's,
+    the new output starts at the mean of the old logits (closed form of the mean row), float64."""
+    from ddm.pool import grow_router
+
+    router = _router(seed=3).double()
+    grown = Router(dataclasses.replace(router.cfg, num_experts=K + 2)).double()
+    grown.load_state_dict(grow_router(router.state_dict(), K + 2))
+    x = torch.randn(3, latent_channels(), 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    old, new = router(x, t, {}), grown(x, t, {})
+    assert new.shape == (3, K + 2)
+    torch.testing.assert_close(new[:, :K], old, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new[:, K], old.mean(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new[:, K + 1], old.mean(-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="would drop outputs"):
+        grow_router(router.state_dict(), K - 1)

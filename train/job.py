@@ -356,12 +356,15 @@ def shape_mismatches(expected: dict[str, torch.Size], got: dict[str, torch.Tenso
     return out[:limit]
 
 
-def load_init_weights(plan: StartPlan, net_factory) -> dict[str, torch.Tensor]:
-    """Weights for a weights-only start; shapes are checked against a meta-device build first."""
+def load_init_weights(plan: StartPlan, net_factory, transform=None) -> dict[str, torch.Tensor]:
+    """Weights for a weights-only start; shapes are checked against a meta-device build first. ``transform``
+    (state dict, metadata) → state dict adapts them first (e.g. a router's head grown by one expert)."""
     from train.sharding import LazyExport
 
     # read tensor by tensor: under FSDP2 each rank keeps only its rows (no full copy per rank)
     sd, meta = LazyExport(plan.init_from), read_export_metadata(plan.init_from)
+    if transform is not None:
+        sd = transform(dict(sd.items()), meta)
     with torch.device("meta"):
         net = net_factory()
     expected = {k: v.shape for k, v in net.state_dict().items()}

@@ -89,7 +89,8 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     from ddm.models.router import Router
     from train.router_module import RouterModule
 
-    init_sd = job.load_init_weights(plan, lambda: Router(router_cfg)) if plan.mode == "init" else None
+    init_sd = job.load_init_weights(plan, lambda: Router(router_cfg), transform=_grown_head(router_cfg.num_experts)) \
+        if plan.mode == "init" else None
     meta = job.export_metadata(cfg, resolved, kind="router", expert=None, shards=shards,
                                model_config=router_cfg.to_dict(), geometry=trained_geometry)
     meta.update({
@@ -116,6 +117,21 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
                    max_steps=int(cfg.max_steps), flops_per_sample=r_flops,
                    tokens_per_sample=job.router_tokens(router_cfg, geometry), role="router",
                    context_parallel=cp)
+
+
+def _grown_head(num_experts: int):
+    """``init_from`` a router of fewer experts (the pool grew): its head gains rows (``ddm.pool.grow_router``)."""
+    def transform(sd: dict, meta: dict) -> dict:
+        old = int(meta.get("num_experts") or (meta.get("config") or {}).get("num_experts") or num_experts)
+        if old >= num_experts:
+            return sd
+        from ddm.pool import grow_router
+
+        log.info("init_from a %d-expert router: its head grows to %d outputs (new rows = the mean of the old; "
+                 "fine-tuning the grown pool's router)", old, num_experts)
+        return grow_router(sd, num_experts)
+
+    return transform
 
 
 def router_expert_ids(cfg: DictConfig) -> list[int]:
