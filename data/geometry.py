@@ -19,8 +19,7 @@ from typing import Any
 from data.encode import PLAN_NAME
 from ddm.shards import available_experts, decode_sample, iter_shard, list_shards
 
-# VAE spec fields that say where the weights sit or how they run, not which latent space they produce
-VAE_RUNTIME_FIELDS = ("path", "device", "dtype", "tiling")
+from ddm.export_metadata import VAE_RUNTIME_FIELDS, latent_space_spec  # noqa: F401  (one definition)
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,6 @@ class ShardGeometry:
         return out
 
 
-def latent_space_spec(vae: Mapping[str, Any]) -> dict[str, Any]:
-    """A VAE spec without the fields that do not change the latents (path, device, dtype, tiling)."""
-    return {k: v for k, v in dict(vae).items() if k not in VAE_RUNTIME_FIELDS}
 
 
 def read_shard_geometry(shards_dir: str | Path) -> ShardGeometry:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ddm.assets import require_path
 from ddm.checkpoint import fsync_dir, load_export, read_export_metadata
+from ddm.export_metadata import ExportMetadata
 from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors
 from ddm.model_folder import (ARCHITECTURES, DEFAULT_SCHEDULER, MODEL_INDEX, ROUTER_DIR, VAE_FILE, ModelIndex,
@@ -106,19 +107,17 @@ def find_router_exports(runs: Path, stages: Sequence[str]) -> dict[str, Path]:
 # --- agreement between exports -----------------------------------------------------------------------------------
 def _shared_fields(meta: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """The fields every export of one experiment must share (``stage:``-prefixed: only within a stage)."""
-    config = meta.get("train_config") or {}
-    recipe = config.get("recipe") or {}
-    geometry = recipe.get(stage) or {}
+    typed = ExportMetadata.from_dict(meta)
+    spec = typed.stage_spec
     return {
-        "experiment": meta.get("experiment") or config.get("experiment_name"),
-        "centroids_hash": meta.get("centroids_hash"),
-        "num_experts": config.get("num_experts"),
+        "experiment": typed.experiment,
+        "centroids_hash": typed.centroids_hash,
+        "num_experts": typed.num_experts if typed.kind != "router" else None,  # a router's K is checked apart
         # where the VAE file sat and how it ran may differ between clusters; the latent space may not
-        "vae": {k: v for k, v in (config.get("vae") or {}).items() if k not in ("path", "device", "dtype", "tiling")}
-        or None,
-        "vae_spatial_factor": recipe.get("vae_spatial_factor"),
-        f"{stage}:manifest_hash": meta.get("manifest_hash"),
-        f"{stage}:geometry": {k: geometry.get(k) for k in ("resolution", "num_frames", "fps")},
+        "vae": typed.latent_space,
+        "vae_spatial_factor": spec.vae_spatial_factor,
+        f"{stage}:manifest_hash": typed.shards_index_hash,
+        f"{stage}:geometry": {"resolution": spec.resolution, "num_frames": spec.num_frames, "fps": spec.fps},
     }
 
 
@@ -260,9 +259,9 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
     check_agreement(metas)
     num_experts = len(experts)
     first = metas[f"expert1/{stage_names[-1]}"][1]
-    train_config = first.get("train_config") or {}
+    typed = ExportMetadata.from_dict(first)
     if not monolith:
-        trained_k = train_config.get("num_experts")
+        trained_k = typed.num_experts
         if trained_k is not None and int(trained_k) != num_experts:
             raise ValueError(f"the runs were trained with num_experts={trained_k} but '{runs}' holds {num_experts} "
                              "expert runs")
@@ -277,17 +276,17 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
     if wrong:
         raise ValueError(f"exports of the wrong kind: {wrong}")
 
-    text = train_config.get("text") or {}
+    text = typed.text or {}
     if text_from is not None:
         t5_dir, clip_dir = Path(text_from) / "t5", Path(text_from) / "clip"
     elif text.get("t5_dir") and text.get("clip_dir"):
         t5_dir, clip_dir = Path(text["t5_dir"]), Path(text["clip_dir"])
     else:
-        raise ValueError("the exports' train_config names no text encoders (text.t5_dir, text.clip_dir): pass "
+        raise ValueError("the exports name no text encoders (text.t5_dir, text.clip_dir): pass "
                          "--text-from DIR (a folder holding t5/ and clip/)")
-    vae_spec = vae if vae is not None else train_config.get("vae")
+    vae_spec = vae if vae is not None else typed.vae
     if not vae_spec:
-        raise ValueError("the exports' train_config names no VAE: pass --vae PATH or --vae '{\"type\": ...}'")
+        raise ValueError("the exports name no VAE: pass --vae PATH or --vae '{\"type\": ...}'")
 
     final, out = out, staging_dir(out)
     _remove(out)  # left by an export killed mid-write
@@ -310,17 +309,16 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
                             metadata={**meta, "export_dtype": dtype})
             log.info("%s → %s", src, dst)
 
-        config = first.get("config") or {}
-        flow = train_config.get("flow") or {}
+        config = typed.config
+        shift = typed.stage_spec.flow_shift
         index = ModelIndex(
             num_experts=num_experts, experts=[f"expert{k}" for k in experts],
             expert_architecture=ARCHITECTURES.get(config.get("layout"), config.get("layout")),
             router_architecture="dit-router" if routers else None, router=router_rel,
             vae=vae_entry(vae_spec, out, third_party),
             stages={s: stage_geometry_from_metadata(metas[f"expert1/{s}"][1], s) for s in stage_names},
-            default_stage=stage_names[-1], text_pad_to=(train_config.get("recipe") or {}).get("text_pad_to"),
-            scheduler={**DEFAULT_SCHEDULER, "shift": flow["shift"] if flow.get("shift") is not None else "video",
-                       **(scheduler or {})},
+            default_stage=stage_names[-1], text_pad_to=typed.stage_spec.text_pad_to,
+            scheduler={**DEFAULT_SCHEDULER, "shift": shift if shift is not None else "video", **(scheduler or {})},
             extra={"expert_preset": config.get("preset"), "monolith": monolith, "source": {
                 "runs": str(runs.resolve()), "experiment": first.get("experiment"),
                 "centroids_hash": first.get("centroids_hash"),
@@ -355,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ddm: our folder; diffusers: experts as FluxTransformer2DModel folders, the VAE as "
                              "AutoencoderKLHunyuanVideo, a FlowMatchEulerDiscreteScheduler config")
     parser.add_argument("--text-from", type=Path, default=None,
-                        help="folder with t5/ and clip/ (default: the runs' train_config text.t5_dir/clip_dir)")
+                        help="folder with t5/ and clip/ (default: the text encoders the runs trained with)")
     parser.add_argument("--vae", default=None, help="a vae.pt path or a JSON VAE spec (default: the runs' config)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--link", action="store_true", help="symlink vae.pt, t5/ and clip/ instead of copying them")

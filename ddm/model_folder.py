@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ddm.checkpoint import INDEX_FILE, MASTER_FILE, SHARD_DIR, atomic_write, save_export
+from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm.interop import is_checkpoint_dir, load_checkpoint, read_checkpoint_metadata
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE
 
@@ -384,17 +385,19 @@ def place_folder(src: str | Path, dst: str | Path, mode: str = "copy") -> Path:
 
 def stage_geometry_from_metadata(meta: Mapping[str, Any], stage: str) -> StageGeometry:
     """A stage's geometry from an export's metadata: ``geometry`` (what the job read from its shards and
-    trained on) when recorded, else ``train_config``'s ``recipe.<stage>``; ``recipe.vae_spatial_factor``."""
-    recipe = (meta.get("train_config") or {}).get("recipe") or {}
-    geometry = StageGeometry.from_dict(recipe.get(stage) or {})
+    trained on) when recorded, else its :class:`ddm.export_metadata.StageSpec`."""
+    legacy = "stage_spec" not in meta  # its train_config's recipe holds every stage: read the one asked for
+    typed = ExportMetadata.from_dict({**meta, "stage": stage} if legacy else meta)
+    spec = typed.stage_spec if legacy or typed.stage in (None, stage) else StageSpec()
+    geometry = StageGeometry.from_dict({"resolution": spec.resolution, "num_frames": spec.num_frames, "fps": spec.fps})
     trained = meta.get("geometry")
     if isinstance(trained, Mapping) and trained.get("height") and trained.get("width"):
         h, w = int(trained["height"]), int(trained["width"])
         geometry.resolution = h if h == w else (h, w)
         geometry.num_frames = int(trained["num_frames"])
         geometry.fps = float(trained["fps"]) if trained.get("fps") is not None else geometry.fps
-    if geometry.spatial_factor is None and recipe.get("vae_spatial_factor") is not None:
-        geometry.spatial_factor = int(recipe["vae_spatial_factor"])
+    if geometry.spatial_factor is None and typed.stage_spec.vae_spatial_factor is not None:
+        geometry.spatial_factor = int(typed.stage_spec.vae_spatial_factor)
     if geometry.latent_channels is None and isinstance(meta.get("config"), Mapping):
         geometry.latent_channels = meta["config"].get("latent_channels")
     return geometry

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ddm.assets import require_path
 from ddm.checkpoint import atomic_save_torch
+from ddm.export_metadata import ExportMetadata
 from ddm.flow import video_shift_alpha
 from ddm.interop import build_checkpoint_model, load_vae_diffusers, read_checkpoint_metadata
 from ddm.model_folder import (ARCHITECTURES, MODEL_INDEX, ROUTER_DIR, VAE_FILE, FolderLayout, ModelIndex,
@@ -268,7 +269,7 @@ class DDMPipeline:
         vae_dtype = dtype or torch.float32
         spec = index.vae
         if spec is None:  # a foreign index: vae.pt if present, else a weight-free spec from training
-            trained = (expert_meta.get("train_config") or {}).get("vae") or {}
+            trained = ExportMetadata.from_dict(expert_meta).vae or {}
             spec = dict(trained) if trained.get("type") in ("pixel", "hunyuan-tiny") and \
                 not (root / VAE_FILE).exists() else VAE_FILE
             if spec == VAE_FILE and not (root / VAE_FILE).exists() and (root / "vae").is_dir():

@@ -47,7 +47,8 @@ from typing import Any
 import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR
-from ddm.export import (find_router_exports, stage_exports, staging_dir, swap_into_place)
+from ddm.export import find_router_exports, stage_exports, staging_dir, swap_into_place
+from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
 from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, scan_model_folder, stage_order,
                               write_model_index)
@@ -256,11 +257,6 @@ JOIN_GEOMETRY = ("height", "width", "num_frames", "latent_shape", "frames_shape"
 JOIN_CONFIG = ("latent_channels", "context_in_dim", "vec_in_dim")
 
 
-def _vae_spec(meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    vae = ((meta.get("train_config") or {}).get("vae")) or None
-    return {k: v for k, v in vae.items() if k not in ("path", "device", "dtype", "tiling")} if vae else None
-
-
 def check_joining_expert(pool_meta: Mapping[str, Any], new_meta: Mapping[str, Any], stage: str, label: str) -> None:
     """A ValueError naming the first field in which the joining expert's ``stage`` export differs from the pool's."""
     if new_meta.get("kind") not in (None, "expert"):
@@ -269,7 +265,7 @@ def check_joining_expert(pool_meta: Mapping[str, Any], new_meta: Mapping[str, An
              for f in JOIN_CONFIG]
     pairs += [(f"geometry.{f}", (pool_meta.get("geometry") or {}).get(f), (new_meta.get("geometry") or {}).get(f))
               for f in JOIN_GEOMETRY]
-    pairs.append(("train_config.vae", _vae_spec(pool_meta), _vae_spec(new_meta)))
+    pairs.append(("vae", ExportMetadata.from_dict(pool_meta).latent_space, ExportMetadata.from_dict(new_meta).latent_space))
     for name, ours, theirs in pairs:
         if ours is not None and theirs is not None and ours != theirs:
             raise ValueError(f"{label} ({stage}) cannot join the pool: its {name} is {theirs!r} but the pool's is "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, atomic_write, file_sha256
+from ddm.export_metadata import ExportMetadata
 from ddm.interop import read_checkpoint_metadata
 from ddm.model_folder import FolderLayout, ModelIndex, read_model_index, scan_model_folder, stage_order
 from ddm.shards import INDEX_NAME, available_experts, expert_dirname
@@ -70,10 +71,8 @@ def _hash_rel(root: Path, rels: Sequence[str], fresh: bool = False) -> dict[str,
 
 # --- what an export records -------------------------------------------------------------------------------------
 def shards_dir_of(meta: Mapping[str, Any]) -> str | None:
-    """The shard folder the export's training read: ``geometry.shards_dir``, else ``train_config.data``'s."""
-    geometry = meta.get("geometry") or {}
-    data = (meta.get("train_config") or {}).get("data") or {}
-    return geometry.get("shards_dir") or data.get("shards_dir") or None
+    """The shard folder the export's training read (:attr:`ddm.export_metadata.ExportMetadata.shards_dir`)."""
+    return ExportMetadata.from_dict(meta).shards_dir
 
 
 def cluster_shards(shards_dir: Path, expert_id: int | str | None) -> list[str]:

@@ -202,7 +202,7 @@ def test_a_joining_expert_must_share_the_latent_space_and_text_widths():
     check_joining_expert(pool, same, "stage2", "new")  # where the VAE sits does not matter
     for change, message in ((("config", "context_in_dim", 64), "config.context_in_dim is 64"),
                             (("geometry", "height", 32), "geometry.height is 32"),
-                            (("train_config", "vae", {"type": "pixel", "spatial_factor": 2}), "train_config.vae")):
+                            (("train_config", "vae", {"type": "pixel", "spatial_factor": 2}), "its vae is")):
         group, key, value = change
         other = {**pool, group: {**pool[group], key: value}}
         with pytest.raises(ValueError, match=message):

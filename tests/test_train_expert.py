@@ -117,7 +117,7 @@ def test_expert_on_raw_frames_with_a_weighted_vae_resumes(tmp_path, make_shards,
             f"text.folder={tiny_text_dir}", "expert=1",
             # the fixture's clips: 5 frames of 4x4 px at 8 fps; a tiny HunyuanVideo VAE compressing 2x in
             # space turns them into 16-channel latents of 2 frames x 2x2 for the 16-channel tiny expert
-            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}", "recipe.vae_spatial_factor=2",
+            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}",
             "recipe.stage2.resolution=4", "recipe.stage2.num_frames=5", "recipe.stage2.fps=8",
             "model.preset=tiny", "recipe.stage2.batch_size=4", "checkpoint.every_n_steps=2"]
     run = run_dir(tmp_path)

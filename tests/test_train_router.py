@@ -69,7 +69,7 @@ def test_router_matches_the_closed_form_posterior(tmp_path):
         "optim.ema_decay=0.995",
         # the stage geometry the mixture shards record (1 frame of 4x4 px, latents 2x2)
         "recipe.stage2.resolution=4", "recipe.stage2.num_frames=1", "recipe.stage2.fps=1",
-        "recipe.vae_spatial_factor=2",
+        "vae.spatial_factor=2",  # the latents are 2x2 of 4x4 px: the pixel VAE compresses 2x in space
     ])
     train_router(cfg)
     router = build_model_from_export(Path(cfg.run_dir) / "export").eval()
@@ -130,7 +130,7 @@ def test_router_on_raw_frames_with_a_weighted_vae_resumes(tmp_path, make_shards)
     args = ["experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}", "data.raw_frames=true",
             # the fixture's clips: 5 frames of 4x4 px at 8 fps; a tiny HunyuanVideo VAE compressing 2x in
             # space turns them into 16-channel latents of 2 frames x 2x2, one patch per latent frame
-            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}", "recipe.vae_spatial_factor=2",
+            "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}",
             "recipe.stage2.resolution=4", "recipe.stage2.num_frames=5", "recipe.stage2.fps=8",
             "router_model.preset=tiny", "+router_model.overrides.patch_size=[1,2,2]", "use_text=false",
             "recipe.router.batch_size=4", "recipe.router.val_every_n_steps=100", "checkpoint.every_n_steps=2"]

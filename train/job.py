@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddm.checkpoint import file_sha256, read_export_metadata, save_export
+from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm import flow
 from ddm.flow import latent_frames
 from ddm.models import budget as expert_budget_lib
 from ddm.models.context_parallel import tokens_per_rank
 from ddm.models.presets import ExpertConfig, get_expert_config
 from ddm.models.router import RouterConfig, get_router_config, router_flops
+from ddm.models.vae import vae_spatial_factor
 from train.ledger import ComputeLedger, match_monolith
 from train.metrics_log import merge_metrics
 from train.run import (StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir, is_rank_zero_process,
@@ -58,7 +60,7 @@ class Geometry:
 
 def stage_geometry(cfg: DictConfig) -> Geometry:
     res, frames = int(cfg.stage.resolution), int(cfg.stage.num_frames)
-    sf = int(cfg.recipe.vae_spatial_factor)
+    sf = vae_spatial_factor(OmegaConf.to_container(cfg.vae, resolve=True))  # one source: the VAE config
     if res % sf:
         raise ValueError(f"stage resolution {res} is not divisible by the VAE's spatial factor {sf}")
     text = cfg.recipe.text_pad_to
@@ -74,8 +76,6 @@ MEMBER_KEYS = ("model", "prediction")  # what ``expert_overrides.<k>`` may chang
 
 def expert_overrides(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     """``cfg.expert_overrides`` checked: {expert id: {"model": {ExpertConfig field: value}, "prediction": ...}}."""
-    from omegaconf import OmegaConf
-
     node = cfg.get("expert_overrides")
     raw = OmegaConf.to_container(node, resolve=True) if node else {}
     out: dict[int, dict[str, Any]] = {}
@@ -284,8 +284,6 @@ def check_shards(cfg: DictConfig, expert: int | str | list[int]) -> ShardSet:
 def check_geometry(cfg: DictConfig, shards: ShardSet, latent_channels: int | None):
     """The shards' recorded geometry (``data.geometry``); a ValueError naming both values when the recipe's
     stage (resolution, frames, fps), the latent shape it implies or the VAE disagrees with it."""
-    from omegaconf import OmegaConf
-
     from data.geometry import read_shard_geometry
 
     found = read_shard_geometry(shards.root)
@@ -389,31 +387,25 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
                     shards: ShardSet, model_config: dict, geometry=None) -> dict[str, Any]:
     """What every export of this job records; ``geometry`` (a ``data.geometry.ShardGeometry``) is the
     geometry actually trained on, read from the shards."""
-    meta: dict[str, Any] = {
-        "kind": kind,
-        "config": model_config,
-        "stage": cfg.stage.name,
-        "experiment": cfg.experiment_name,
-        "manifest_hash": shards.manifest_hash,
-        "train_config": resolved,
-        "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
-        "export_dtype": str(cfg.checkpoint.get("export_dtype") or "fp32"),
-    }
-    if expert is not None:
-        meta["expert_id"] = expert
-    if kind == "expert":
-        meta["prediction"] = str(cfg.flow.get("prediction") or "velocity")
-    if geometry is not None:
-        meta["geometry"] = geometry.to_dict()
     centroids = Path(cfg.paths.data_dir) / "centroids.safetensors"
-    meta["centroids_hash"] = file_sha256(centroids) if centroids.exists() else ""
-    return meta
+    g = stage_geometry(cfg)
+    typed = ExportMetadata(
+        kind=kind, stage=cfg.stage.name, experiment=cfg.experiment_name, num_experts=int(cfg.num_experts),
+        expert_id=expert, prediction=str(cfg.flow.get("prediction") or "velocity"),
+        shards_index_hash=shards.manifest_hash, centroids_hash=file_sha256(centroids) if centroids.exists() else "",
+        stage_spec=StageSpec(resolution=g.resolution, num_frames=g.num_frames, fps=cfg.stage.get("fps"),
+                             vae_spatial_factor=g.spatial_factor, text_pad_to=cfg.recipe.get("text_pad_to"),
+                             flow_shift=cfg.flow.get("shift")),
+        vae=OmegaConf.to_container(cfg.vae, resolve=True), text=OmegaConf.to_container(cfg.text, resolve=True),
+        geometry=geometry.to_dict() if geometry is not None else None)
+    # the typed fields at the top level (ddm.export_metadata reads them); the whole resolved config for provenance
+    return {**typed.fields(), "config": model_config, "train_config": resolved,
+            "max_shard_bytes": int(cfg.checkpoint.export_max_shard_bytes),
+            "export_dtype": str(cfg.checkpoint.get("export_dtype") or "fp32")}
 
 
 def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, Any]:
     """The plain-dict training settings the LightningModules take (hyper-parameters in checkpoints)."""
-    from omegaconf import OmegaConf
-
     out = {
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "flow": OmegaConf.to_container(cfg.flow, resolve=True),

@@ -381,6 +381,20 @@ def _dtype(name: torch.dtype | str) -> torch.dtype:
 _VAE_TYPES = ("hunyuan", "hunyuan-tiny", "pixel")
 
 
+def vae_spatial_factor(spec: Mapping[str, Any]) -> int:
+    """The spatial compression of the VAE a spec builds, without building it (the one source of this fact:
+    the training geometry, the dry run and the export all read it from the VAE config)."""
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise ValueError(f"a VAE spec must be a mapping with a 'type' in {_VAE_TYPES}, got {spec!r}")
+    kind = spec["type"]
+    if kind == "pixel":
+        return int(spec.get("spatial_factor", 2))
+    if kind in ("hunyuan", "hunyuan-tiny"):
+        config = dict(spec.get("config") or {})
+        return int(config.get("spatial_compression", HunyuanVAEConfig.spatial_compression))
+    raise ValueError(f"unknown VAE type {kind!r}; expected one of {_VAE_TYPES}")
+
+
 def build_vae(spec: Mapping[str, Any]) -> nn.Module:
     """Make a VAE from a config mapping (a plain dict or a Hydra DictConfig).
 
