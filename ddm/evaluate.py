@@ -64,6 +64,7 @@ from ddm.eval.report import CLASSIC_METRICS, EVAL_FORMAT, METRICS, compare_runs,
 from ddm.eval.runs import (DDM_DEFAULT_STRATEGIES, MONOLITH_STRATEGY, ModelSpec, RunSpec,  # noqa: F401
                            model_runs, parse_model_arg, parse_strategy)
 from ddm.eval.stats import TINY_LABEL
+from ddm.sampling_spec import SamplingSpec
 
 __all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_prompt_file", "shard_captions",
            "Backbones", "build_tiny_backbones", "load_backbones", "SharedImageEmbeddings", "RunFolder",
@@ -344,7 +345,9 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
             if int(pipe.num_experts) != run.num_experts:
                 raise ValueError(f"model {spec.name!r}: model_index.json says {run.num_experts} experts but "
                                  f"{pipe.num_experts} loaded")
-        reused, generated = generate_run(pipe, folder, prompts, seeds, generate_kwargs={**sampler, **gen},
+        sampling = SamplingSpec(run.routing(threshold), num_steps=gen["num_steps"], cfg_scale=gen["cfg_scale"])
+        size = {key: gen[key] for key in ("num_frames", "height", "width")}
+        reused, generated = generate_run(pipe, folder, prompts, seeds, spec=sampling, generate_kwargs=size,
                                          batch_size=batch_size, fps=fps, progress=progress, name=run.name,
                                          per_prompt=extra)
         frames, height, width = _video_shape(folder.video_path(0))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ddm.model_folder import read_model_index
 from ddm.pipeline import DDMPipeline
-from ddm.sampler import STRATEGIES
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.video_io import write_gif, write_video
 
 log = logging.getLogger("ddm.generate")
@@ -63,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-fit", choices=["crop", "resize"], default=None,
                         help="an image of another aspect ratio than the video: crop (scale to cover, centre-crop) "
                              "or resize (stretch); without it such an image is an error")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="topk")
+    parser.add_argument("--strategy", default="topk",
+                        help="routing: top1, topk (with --k), topN (e.g. top2), full, threshold, oracle (with --expert)")
     parser.add_argument("--k", type=int, default=2, help="experts kept by --strategy topk")
     parser.add_argument("--threshold", type=float, default=0.1, help="weight threshold of --strategy threshold")
     parser.add_argument("--expert", type=int, default=None, help="the expert (1..K) of --strategy oracle")
@@ -101,6 +102,11 @@ def check_out_writable(out: Path) -> None:
         raise SystemExit(f"--out {out} is not writable: {err}") from None
 
 
+def routing_of(args: argparse.Namespace) -> Routing:
+    """The :class:`ddm.sampling_spec.Routing` of the flags (``--k`` counts only for ``--strategy topk``)."""
+    return Routing.parse(args.strategy, k=args.k if args.strategy == "topk" else None, threshold=args.threshold)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every cheap check before the experts are loaded: the numbers, the model index, the images, --out."""
     for name, value, low in (("--num-steps", args.steps, 1), ("--k", args.k, 1),
@@ -110,16 +116,18 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"{name} must be >= {low}, got {value}")
     if args.frames is not None and (args.frames - 1) % 4:
         raise SystemExit(f"--num-frames must be 4k+1 (1, 5, 9, ...), got {args.frames}")
-    if args.strategy == "threshold" and not 0.0 < args.threshold <= 1.0:
-        raise SystemExit(f"--threshold must be in (0, 1], got {args.threshold}")
+    try:
+        routing = routing_of(args)
+    except ValueError as err:
+        raise SystemExit(f"--strategy/--k/--threshold: {err}") from None
     try:
         num_experts = read_model_index(args.model).num_experts  # model_index.json alone: no weights read
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
     if num_experts and num_experts > 1:
-        if args.strategy == "topk" and args.k > num_experts:
-            raise SystemExit(f"--k {args.k} is more than the {num_experts} experts of {args.model}")
-        if args.strategy == "oracle" and args.expert is not None and not 1 <= args.expert <= num_experts:
+        if routing.strategy == "topk" and routing.k > num_experts:
+            raise SystemExit(f"--k {routing.k} is more than the {num_experts} experts of {args.model}")
+        if routing.strategy == "oracle" and args.expert is not None and not 1 <= args.expert <= num_experts:
             raise SystemExit(f"--expert {args.expert} is outside 1..{num_experts}")
     missing = [str(p) for p in args.image or [] if not p.is_file()]
     if missing:
@@ -146,10 +154,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     pipe = DDMPipeline.from_pretrained(args.model, stage=args.stage, device=args.device,
                                        dtype=getattr(torch, args.dtype) if args.dtype else None,
                                        placement=args.placement)
-    result = pipe.generate(prompts, num_frames=args.frames, height=args.height, width=args.width,
-                           num_steps=args.steps, cfg_scale=args.cfg, strategy=args.strategy, k=args.k,
-                           threshold=args.threshold, seeds=args.seed, images=images, batch_size=args.batch_size,
-                           trace=args.trace, oracle_ids=args.expert, image_fit=args.image_fit)
+    spec = SamplingSpec(routing_of(args), num_steps=args.steps, cfg_scale=args.cfg)
+    result = pipe.generate(prompts, spec, num_frames=args.frames, height=args.height, width=args.width,
+                           seeds=args.seed, images=images, batch_size=args.batch_size, trace=args.trace,
+                           oracle_ids=args.expert, image_fit=args.image_fit)
     fps = result.fps or DEFAULT_FPS
     written, records = [], []
     for i, (prompt, video) in enumerate(tqdm(list(zip(prompts, result.videos)), desc="writing", unit="video")):

@@ -56,6 +56,7 @@ from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_nul
 from ddm.models.vae import PixelVAE, build_vae, load_vae
 from ddm.models.velocity import VelocityModel, as_velocity_model, unwrap_velocity_model
 from ddm.sampler import ExpertPlacement, RoutingTrace, sample
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.video_io import read_video, resize_center_crop
 
 __all__ = ["MODEL_INDEX", "StageGeometry", "ModelIndex", "read_model_index", "write_model_index", "FolderLayout",
@@ -429,21 +430,21 @@ class DDMPipeline:
         return {"latent": latent, "mask": mask}
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, num_frames: int | None = None, height: int | None = None,
-                 width: int | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
-                 strategy: str = "topk", k: int = 2, threshold: float = 0.1, seeds: Sequence[int] | int | None = None,
+    def generate(self, prompts: Sequence[str], spec: SamplingSpec | None = None, *, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, seeds: Sequence[int] | int | None = None,
                  images: Sequence[np.ndarray | str | Path | None] | None = None, batch_size: int = 4,
                  trace: bool = False, progress: bool = True, oracle_ids: Sequence[int] | int | None = None,
-                 shift: float | str | None = None, image_fit: str | None = None) -> GenerationResult:
+                 image_fit: str | None = None) -> GenerationResult:
         """Text-to-video (and image-to-video) with the routed sampler.
 
         Args:
             prompts: one caption per sample.
+            spec: :class:`ddm.sampling_spec.SamplingSpec`; default top-2 routing; its ``num_steps``,
+                ``cfg_scale`` and ``shift`` left None take the index's scheduler (50, 7.5, ``"video"``); the
+                folder's prior correction is added unless the routing sets one. Routing is ignored by a
+                one-expert folder. Placement is the pipeline's (``from_pretrained(placement=...)``).
             num_frames, height, width: default: the stage's (num_frames must be 4k+1).
-            num_steps, cfg_scale, shift: Euler steps, guidance scale and schedule shift; default: the index's
-                scheduler (50, 7.5, ``"video"``).
-            strategy, k, threshold, oracle_ids: routing (:func:`ddm.sampler.routing_weights`); ignored by a
-                one-expert folder.
+            oracle_ids: the oracle routing's expert id (1..K), one per prompt or one for all.
             seeds: one per prompt, or an int s for s, s+1, …; None draws them (returned in the result).
                 A sample depends only on its prompt, image and seed, not on its batch mates.
             images: per prompt an RGB uint8 (H, W, 3) array, an image path, or None (t2v); the image becomes
@@ -453,6 +454,11 @@ class DDMPipeline:
                 are scaled either way).
             batch_size: samples per sampler call. trace: also return the routing trace.
         """
+        spec = spec if spec is not None else SamplingSpec(Routing("topk", k=2))
+        if spec.placement is not None and spec.placement != self.placement.policy:
+            raise ValueError(f"this pipeline places its experts by {self.placement.policy!r}; load it with "
+                             f"DDMPipeline.from_pretrained(..., placement={spec.placement!r}) to sample that way")
+        routing = spec.routing.with_prior(self.prior_correction)
         if isinstance(prompts, str):
             raise ValueError("generate() takes a list of prompts, not a single string")
         prompts = list(prompts)
@@ -477,9 +483,10 @@ class DDMPipeline:
                                                     f"'{im}'" if isinstance(im, (str, Path)) else f"image {i + 1}")
                   for i, im in enumerate(images)]
         scheduler = self.index.scheduler
-        num_steps = int(num_steps if num_steps is not None else scheduler.get("num_steps", 50))
-        cfg_scale = float(cfg_scale if cfg_scale is not None else scheduler.get("cfg_scale", 7.5))
-        alpha = self.shift_alpha(latent_shape, shift)
+        num_steps = int(spec.num_steps if spec.num_steps is not None else scheduler.get("num_steps", 50))
+        cfg_scale = float(spec.cfg_scale if spec.cfg_scale is not None else scheduler.get("cfg_scale", 7.5))
+        alpha = self.shift_alpha(latent_shape, spec.shift)
+        resolved = SamplingSpec(routing, num_steps, cfg_scale, spec.shift, self.placement.policy)
         uncond = None
         if cfg_scale != 1.0:
             if self.null_text is None:
@@ -487,7 +494,7 @@ class DDMPipeline:
                                         f"{NULL_CLIP_FILE}: load the text encoders or use cfg_scale=1")
             uncond = {"t5": self.null_text[0], "clip": self.null_text[1]}
         log.info("generating %d video(s) of %d x %dx%d (stage %s, %d experts, %s, %d steps, cfg %.3g, shift %.3g)",
-                 n, num_frames, height, width, self.stage, self.num_experts, strategy, num_steps, cfg_scale, alpha)
+                 n, num_frames, height, width, self.stage, self.num_experts, routing.label, num_steps, cfg_scale, alpha)
 
         videos, latents, traces = [], [], []
         bar = tqdm(total=n, desc="generating", unit="video", disable=not progress)
@@ -496,10 +503,9 @@ class DDMPipeline:
             cond = self.encode_prompts(prompts[rows])
             i2v = self.encode_images(images[rows], latent_shape, (height, width), image_fit)
             ids = None if oracle[start] is None else oracle[rows]
-            out = sample(self.experts, self.router, (len(prompts[rows]), *latent_shape), cond, uncond=uncond,
-                         num_steps=num_steps, shift_alpha=alpha, cfg_scale=cfg_scale, strategy=strategy, k=k,
-                         threshold=threshold, oracle_ids=ids, prior_correction=self.prior_correction,
-                         seeds=seeds[rows], i2v=i2v, trace=trace, progress=progress, placement=self.placement)
+            out = sample(self.experts, self.router, (len(prompts[rows]), *latent_shape), cond, resolved,
+                         shift_alpha=alpha, uncond=uncond, oracle_ids=ids, seeds=seeds[rows], i2v=i2v, trace=trace,
+                         progress=progress, placement=self.placement)
             latent, batch_trace = out if trace else (out, None)
             videos.append(self.decode(latent))
             latents.append(latent.float().cpu())
@@ -509,10 +515,10 @@ class DDMPipeline:
         bar.close()
         merged = None
         if traces:
-            merged = RoutingTrace(strategy, traces[0].t, torch.cat([tr.weights for tr in traces], dim=1))
+            merged = RoutingTrace(routing.strategy, traces[0].t, torch.cat([tr.weights for tr in traces], dim=1))
         settings = {"stage": self.stage, "num_experts": self.num_experts, "num_frames": num_frames, "height": height,
                     "width": width, "num_steps": num_steps, "cfg_scale": cfg_scale, "shift_alpha": alpha,
-                    "strategy": strategy, "k": k, "threshold": threshold}
+                    "strategy": routing.strategy, "k": routing.k, "threshold": routing.threshold}
         return GenerationResult(np.concatenate(videos), torch.cat(latents), merged, seeds, prompts, self.fps,
                                 settings)
 

@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 from ddm.conditioning import i2v_condition, mode_frame_mask, write_back_known_frames
 from ddm.flow import drop_text, euler_schedule, euler_step
 from ddm.models.text import pad_tokens
+from ddm.sampling_spec import PLACEMENTS, STRATEGIES, Routing, SamplingSpec
 
 __all__ = [
+    "Routing",
+    "SamplingSpec",
     "STRATEGIES",
     "PLACEMENTS",
     "routing_weights",
@@ -49,8 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
-STRATEGIES: tuple[str, ...] = ("top1", "topk", "full", "oracle", "threshold")
-PLACEMENTS: tuple[str, ...] = ("same", "spread", "offload")
 
 
 # --- router logits → mixing weights ----------------------------------------------------------------------------
@@ -236,18 +237,19 @@ class ExpertPlacement:
 
 # --- one routed velocity ---------------------------------------------------------------------------------------
 def routed_velocity(x: torch.Tensor, t: torch.Tensor | float, cond: dict, experts: Sequence[ModelFn],
-                    router: ModelFn | None, *, strategy: str = "top1", k: int = 2, threshold: float = 0.1,
-                    oracle_ids=None, cfg_scale: float = 1.0, uncond: dict | None = None,
-                    prior_correction: torch.Tensor | Sequence[float] | None = None, return_weights: bool = False,
+                    router: ModelFn | None, routing: Routing | None = None, *, oracle_ids=None,
+                    cfg_scale: float = 1.0, uncond: dict | None = None, return_weights: bool = False,
                     placement: ExpertPlacement | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The mixed (and guided) velocity at ``(x, t)`` by grouped dispatch; see the module docstring.
 
-    ``router`` is not called for ``strategy='oracle'`` and may be None then, or with a single expert (the
-    monolith, weight 1). ``prior_correction`` (K,) is added to the logits (log π_k - log π_k^train, for a
-    router trained on balanced batches). ``cfg_scale != 1`` needs ``uncond`` (see :func:`prepare_uncond`).
+    ``routing`` (:class:`ddm.sampling_spec.Routing`, default top-1) says how the router's logits (plus its
+    ``prior_correction``) become weights. ``router`` is not called for the oracle and may be None then, or with
+    a single expert (the monolith, weight 1). ``cfg_scale != 1`` needs ``uncond`` (see :func:`prepare_uncond`).
     ``placement`` runs the experts (default: where they are). With ``return_weights`` also returns the
     (B, K) weights; expert j ran on exactly the samples whose weight in column j is non-zero.
     """
+    routing = routing if routing is not None else Routing()
+    strategy, prior_correction = routing.strategy, routing.prior_correction
     num = len(experts)
     if num == 0:
         raise ValueError("no experts given")
@@ -271,8 +273,8 @@ def routed_velocity(x: torch.Tensor, t: torch.Tensor | float, cond: dict, expert
             if correction.shape != (num,):
                 raise ValueError(f"prior_correction must have shape ({num},), got {tuple(correction.shape)}")
             logits = logits + correction
-        weights = routing_weights(logits, strategy, num, k=k, threshold=threshold, oracle_ids=oracle_ids,
-                                  batch=batch)
+        weights = routing_weights(logits, strategy, num, k=routing.k, threshold=routing.threshold,
+                                  oracle_ids=oracle_ids, batch=batch)
         weights = weights.to(x.device, torch.promote_types(weights.dtype, x.dtype))
 
     guided = cfg_scale != 1.0
@@ -417,12 +419,10 @@ def _i2v_tensor(i2v: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample(experts: Sequence[ModelFn], router: ModelFn | None, noise: torch.Tensor | Sequence[int], cond: dict,
-           *, uncond: dict | None = None, num_steps: int = 50, shift_alpha: float = 1.0, cfg_scale: float = 7.5,
-           strategy: str = "top1", k: int = 2, threshold: float = 0.1, oracle_ids=None,
-           prior_correction: torch.Tensor | Sequence[float] | None = None, seeds: Sequence[int] | None = None,
-           generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32, i2v: dict | None = None,
-           trace: bool = False, progress: bool = False, placement: str | ExpertPlacement = "same",
-           devices: Sequence[torch.device | str] | None = None,
+           spec: SamplingSpec | None = None, *, shift_alpha: float = 1.0, uncond: dict | None = None,
+           oracle_ids=None, seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
+           dtype: torch.dtype = torch.float32, i2v: dict | None = None, trace: bool = False, progress: bool = False,
+           placement: ExpertPlacement | None = None, devices: Sequence[torch.device | str] | None = None,
            ) -> torch.Tensor | tuple[torch.Tensor, RoutingTrace]:
     """Integrate the routed velocity from noise (t = 1) to data (t = 0) with Euler on ``euler_schedule``.
 
@@ -430,22 +430,29 @@ def sample(experts: Sequence[ModelFn], router: ModelFn | None, noise: torch.Tens
         experts, router: callables ``model(x, t, cond)``; ``router`` None for ``oracle`` or one expert.
         noise: the initial noise (B, ...), or its shape (drawn with ``seeds`` per sample, else ``generator``).
         cond: batch-first conditioning dict (docs/architecture.md); ``uncond`` the null dict for CFG.
-        num_steps, shift_alpha: the schedule ``shift(linspace(1, 0, N+1), alpha)``.
-        cfg_scale: guidance scale s (1 = no guidance, no unconditional calls).
-        strategy, k, threshold, oracle_ids, prior_correction: routing, see :func:`routed_velocity`.
+        spec: :class:`ddm.sampling_spec.SamplingSpec` — routing, ``num_steps`` (default 50), ``cfg_scale``
+            (guidance s, default 7.5; 1 = no guidance, no unconditional calls) and the placement policy.
+        shift_alpha: the schedule ``shift(linspace(1, 0, N+1), alpha)`` (the caller resolves ``spec.shift``:
+            it depends on the latent geometry).
+        oracle_ids: the oracle's expert id (1..K) per sample.
         i2v: ``{"latent": (B, C, T, H, W), "mask": (B, T) or (T,) bool}`` (or ``"mode"``, default
             ``"first_frame"``) — packed into ``cond["i2v"]`` for every expert. Whenever ``cond`` has
             ``"i2v"``, the known latent frames are written into x before the first step, after each step and
             so in the output, which keeps the conditioning frames exactly.
         trace: also return a :class:`RoutingTrace`.
-        placement, devices: an :class:`ExpertPlacement` or its policy name with ``devices``; the sample lives
-            on ``devices[0]`` (else on the noise's device). Module routers are moved there too.
+        placement, devices: a built :class:`ExpertPlacement` (the pipeline's), else one of ``spec.placement``
+            over ``devices``; the sample lives on ``devices[0]`` (else on the noise's device). Module routers
+            are moved there too.
 
     Returns:
         x0 (B, ...), and the trace when ``trace`` is set.
     """
-    if not isinstance(placement, ExpertPlacement):
-        placement = ExpertPlacement(experts, placement, devices)
+    spec = spec if spec is not None else SamplingSpec()
+    routing = spec.routing
+    num_steps = int(spec.num_steps) if spec.num_steps is not None else 50
+    cfg_scale = float(spec.cfg_scale) if spec.cfg_scale is not None else 7.5
+    if placement is None:
+        placement = ExpertPlacement(experts, spec.placement or "same", devices)
     if isinstance(noise, torch.Tensor):
         if seeds is not None:
             raise ValueError("give either a noise tensor or seeds, not both")
@@ -469,16 +476,15 @@ def sample(experts: Sequence[ModelFn], router: ModelFn | None, noise: torch.Tens
         x = write_back_known_frames(x, known)
 
     times = euler_schedule(num_steps, shift_alpha).to(home)
-    log.info("sampling %d x %s: %d Euler steps (shift %.3g), %d experts, strategy %s, cfg %.3g, placement %s",
-             batch, tuple(x.shape[1:]), num_steps, shift_alpha, len(experts), strategy, cfg_scale,
+    log.info("sampling %d x %s: %d Euler steps (shift %.3g), %d experts, routing %s, cfg %.3g, placement %s",
+             batch, tuple(x.shape[1:]), num_steps, shift_alpha, len(experts), routing.label, cfg_scale,
              placement.policy)
     recorded = []
     try:
         for i in tqdm(range(num_steps), desc="sampling", disable=not progress):
-            v, weights = routed_velocity(
-                x, times[i].expand(batch), cond, experts, router, strategy=strategy, k=k, threshold=threshold,
-                oracle_ids=oracle_ids, cfg_scale=cfg_scale, uncond=uncond, prior_correction=prior_correction,
-                return_weights=True, placement=placement)
+            v, weights = routed_velocity(x, times[i].expand(batch), cond, experts, router, routing,
+                                         oracle_ids=oracle_ids, cfg_scale=cfg_scale, uncond=uncond,
+                                         return_weights=True, placement=placement)
             x = euler_step(x, v, times[i], times[i + 1])
             if known is not None:
                 x = write_back_known_frames(x, known)
@@ -488,4 +494,4 @@ def sample(experts: Sequence[ModelFn], router: ModelFn | None, noise: torch.Tens
         placement.release()
     if not trace:
         return x
-    return x, RoutingTrace(strategy, times[:-1].tolist(), torch.stack(recorded))
+    return x, RoutingTrace(routing.strategy, times[:-1].tolist(), torch.stack(recorded))

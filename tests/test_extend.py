@@ -19,6 +19,7 @@ from data.extend import EXTEND_FILE, decide, extension_dir
 from data.geometry import read_shard_geometry
 from data.prepare import compose_config, prepare
 from data.synthetic import make_synthetic_dataset
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.checkpoint import file_sha256, read_export_metadata
 from ddm.eval.routing import T_GRID, compare_folders, main as routing_main
 from ddm.export import main as export_main
@@ -151,8 +152,7 @@ def test_grow_the_pool_from_3_to_4_experts_without_touching_the_old_ones(base, t
     assert pool["router"]["num_experts"] == 4 and pool["history"][-1]["op"] == "add"
     assert pool_main(["verify", str(four)]) == 0
     pipe = DDMPipeline.from_pretrained(four)
-    result = pipe.generate(["a circle moves left on a purple gradient background"], num_steps=2, seeds=[0],
-                           strategy="full", progress=False)
+    result = pipe.generate(["a circle moves left on a purple gradient background"], SamplingSpec(Routing("full"), num_steps=2), seeds=[0], progress=False)
     assert result.videos.shape[0] == 1 and pipe.num_experts == 4
     # refusals: the old 3-way router, an id the pool holds, an existing --out
     capsys.readouterr()

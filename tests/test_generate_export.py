@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export
 from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline
@@ -183,7 +184,7 @@ def test_a_tampered_export_and_a_nan_expert_are_named(exported, tmp_path):
                 export, meta, max_shard_bytes=int(meta["max_shard_bytes"]))
     pipe = DDMPipeline.from_pretrained(folder, stage="stage2")
     with pytest.raises(FloatingPointError, match="expert 3 returned a non-finite velocity"):
-        pipe.generate(["a cat"], num_steps=2, strategy="full", cfg_scale=1.0, seeds=0, progress=False)
+        pipe.generate(["a cat"], SamplingSpec(Routing("full"), num_steps=2, cfg_scale=1.0), seeds=0, progress=False)
     # one flipped bit inside expert 2's weights: refused on load, naming the file
     master = folder / "expert2" / "stage2" / MASTER_FILE
     data = bytearray(master.read_bytes())

@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm import flow
 from ddm.checkpoint import read_export_metadata, save_export
 from ddm.export import main as export_main
@@ -130,8 +131,7 @@ def test_mixed_velocity_matches_a_float64_reference(folder, tiny_text_dir, strat
     x = torch.randn(batch, latent_channels(), 2, 8, 8, generator=gen)
     t = torch.tensor([0.95, 0.7, 0.4, 0.1])
     cond, uncond = _cond(batch, tiny_text_dir), {k: v * 0 for k, v in _cond(batch, tiny_text_dir).items()}
-    got = routed_velocity(x, t, cond, pipe.experts, pipe.router, strategy=strategy, cfg_scale=2.0, uncond=uncond,
-                          prior_correction=pipe.prior_correction)
+    got = routed_velocity(x, t, cond, pipe.experts, pipe.router, Routing(strategy, k=2, prior_correction=pipe.prior_correction), cfg_scale=2.0, uncond=uncond)
 
     x64, t64 = x.double(), t.double()
     cond64 = {k: v.double() for k, v in cond.items()}
@@ -157,8 +157,7 @@ def test_mixed_velocity_matches_a_float64_reference(folder, tiny_text_dir, strat
 
 def test_heterogeneous_pool_samples_saves_and_lists(folder, tmp_path, capsys):
     pipe = DDMPipeline.from_pretrained(folder)
-    result = pipe.generate(["a red square moves left", "a blue circle"], num_steps=3, cfg_scale=2.0,
-                           strategy="full", seeds=[1, 2], progress=False)
+    result = pipe.generate(["a red square moves left", "a blue circle"], SamplingSpec(Routing("full"), num_steps=3, cfg_scale=2.0), seeds=[1, 2], progress=False)
     assert result.videos.shape[0] == 2 and torch.isfinite(torch.as_tensor(result.videos)).all()
     saved = pipe.save_pretrained(tmp_path / "saved")
     assert read_export_metadata(saved / "expert3" / "stage2")["prediction"] == "epsilon"

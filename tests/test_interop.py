@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.checkpoint import state_dict_sha256
 from ddm.interop import (COND_IN_FILE, WEIGHTS_FILE, load_expert_diffusers, save_expert_diffusers)
 from ddm.interop_export import export_diffusers
@@ -18,7 +19,7 @@ from ddm.pipeline import DDMPipeline
 from tests.fixtures.paris1 import build_demo_folder, build_paris1_folder, demo_expert
 
 PROMPTS = ["a red car drives along the coast", "a cat sleeps on a windowsill"]
-SAMPLE = dict(num_steps=3, cfg_scale=3.0, seeds=[1, 2], progress=False)
+SAMPLE = dict(spec=SamplingSpec(Routing("topk", k=2), num_steps=3, cfg_scale=3.0), seeds=[1, 2], progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e .[interop] "
                                                     "(the README's test command installs it)")
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.flow import euler_schedule, euler_step  # noqa: E402
 from ddm.interop import flux_inputs, flux_output, save_expert_diffusers, scheduler_sigmas  # noqa: E402
 from ddm.interop_export import export_diffusers  # noqa: E402
@@ -129,7 +130,7 @@ def test_demo_ddm_exported_to_diffusers_runs_in_diffusers_and_reimports(tiny_tex
         with torch.no_grad():
             (tokens,) = theirs(**flux_inputs(x, t, cond))
             assert _rel(flux_output(tokens, x), expert(x, t, cond)) <= 1e-5
-    result = pipe.generate(["a red car"], num_steps=3, seeds=[5], progress=False)
+    result = pipe.generate(["a red car"], SamplingSpec(Routing("topk", k=2), num_steps=3), seeds=[5], progress=False)
     vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(out, subfolder="vae").eval()
     with torch.no_grad():
         pixels = vae.decode(result.latents / vae.config.scaling_factor).sample.clamp(-1, 1)
@@ -139,7 +140,7 @@ def test_demo_ddm_exported_to_diffusers_runs_in_diffusers_and_reimports(tiny_tex
     scheduler.set_timesteps(sigmas=scheduler_sigmas(3))
     alpha = pipe.shift_alpha(result.latents.shape[1:])
     torch.testing.assert_close(scheduler.sigmas.float(), euler_schedule(3, alpha), rtol=0, atol=1e-6)
-    again = DDMPipeline.from_pretrained(out).generate(["a red car"], num_steps=3, seeds=[5], progress=False)
+    again = DDMPipeline.from_pretrained(out).generate(["a red car"], SamplingSpec(Routing("topk", k=2), num_steps=3), seeds=[5], progress=False)
     assert torch.equal(again.latents, result.latents)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.checkpoint import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export
 from ddm.flow import video_shift_alpha
 from ddm.models.hunyuan_vae import HunyuanVAEConfig
@@ -62,7 +63,8 @@ def test_loads_the_default_stage_with_the_weights_written(pipe, model_folder):
 
 
 def test_round_trip_reproduces_samples_bit_for_bit(pipe, tmp_path):
-    kwargs = dict(num_steps=3, cfg_scale=4.0, seeds=[3, 4, 5], batch_size=2, trace=True, progress=False)
+    kwargs = dict(spec=SamplingSpec(Routing("topk", k=2), num_steps=3, cfg_scale=4.0), seeds=[3, 4, 5], batch_size=2,
+                  trace=True, progress=False)
     first = pipe.generate(PROMPTS, **kwargs)
     res, frames, _ = STAGES["stage2"]
     assert first.videos.shape == (3, frames, res, res, 3) and first.videos.dtype == np.uint8
@@ -141,7 +143,7 @@ def test_reader_tolerates_variant_names_and_foreign_indexes(model_folder, tmp_pa
     for made, original in zip(load_null_tensors(b), load_null_tensors(folder)):
         assert torch.equal(made, original)
     res, frames, fps = STAGES["stage2"]
-    result = p.generate(PROMPTS[:1], num_steps=1, seeds=0, progress=False)
+    result = p.generate(PROMPTS[:1], SamplingSpec(Routing("topk", k=2), num_steps=1), seeds=0, progress=False)
     assert result.videos.shape == (1, frames, res, res, 3) and result.fps == fps
 
 
@@ -185,7 +187,7 @@ def test_prior_correction_from_the_router_export_reaches_the_sampler(model_folde
     meta = router_metadata(router, "stage2", train_config(folder, 3), prior_correction=[-50.0, 50.0, -50.0])
     save_export(router.state_dict(), biased / "Router", meta)
     p = DDMPipeline.from_pretrained(biased)
-    result = p.generate(PROMPTS, num_steps=2, strategy="top1", seeds=0, trace=True, progress=False)
+    result = p.generate(PROMPTS, SamplingSpec(Routing("top1"), num_steps=2), seeds=0, trace=True, progress=False)
     assert torch.equal(result.traces.samples_per_expert, torch.tensor([[0, 3, 0]] * 2))
 
 
@@ -194,8 +196,7 @@ def test_full_strategy_equals_a_hand_built_mix(pipe, model_folder):
     callable (a text-blind router: mixing then guiding equals the sampler's per-expert guidance)."""
     folder, _ = model_folder
     seeds, steps, scale = [11, 12], 3, 5.0
-    result = pipe.generate(PROMPTS[:2], strategy="full", num_steps=steps, cfg_scale=scale, seeds=seeds,
-                           progress=False)
+    result = pipe.generate(PROMPTS[:2], SamplingSpec(Routing("full"), num_steps=steps, cfg_scale=scale), seeds=seeds, progress=False)
 
     encoders = TextEncoders.from_folder(folder / "t5", folder / "clip")
     t5, clip = encoders.encode(PROMPTS[:2])
@@ -212,9 +213,7 @@ def test_full_strategy_equals_a_hand_built_mix(pipe, model_folder):
     _, ph, pw = experts[0].config.patch_size
     alpha = video_shift_alpha((latent_hw // ph) * (latent_hw // pw), latent_t)  # Open-Sora's video shift
     with torch.no_grad():
-        latents = sample([mixed], None, (2, channels, latent_t, latent_hw, latent_hw), cond,
-                         uncond={"t5": null_t5, "clip": null_clip}, num_steps=steps, shift_alpha=alpha,
-                         cfg_scale=scale, seeds=seeds)
+        latents = sample([mixed], None, (2, channels, latent_t, latent_hw, latent_hw), cond, SamplingSpec(num_steps=steps, cfg_scale=scale), uncond={"t5": null_t5, "clip": null_clip}, shift_alpha=alpha, seeds=seeds)
         video = pipe.vae.decode(latents).clamp(-1, 1)
     torch.testing.assert_close(result.latents, latents, rtol=1e-4, atol=1e-5)
     pixels = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
@@ -227,7 +226,7 @@ def test_i2v_keeps_the_conditioning_frame(pipe):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)  # resized and centre-cropped to the frame
     res, _, _ = STAGES["stage2"]
-    kwargs = dict(num_steps=2, cfg_scale=3.0, seeds=[1, 1], progress=False)
+    kwargs = dict(spec=SamplingSpec(Routing("topk", k=2), num_steps=2, cfg_scale=3.0), seeds=[1, 1], progress=False)
     # another aspect ratio than the square frame: cropping (or stretching) must be asked for
     with pytest.raises(ValueError, match=rf"image 1 is 30x21 .* but the video is {res}x{res} .*--image-fit"):
         pipe.generate(PROMPTS[:2], images=[image, None], **kwargs)
@@ -259,12 +258,11 @@ def test_one_expert_folder_without_router_samples(model_folder, tmp_path, tiny_t
     assert p.num_experts == 1 and p.router is None
     assert read_export_metadata(folder / "expert1" / "stage2")["expert_id"] == "all"
     assert weight_hashes(p) == [hashes["expert1/stage2"]]
-    result = p.generate(PROMPTS[:2], num_steps=2, seeds=[0, 1], progress=False)
+    result = p.generate(PROMPTS[:2], SamplingSpec(Routing("topk", k=2), num_steps=2), seeds=[0, 1], progress=False)
     cond = p.encode_prompts(PROMPTS[:2])
     res, frames, _ = STAGES["stage2"]
     shape = (2, p.vae.latent_channels, 1 + (frames - 1) // 4, res, res)
     with torch.no_grad():
-        direct = sample(p.experts, None, shape, cond, uncond={"t5": p.null_text[0], "clip": p.null_text[1]},
-                        num_steps=2, shift_alpha=p.shift_alpha(shape[1:]), cfg_scale=7.5, seeds=[0, 1])
+        direct = sample(p.experts, None, shape, cond, SamplingSpec(num_steps=2, cfg_scale=7.5), uncond={"t5": p.null_text[0], "clip": p.null_text[1]}, shift_alpha=p.shift_alpha(shape[1:]), seeds=[0, 1])
     assert torch.equal(result.latents, direct)
     assert np.isfinite(result.latents.numpy()).all() and result.videos.shape == (2, frames, res, res, 3)

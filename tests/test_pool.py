@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.checkpoint import MASTER_FILE, file_sha256, read_export_metadata, save_export
 from ddm.export import main as export_main
 from ddm.interop import build_checkpoint_model
@@ -181,7 +182,7 @@ def test_retire_keeps_the_other_experts_and_renormalises_the_router(folder, tmp_
     assert full[:, 1].mean() > 0.1  # the retired expert had real mass to hand on
     torch.testing.assert_close(weights.double(), reference, atol=1e-6, rtol=0)
 
-    result = pipe.generate(["a red car"], num_steps=2, seeds=0, strategy="full", progress=False)
+    result = pipe.generate(["a red car"], SamplingSpec(Routing("full"), num_steps=2), seeds=0, progress=False)
     assert result.videos.shape[0] == 1 and result.latents.isfinite().all()
 
     code, out, _ = _run(capsys, "list", new)

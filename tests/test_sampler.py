@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.analytic import GaussianMixture
 from ddm.flow import euler_schedule
 from ddm.sampler import ExpertPlacement, RoutingTrace, make_noise, routed_velocity, routing_weights, sample
@@ -99,7 +100,7 @@ def test_exact_experts_and_router_give_the_exact_marginal_velocity() -> None:
         x = 2.5 * torch.randn(shape, generator=gen, dtype=F64)
         for t in (torch.rand(shape[0], generator=gen, dtype=F64), torch.zeros(shape[0], dtype=F64),
                   torch.full((shape[0],), 0.99, dtype=F64), torch.ones(shape[0], dtype=F64)):
-            v = routed_velocity(x, t, {}, gm.expert_callables(), gm.router_callable(), strategy="full")
+            v = routed_velocity(x, t, {}, gm.expert_callables(), gm.router_callable(), Routing("full"))
             exact = gm.velocity(x.reshape(shape[0], -1), t).reshape(shape)
             rel = (v - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
             assert rel.max() <= 1e-5, rel.max()
@@ -112,8 +113,7 @@ def test_prior_correction_reweights_the_mixture() -> None:
     reweighted = GaussianMixture(new_prior, gm.means, gm.covs)
     x = 2 * torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     t = torch.full((200,), 0.6, dtype=F64)
-    v = routed_velocity(x, t, {}, gm.expert_callables(), gm.router_callable(), strategy="full",
-                        prior_correction=torch.log(new_prior) - torch.log(gm.weights))
+    v = routed_velocity(x, t, {}, gm.expert_callables(), gm.router_callable(), Routing("full", prior_correction=torch.log(new_prior) - torch.log(gm.weights)))
     torch.testing.assert_close(v, reweighted.velocity(x, t), rtol=1e-9, atol=1e-9)
 
 
@@ -132,8 +132,8 @@ def test_full_ensemble_euler_sample_matches_mixture_moments() -> None:
     n = 20_000
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     experts, router = gm.expert_callables(), gm.router_callable()
-    coarse = sample(experts, router, noise, {}, num_steps=100, cfg_scale=1.0, strategy="full")
-    fine = sample(experts, router, noise, {}, num_steps=200, cfg_scale=1.0, strategy="full")
+    coarse = sample(experts, router, noise, {}, SamplingSpec(Routing("full"), num_steps=100, cfg_scale=1.0))
+    fine = sample(experts, router, noise, {}, SamplingSpec(Routing("full"), num_steps=200, cfg_scale=1.0))
 
     ref = gm.sample(n, torch.Generator().manual_seed(3))
     centred = ref - ref.mean(0)
@@ -229,8 +229,7 @@ def test_grouped_dispatch_equals_naive(strategy: str, null_length: int | None) -
             [null["t5"], torch.zeros(1, length - null_length, 5, dtype=F64)], dim=1)  # training's rule
         uncond_full = {"t5": fitted.expand(batch, -1, -1), "clip": null["clip"].expand(batch, -1)}
 
-    v, weights = routed_velocity(x, t, cond, experts, router, strategy=strategy, k=2, threshold=0.3,
-                                 oracle_ids=oracle_ids, cfg_scale=scale, uncond=uncond, return_weights=True)
+    v, weights = routed_velocity(x, t, cond, experts, router, Routing(strategy, k=2, threshold=0.3), oracle_ids=oracle_ids, cfg_scale=scale, uncond=uncond, return_weights=True)
     reference_weights = routing_weights(router(x, t, cond), strategy, 3, k=2, threshold=0.3, oracle_ids=oracle_ids)
     torch.testing.assert_close(weights, reference_weights, rtol=0, atol=0)
     torch.testing.assert_close(v, _naive(x, t, cond, uncond_full, experts, weights, scale), rtol=1e-12, atol=1e-12)
@@ -258,13 +257,10 @@ def test_real_tiny_experts_and_router_grouped_equals_naive() -> None:
     uncond_full = {"t5": null["t5"][:, :length].expand(batch, -1, -1), "clip": null["clip"].expand(batch, -1),
                    "i2v": cond["i2v"]}  # the image condition is shared by both branches
     with torch.no_grad():
-        v, weights = routed_velocity(x, t, cond, experts, router, strategy="topk", k=2, cfg_scale=5.0,
-                                     uncond=null, return_weights=True)
+        v, weights = routed_velocity(x, t, cond, experts, router, Routing("topk", k=2), cfg_scale=5.0, uncond=null, return_weights=True)
         assert ((weights > 0).sum(1) == 2).all()
         torch.testing.assert_close(v, _naive(x, t, cond, uncond_full, experts, weights, 5.0), rtol=1e-4, atol=1e-5)
-        out = sample(experts, router, (batch, cfg.latent_channels, 2, 8, 8), {k: cond[k] for k in ("t5", "clip")},
-                     uncond=null, num_steps=2, seeds=list(range(batch)),
-                     i2v={"latent": cond["i2v"][:, 1:], "mask": mask})
+        out = sample(experts, router, (batch, cfg.latent_channels, 2, 8, 8), {k: cond[k] for k in ("t5", "clip")}, SamplingSpec(num_steps=2), uncond=null, seeds=list(range(batch)), i2v={"latent": cond["i2v"][:, 1:], "mask": mask})
     assert torch.equal(out[:, :, 0], cond["i2v"][:, 1:, 0])
 
 
@@ -275,8 +271,7 @@ def test_negative_prompts_of_another_length_are_padded() -> None:
     t = torch.full((batch,), 0.5, dtype=F64)
     experts = [LinearExpert(4, seed) for seed in (1, 2, 3)]
     cond, negative = _text_cond(batch, 3, 1), _text_cond(batch, 7, 2)
-    v, weights = routed_velocity(x, t, cond, experts, _tie_router(4), strategy="topk", cfg_scale=3.0,
-                                 uncond=negative, return_weights=True)
+    v, weights = routed_velocity(x, t, cond, experts, _tie_router(4), Routing("topk", k=2), cfg_scale=3.0, uncond=negative, return_weights=True)
     padded = dict(cond, t5=torch.cat([cond["t5"], torch.zeros(batch, 4, 5, dtype=F64)], dim=1))
     torch.testing.assert_close(v, _naive(x, t, padded, negative, experts, weights, 3.0), rtol=1e-12, atol=1e-12)
 
@@ -289,10 +284,10 @@ def test_mixing_then_guiding_equals_guiding_then_mixing_for_a_text_blind_router(
     experts = [LinearExpert(4, seed) for seed in (4, 5, 6)]
     cond, uncond = _text_cond(batch, 6, 1), _text_cond(batch, 6, 2)
     for strategy in ("full", "topk", "top1"):
-        kw = dict(strategy=strategy, k=2)
-        guided = routed_velocity(x, t, cond, experts, gm.router_callable(), cfg_scale=6.0, uncond=uncond, **kw)
-        v_c = routed_velocity(x, t, cond, experts, gm.router_callable(), **kw)
-        v_u = routed_velocity(x, t, uncond, experts, gm.router_callable(), **kw)
+        routing = Routing(strategy, k=2)
+        guided = routed_velocity(x, t, cond, experts, gm.router_callable(), routing, cfg_scale=6.0, uncond=uncond)
+        v_c = routed_velocity(x, t, cond, experts, gm.router_callable(), routing)
+        v_u = routed_velocity(x, t, uncond, experts, gm.router_callable(), routing)
         torch.testing.assert_close(guided, v_u + 6.0 * (v_c - v_u), rtol=1e-10, atol=1e-10)
 
 
@@ -305,11 +300,10 @@ def test_experts_nobody_selected_never_run() -> None:
 
     noise = torch.randn(batch, 4, dtype=F64)
     cond, null = _text_cond(batch, 3, 1), _text_cond(1, 3, 2)
-    _, trace = sample(experts, router, noise, cond, uncond=null, num_steps=steps, cfg_scale=2.0, strategy="top1",
-                      trace=True)
+    _, trace = sample(experts, router, noise, cond, SamplingSpec(Routing("top1"), num_steps=steps, cfg_scale=2.0), uncond=null, trace=True)
     assert [len(e.batches) for e in experts] == [steps, 0, 0]  # one call per step, CFG twins in the same call
     assert experts[0].batches == [2 * batch] * steps
-    sample(experts, router, noise, cond, uncond=null, num_steps=steps, cfg_scale=2.0, strategy="topk", k=2)
+    sample(experts, router, noise, cond, SamplingSpec(Routing("topk", k=2), num_steps=steps, cfg_scale=2.0), uncond=null)
     assert [len(e.batches) for e in experts] == [2 * steps, 0, steps]
     assert trace.samples_per_expert.tolist() == [[batch, 0, 0]] * steps
     assert trace.experts_run.tolist() == [1] * steps
@@ -319,8 +313,7 @@ def test_trace_counts_match_the_calls_and_round_trip(tmp_path) -> None:
     gm = _mixture_4d()
     experts = [Counting(f) for f in gm.expert_callables()]
     batch, steps = 9, 6
-    x, trace = sample(experts, gm.router_callable(), (batch, 4), {}, num_steps=steps, shift_alpha=2.0,
-                      cfg_scale=1.0, strategy="topk", k=2, seeds=list(range(batch)), dtype=F64, trace=True)
+    x, trace = sample(experts, gm.router_callable(), (batch, 4), {}, SamplingSpec(Routing("topk", k=2), num_steps=steps, cfg_scale=1.0), shift_alpha=2.0, seeds=list(range(batch)), dtype=F64, trace=True)
     assert trace.weights.shape == (steps, batch, 3)
     torch.testing.assert_close(trace.weights.sum(-1), torch.ones(steps, batch, dtype=F64))
     assert trace.t == pytest.approx(euler_schedule(steps, 2.0)[:-1].tolist())
@@ -348,7 +341,7 @@ def test_trace_counts_match_the_calls_and_round_trip(tmp_path) -> None:
 def test_sample_is_the_same_alone_or_in_a_batch() -> None:
     gm = _mixture_4d()
     shape = (1, 2, 1, 2)
-    kw = dict(num_steps=12, cfg_scale=1.0, strategy="top1", dtype=F64)
+    kw = dict(spec=SamplingSpec(Routing("top1"), num_steps=12, cfg_scale=1.0), dtype=F64)
     batch = sample(gm.expert_callables(), gm.router_callable(), (4, *shape), {}, seeds=[10, 11, 12, 13], **kw)
     alone = sample(gm.expert_callables(), gm.router_callable(), (1, *shape), {}, seeds=[12], **kw)
     other = sample(gm.expert_callables(), gm.router_callable(), (2, *shape), {}, seeds=[99, 12], **kw)
@@ -371,14 +364,12 @@ def test_i2v_keeps_the_conditioning_frames() -> None:
     experts = [recording(e) for e in gm.expert_callables()]
     batch = 3
     latent = torch.randn(batch, 1, 2, 1, 2, generator=torch.Generator().manual_seed(1))
-    out = sample(experts, gm.router_callable(), (batch, 1, 2, 1, 2), {}, seeds=[1, 2, 3], num_steps=5,
-                 cfg_scale=1.0, i2v={"latent": latent})  # default: the first latent frame is given
+    out = sample(experts, gm.router_callable(), (batch, 1, 2, 1, 2), {}, SamplingSpec(num_steps=5, cfg_scale=1.0), seeds=[1, 2, 3], i2v={"latent": latent})  # default: the first latent frame is given
     assert torch.equal(out[:, :, 0], latent[:, :, 0])
     assert not torch.equal(out[:, :, 1], latent[:, :, 1])
     for c in seen:  # the packed condition: mask channel, then the image latent on the given frame only
         assert (c[:, 0, 0] == 1).all() and (c[:, 0, 1] == 0).all()
-    last = sample(experts, gm.router_callable(), (batch, 1, 2, 1, 2), {}, seeds=[1, 2, 3], num_steps=3,
-                  cfg_scale=1.0, i2v={"latent": latent, "mask": torch.tensor([False, True])})
+    last = sample(experts, gm.router_callable(), (batch, 1, 2, 1, 2), {}, SamplingSpec(num_steps=3, cfg_scale=1.0), seeds=[1, 2, 3], i2v={"latent": latent, "mask": torch.tensor([False, True])})
     assert torch.equal(last[:, :, 1], latent[:, :, 1])
 
 
@@ -386,12 +377,14 @@ def test_oracle_reproduces_the_chosen_expert_alone() -> None:
     gm = _mixture_4d()
     experts = gm.expert_callables()
     noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
-    kw = dict(num_steps=10, cfg_scale=1.0)
-    routed = sample(experts, gm.router_callable(), noise, {}, strategy="oracle", oracle_ids=[2, 2, 2], **kw)
-    assert torch.equal(routed, sample([experts[1]], None, noise, {}, **kw))
-    mixed = sample(experts, None, noise, {}, strategy="oracle", oracle_ids=[3, 1, 2], **kw)
+    kw: dict = {}
+    spec = SamplingSpec(num_steps=10, cfg_scale=1.0)
+    oracle = spec.replace(routing=Routing("oracle"))
+    routed = sample(experts, gm.router_callable(), noise, {}, oracle, oracle_ids=[2, 2, 2], **kw)
+    assert torch.equal(routed, sample([experts[1]], None, noise, {}, spec, **kw))
+    mixed = sample(experts, None, noise, {}, oracle, oracle_ids=[3, 1, 2], **kw)
     for i, expert_id in enumerate([3, 1, 2]):
-        alone = sample([experts[expert_id - 1]], None, noise[i:i + 1], {}, **kw)
+        alone = sample([experts[expert_id - 1]], None, noise[i:i + 1], {}, spec, **kw)
         torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-12, atol=1e-12)
 
 
@@ -425,11 +418,10 @@ def _step_router(x, t, cond):
 def test_offload_moves_each_expert_in_only_while_selected() -> None:
     noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     log: list = []
-    reference = sample([RecordingExpert(j, []) for j in range(3)], _step_router, noise, {}, num_steps=6, cfg_scale=1.0)
+    reference = sample([RecordingExpert(j, []) for j in range(3)], _step_router, noise, {}, SamplingSpec(num_steps=6, cfg_scale=1.0))
     experts = [RecordingExpert(j, log) for j in range(3)]
     compute = torch.device("cpu", 0)  # a name distinct from storage "cpu", so the log shows which move is which
-    out = sample(experts, _step_router, noise, {}, num_steps=6, cfg_scale=1.0,
-                 placement=ExpertPlacement(experts, "offload", [compute], max_resident=0))
+    out = sample(experts, _step_router, noise, {}, SamplingSpec(num_steps=6, cfg_scale=1.0), placement=ExpertPlacement(experts, "offload", [compute], max_resident=0))
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     moves = [("to", j, "cpu") for j in range(3)]  # every expert starts on storage
     for j in (2, 2, 1, 1, 0, 0):  # t = 1, 5/6 → expert 3; 4/6, 3/6 → expert 2; 2/6, 1/6 → expert 1
@@ -437,8 +429,7 @@ def test_offload_moves_each_expert_in_only_while_selected() -> None:
     assert log == moves
 
     log.clear()
-    out = sample(experts, _step_router, noise, {}, num_steps=6, cfg_scale=1.0,
-                 placement=ExpertPlacement(experts, "offload", [compute], max_resident=1))
+    out = sample(experts, _step_router, noise, {}, SamplingSpec(num_steps=6, cfg_scale=1.0), placement=ExpertPlacement(experts, "offload", [compute], max_resident=1))
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     assert log == [("to", j, "cpu") for j in range(3)] + [
         ("to", 2, "cpu:0"), ("call", 2, "cpu"), ("call", 2, "cpu"),
@@ -452,9 +443,8 @@ def test_spread_places_expert_j_on_device_j_mod_n() -> None:
     noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     log: list = []
     experts = [RecordingExpert(j, log) for j in range(3)]
-    reference = sample([RecordingExpert(j, []) for j in range(3)], _step_router, noise, {}, num_steps=3, cfg_scale=1.0)
-    out = sample(experts, _step_router, noise, {}, num_steps=3, cfg_scale=1.0, placement="spread",
-                 devices=["cpu", torch.device("cpu", 0)])
+    reference = sample([RecordingExpert(j, []) for j in range(3)], _step_router, noise, {}, SamplingSpec(num_steps=3, cfg_scale=1.0))
+    out = sample(experts, _step_router, noise, {}, SamplingSpec(num_steps=3, cfg_scale=1.0, placement="spread"), devices=["cpu", torch.device("cpu", 0)])
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     assert log[:3] == [("to", 0, "cpu"), ("to", 1, "cpu:0"), ("to", 2, "cpu")]
     assert [entry[1] for entry in log[3:]] == [2, 1, 0]  # one call per step, no further moves
@@ -466,14 +456,14 @@ def test_bad_routing_requests_raise_clear_errors() -> None:
     experts, router = gm.expert_callables(), gm.router_callable()
     x, t = torch.zeros(2, 2, dtype=F64), torch.full((2,), 0.5, dtype=F64)
     with pytest.raises(ValueError, match="unknown routing strategy 'best'"):
-        routed_velocity(x, t, {}, experts, router, strategy="best")
+        routed_velocity(x, t, {}, experts, router, Routing("best"))
     with pytest.raises(ValueError, match="k=4"):
-        routed_velocity(x, t, {}, experts, router, strategy="topk", k=4)
+        routed_velocity(x, t, {}, experts, router, Routing("topk", k=4))
     with pytest.raises(ValueError, match="needs oracle_ids"):
-        routed_velocity(x, t, {}, experts, router, strategy="oracle")
+        routed_velocity(x, t, {}, experts, router, Routing("oracle"))
     for ids in ([0, 1], [1, 4]):
         with pytest.raises(ValueError, match=r"1\.\.3"):
-            routed_velocity(x, t, {}, experts, router, strategy="oracle", oracle_ids=ids)
+            routed_velocity(x, t, {}, experts, router, Routing("oracle"), oracle_ids=ids)
     with pytest.raises(ValueError, match="router predicts 4 experts but 3 are loaded"):
         routed_velocity(x, t, {}, experts, lambda x, t, c: torch.zeros(2, 4))
     with pytest.raises(ValueError, match="needs uncond"):
@@ -489,6 +479,6 @@ def test_bad_routing_requests_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown placement"):
         ExpertPlacement(experts, "everywhere")
     with pytest.raises(ValueError, match="either a noise tensor or seeds"):
-        sample(experts, router, x, {}, seeds=[1, 2], cfg_scale=1.0)
+        sample(experts, router, x, {}, SamplingSpec(cfg_scale=1.0), seeds=[1, 2])
     with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
-        sample(experts, router, (2, 2), {}, seeds=[1, 2, 3], cfg_scale=1.0)
+        sample(experts, router, (2, 2), {}, SamplingSpec(cfg_scale=1.0), seeds=[1, 2, 3])

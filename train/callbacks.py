@@ -320,6 +320,7 @@ class SampleVideos(L.Callback):
             return
         from ddm.models.vae import build_vae
         from ddm.sampler import sample
+        from ddm.sampling_spec import SamplingSpec
         from ddm.video_io import write_gif, write_video
 
         if self._vae is None:
@@ -330,9 +331,10 @@ class SampleVideos(L.Callback):
         cond = {"t5": p["t5"].to(device), "clip": p["clip"].to(device)}
         uncond = {"t5": pl_module.null_t5, "clip": pl_module.null_clip}
         with torch.no_grad():
-            latents = sample([pl_module.ema_model], None, (len(p["caption"]), *shape), cond, uncond=uncond,
-                             num_steps=self.num_steps, shift_alpha=pl_module.shift_alpha(torch.empty(1, *shape)),
-                             cfg_scale=self.cfg_scale, seeds=list(range(len(p["caption"]))))
+            latents = sample([pl_module.ema_model], None, (len(p["caption"]), *shape), cond,
+                             SamplingSpec(num_steps=self.num_steps, cfg_scale=self.cfg_scale),
+                             shift_alpha=pl_module.shift_alpha(torch.empty(1, *shape)), uncond=uncond,
+                             seeds=list(range(len(p["caption"]))))
             videos = self._vae.decode(latents.float().cpu())
         frames = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
         self.out_dir.mkdir(parents=True, exist_ok=True)

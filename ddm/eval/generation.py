@@ -95,12 +95,13 @@ def load_run_videos(paths: Sequence[Path]) -> list[np.ndarray]:
     return [np.load(p.with_suffix(".npy")) if p.with_suffix(".npy").is_file() else read_video(p)[0] for p in paths]
 
 
-def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *,
+def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *, spec: Any = None,
                  generate_kwargs: dict[str, Any], batch_size: int, fps: float | None = None, progress: bool = True,
                  name: str = "run", per_prompt: dict[str, Sequence[Any]] | None = None) -> tuple[int, int]:
     """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated)``.
 
-    ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, seeds=..., trace=True, **generate_kwargs)``).
+    ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, spec, seeds=..., trace=True,
+    **generate_kwargs)``; ``spec`` a :class:`ddm.sampling_spec.SamplingSpec`, ``generate_kwargs`` the video size).
     Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else ``ddm.generate``'s
     default), then the ``run.json`` commit. ``per_prompt`` holds generate arguments with one value per video
     (``oracle_ids``), sliced per batch.
@@ -118,8 +119,8 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         sliced = {key: [values[i] for i in batch] for key, values in (per_prompt or {}).items()}
-        result = pipe.generate([prompts[i] for i in batch], seeds=[seeds[i] for i in batch], batch_size=len(batch),
-                               trace=True, progress=False, **generate_kwargs, **sliced)
+        result = pipe.generate([prompts[i] for i in batch], spec, seeds=[seeds[i] for i in batch],
+                               batch_size=len(batch), trace=True, progress=False, **generate_kwargs, **sliced)
         videos = [to_uint8_video(v, where=f"{name} video {i}") for i, v in zip(batch, result.videos)]
         if len(videos) != len(batch):
             raise ValueError(f"{name}: the pipeline returned {len(videos)} videos for {len(batch)} prompts")

@@ -11,26 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddm.sampling_spec import Routing
+
 __all__ = ["DDM_DEFAULT_STRATEGIES", "MONOLITH_STRATEGY", "ModelSpec", "RunSpec", "parse_strategy", "parse_model_arg",
            "model_runs"]
 
 DDM_DEFAULT_STRATEGIES = ("top1", "top2", "full")
 MONOLITH_STRATEGY = "single"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_STRATEGY_RE = re.compile(r"^(top(\d+)|full|threshold|oracle)$")
 
 
 def parse_strategy(label: str) -> tuple[str, int]:
-    """A strategy label → the sampler's ``(strategy, k)``: ``top1``, ``topN`` → ``("topk", N)``, ``full``,
-    ``threshold``, ``oracle``."""
-    m = _STRATEGY_RE.match(label)
-    if not m or m.group(2) == "0":
-        raise ValueError(f"unknown routing strategy {label!r}: expected top1, topN (N >= 2, e.g. top2), full, "
-                         "threshold or oracle")
-    if m.group(2) is None:
-        return label, 1
-    n = int(m.group(2))
-    return ("top1", 1) if n == 1 else ("topk", n)
+    """A strategy label → the sampler's ``(strategy, k)`` (:meth:`ddm.sampling_spec.Routing.parse`, the one
+    vocabulary): ``top1``, ``topN`` → ``("topk", N)``, ``full``, ``threshold``, ``oracle``."""
+    routing = Routing.parse(label)
+    return routing.strategy, routing.k
 
 
 @dataclass(frozen=True)
@@ -75,14 +70,18 @@ class RunSpec:
         """``model/strategy``, or just ``model`` for a monolith."""
         return self.model if self.strategy == MONOLITH_STRATEGY else f"{self.model}/{self.strategy}"
 
-    def sampler_args(self, threshold: float) -> dict[str, Any]:
-        """The routing arguments of ``DDMPipeline.generate`` for this run."""
+    def routing(self, threshold: float) -> Routing:
+        """How this run mixes the experts (a monolith: its one expert, whatever the strategy)."""
         if self.strategy == MONOLITH_STRATEGY:
-            return {"strategy": "top1", "k": 1}  # one expert, no router: every strategy is the same
-        strategy, k = parse_strategy(self.strategy)
-        if strategy == "oracle":  # the per-prompt expert ids travel with the prompts (evaluate's oracle_ids)
+            return Routing("top1")
+        return Routing.parse(self.strategy, threshold=threshold)
+
+    def sampler_args(self, threshold: float) -> dict[str, Any]:
+        """The routing as recorded in the run's settings (``run.json``; a rerun with other settings is refused)."""
+        r = self.routing(threshold)
+        if r.strategy == "oracle":  # the per-prompt expert ids travel with the prompts (evaluate's oracle_ids)
             return {"strategy": "oracle"}
-        return {"strategy": strategy, "k": k, **({"threshold": threshold} if strategy == "threshold" else {})}
+        return {"strategy": r.strategy, "k": r.k, **({"threshold": threshold} if r.strategy == "threshold" else {})}
 
 
 def model_runs(spec: ModelSpec, num_experts: int) -> list[RunSpec]:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from ddm.sampling_spec import Routing
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import get_expert_config
 from ddm.models.router import Router, get_router_config
@@ -82,12 +83,11 @@ def main() -> None:
         "two experts": lambda: (experts[0](x, t, cond), experts[1](x, t, cond)),
         "3 experts on B/3 each, direct": lambda: [
             experts[j](x[rows], t[rows], {key: v[rows] for key, v in cond.items()}) for j, rows in enumerate(thirds)],
-        "grouped top-1": lambda: routed_velocity(x, t, cond, experts, routed, strategy="top1"),
-        "grouped top-2": lambda: routed_velocity(x, t, cond, experts, routed, strategy="topk", k=2),
+        "grouped top-1": lambda: routed_velocity(x, t, cond, experts, routed, Routing("top1")),
+        "grouped top-2": lambda: routed_velocity(x, t, cond, experts, routed, Routing("topk", k=2)),
         "naive top-1": lambda: naive(x, t, cond, experts, routed, "top1"),
         "one expert, CFG batch": lambda: experts[0](x2, t2, both),
-        "grouped top-1, CFG": lambda: routed_velocity(x, t, cond, experts, routed, strategy="top1", cfg_scale=7.5,
-                                                      uncond=null),
+        "grouped top-1, CFG": lambda: routed_velocity(x, t, cond, experts, routed, Routing("top1"), cfg_scale=7.5, uncond=null),
     }
     if args.threads != 1:
         print("note: with more than one thread the CPU-time ratios miss the other threads' work")

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ddm.sampling_spec import Routing
 from ddm import flow
 from ddm.conditioning import batch_frame_mask, i2v_condition
 from ddm.models import budget
@@ -349,7 +350,7 @@ def section_c(report: Report, s: Sizes, args) -> None:
 
     with torch.inference_mode():
         one, v1 = timed(lambda: expert(x, t, cond), args.steps, args.warmup)
-        routed, v2 = timed(lambda: routed_velocity(x, t, cond, [expert] * num, routed_router, strategy="top1"),
+        routed, v2 = timed(lambda: routed_velocity(x, t, cond, [expert] * num, routed_router, Routing("top1")),
                            args.steps, args.warmup)
     if finite(report, "c", "expert velocity", v1) and finite(report, "c", "routed velocity", v2):
         report.add("c", f"routed top-1 step / one expert step (K={num}, batch {num})", "--sections c",
