@@ -35,12 +35,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data.embed import load_embeddings
-from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
 from ddm.checkpoint import atomic_path
 
 log = logging.getLogger(__name__)
 
-STAGE = "cluster"
+STEP = "cluster"
 CENTROIDS_FORMAT = "ddm-centroids-v1"
 MIN_POINTS_PER_FINE = 8  # fine centres are capped at N / 8 so small data sets do not get singleton cells
 SUBSAMPLE_PER_FINE = 64  # default subsample: 64 points per fine centre (faiss warns below 39)
@@ -522,7 +522,7 @@ def assign_new(embeddings: torch.Tensor, centroids_path: str | Path,
 
 def cluster(embeddings_path: str | Path, out_dir: str | Path, *, num_experts: int, fine_clusters: int = 1024,
             subsample: int | None = None, iters: int = 20, balanced: bool = True, max_ratio: float = 1.1,
-            seed: int = 0, device: str = "cpu", progress: bool = True) -> StageResult:
+            seed: int = 0, device: str = "cpu", progress: bool = True) -> StepResult:
     """Cluster ``embeddings.parquet`` into ``num_experts`` experts.
 
     Writes ``out_dir/centroids.safetensors`` and ``out_dir/assignments.parquet`` (``key``, ``expert``
@@ -538,10 +538,11 @@ def cluster(embeddings_path: str | Path, out_dir: str | Path, *, num_experts: in
     n = pq.ParquetFile(embeddings_path).metadata.num_rows
     if num_experts > n:
         raise ValueError(f"num_experts={num_experts} is more than the {n} embedded samples in '{embeddings_path}'")
-    config = {"stage": STAGE, "num_experts": num_experts, "fine_clusters": fine_clusters, "subsample": subsample,
+    config = {"stage": STEP,  # (key kept: it is part of the fingerprint)
+               "num_experts": num_experts, "fine_clusters": fine_clusters, "subsample": subsample,
               "iters": iters, "balanced": balanced, "max_ratio": max_ratio, "seed": seed}
     fp = fingerprint(config, [embeddings_path])
-    if done := completed_result(out, STAGE, fp):
+    if done := completed_result(out, STEP, fp):
         return done
 
     keys, x = load_embeddings(embeddings_path)
@@ -557,9 +558,9 @@ def cluster(embeddings_path: str | Path, out_dir: str | Path, *, num_experts: in
                       "distance": pa.array(fit.distances.float().cpu().numpy(), pa.float32())})
     assignments = write_parquet_atomic(table, out / "assignments.parquet")
     ratio = max(sizes) / max(min(sizes), 1)
-    result = StageResult(STAGE, n, n, 0, time.perf_counter() - t0, [str(assignments), str(centroids)],
+    result = StepResult(STEP, n, n, 0, time.perf_counter() - t0, [str(assignments), str(centroids)],
                          info={"sizes": sizes, "balance_ratio": ratio, "fine_clusters": len(fit.fine_centroids)})
-    mark_stage_done(out, STAGE, fp, result)
+    mark_step_done(out, STEP, fp, result)
     log.info("[cluster] expert sizes %s (largest/smallest = %.3f)",
              ", ".join(f"{k + 1}: {s}" for k, s in enumerate(sizes)), ratio)
     log.info(result.summary_line())

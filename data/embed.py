@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
 from ddm.assets import require_path
 from ddm.video_io import read_video
 
 log = logging.getLogger(__name__)
 
-STAGE = "embed"
+STEP = "embed"
 EMBEDDER_TYPES = ("dinov2", "clip_vision", "color_motion")
 _ASSET_NAME = {"dinov2": "dinov2", "clip_vision": "clip"}
 
@@ -149,7 +149,7 @@ def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, frames: str | int = "first",
-          batch_size: int = 32, device: str = "cpu", progress: bool = True) -> StageResult:
+          batch_size: int = 32, device: str = "cpu", progress: bool = True) -> StepResult:
     """Embed every row of ``manifest_path`` into ``out_dir/embeddings.parquet``.
 
     Raises FileNotFoundError (naming where to get the weights) before any decoding when a model folder
@@ -166,9 +166,10 @@ def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, fra
     manifest = pq.read_table(manifest_path, columns=["key", "path", "num_frames"]).to_pylist()
     if not manifest:
         raise ValueError(f"manifest '{manifest_path}' is empty: nothing to embed")
-    config = {"stage": STAGE, "embedder": spec, "frames": frames}
+    config = {"stage": STEP,  # (key kept: it is part of the fingerprint)
+               "embedder": spec, "frames": frames}
     fp = fingerprint(config, [manifest_path] + ([spec["path"]] if "path" in spec else []))
-    if done := completed_result(out, STAGE, fp):
+    if done := completed_result(out, STEP, fp):
         return done
 
     model = None if spec["type"] == "color_motion" else _HFImageEmbedder(spec, device)
@@ -197,8 +198,8 @@ def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, fra
                                            "dim": str(dim)})
     out.mkdir(parents=True, exist_ok=True)
     path = write_parquet_atomic(table, out / "embeddings.parquet")
-    result = StageResult(STAGE, len(manifest), len(manifest), 0, time.perf_counter() - t0, [str(path)])
-    mark_stage_done(out, STAGE, fp, result)
+    result = StepResult(STEP, len(manifest), len(manifest), 0, time.perf_counter() - t0, [str(path)])
+    mark_step_done(out, STEP, fp, result)
     log.info(result.summary_line())
     return result
 

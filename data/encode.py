@@ -14,7 +14,7 @@ and ``encode_plan.json``.
 Resumable: the sample → shard plan is a pure function of the inputs and the config, and every tar is
 written atomically, so a rerun after a crash or a kill skips the complete tars and writes the rest.
 ``encode_plan.json`` records the plan's hash: a shards dir written under a different plan is refused
-rather than mixed. Idempotent through :mod:`data.stage` (``encode.done.json`` in the shards dir).
+rather than mixed. Idempotent through :mod:`data.step` (``encode.done.json`` in the shards dir).
 
 Test hook: with the environment variable ``DDM_ENCODE_KILL_AFTER_SHARDS=N`` the process SIGKILLs itself
 once it has completed N tars in this run and is half-way through the next one (the crash-resume test).
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ddm.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
                          shard_relpath, write_index, write_shard)
-from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
 from ddm.checkpoint import atomic_path
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
@@ -50,7 +50,7 @@ from ddm.video_io import read_video, resize_center_crop
 
 log = logging.getLogger(__name__)
 
-STAGE = "encode"
+STEP = "encode"
 REJECTED_NAME = "encode_rejected.parquet"
 PLAN_NAME = "encode_plan.json"
 KILL_ENV = "DDM_ENCODE_KILL_AFTER_SHARDS"
@@ -284,7 +284,7 @@ def encode(manifest_path: str | Path, assignments_path: str | Path, out_dir: str
            resolution: int | Sequence[int] = 256, num_frames: int = 33, fps: float | None = None,
            vae: Mapping[str, Any] | None = None, text: Mapping[str, Any], val_fraction: float = 0.05,
            samples_per_shard: int = 256, image_mode: str = "repeat", batch_size: int = 8, device: str = "cpu",
-           progress: bool = True) -> StageResult:
+           progress: bool = True) -> StepResult:
     """Write ``<out_dir>/shards/<stage>/`` from ``manifest.parquet`` and ``assignments.parquet``.
 
     ``vae``: a :func:`ddm.models.vae.build_vae` spec, or None for raw-frames shards. ``text``: ``{"t5_dir",
@@ -312,11 +312,12 @@ def encode(manifest_path: str | Path, assignments_path: str | Path, out_dir: str
         if not p.is_file():
             raise FileNotFoundError(f"{what} not found: '{p}'")
     shards_dir = shards_dir_for(out_dir, stage)
-    config = {"stage": STAGE, "shards": stage, "size": size, "num_frames": num_frames, "fps": fps, "vae": vae,
+    config = {"stage": STEP,  # (key kept: it is part of the fingerprint)
+               "shards": stage, "size": size, "num_frames": num_frames, "fps": fps, "vae": vae,
               "text": text, "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
               "image_mode": image_mode}
     fp = fingerprint(config, [manifest_path, assignments_path])
-    if done := completed_result(shards_dir, STAGE, fp):
+    if done := completed_result(shards_dir, STEP, fp):
         return done
 
     manifest = pq.read_table(manifest_path).to_pylist()
@@ -359,9 +360,9 @@ def encode(manifest_path: str | Path, assignments_path: str | Path, out_dir: str
                                                         schema=REJECTED_SCHEMA), shards_dir / REJECTED_NAME)
     counts = {f"{expert_dirname(k)}/{split}": sum(1 for r in rows if r["expert"] == k and r["split"] == split)
               for k in sorted({r["expert"] for r in rows}) for split in SPLITS}
-    result = StageResult(STAGE, len(manifest), len(rows), len(rejected), time.perf_counter() - t0,
+    result = StepResult(STEP, len(manifest), len(rows), len(rejected), time.perf_counter() - t0,
                          [str(index), str(rejects)], info={"samples": counts, "shards": len(shards)})
-    mark_stage_done(shards_dir, STAGE, fp, result)
+    mark_step_done(shards_dir, STEP, fp, result)
     log.info("[encode] samples per expert/split: %s", ", ".join(f"{k}: {n}" for k, n in counts.items()))
     log.info(result.summary_line())
     return result

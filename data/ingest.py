@@ -30,12 +30,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data.stage import StageResult, completed_result, fingerprint, mark_stage_done, write_parquet_atomic
+from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
 from ddm.video_io import probe_video
 
 log = logging.getLogger(__name__)
 
-STAGE = "ingest"
+STEP = "ingest"
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "gif")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MANIFEST_SCHEMA = pa.schema([
@@ -204,7 +204,7 @@ def _collect(input_path: Path, video_exts: frozenset[str], image_exts: frozenset
 
 def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[str] = VIDEO_EXTS,
            image_exts: Sequence[str] = IMAGE_EXTS, min_frames: int = 1, min_size: int = 16, max_aspect: float = 4.0,
-           workers: int = 1, progress: bool = True) -> StageResult:
+           workers: int = 1, progress: bool = True) -> StepResult:
     """Probe every video/image under ``input_path`` and write ``out_dir/manifest.parquet`` + ``rejected.parquet``.
 
     Files whose shorter side is below ``min_size`` px, or whose longer side is more than ``max_aspect``
@@ -221,13 +221,14 @@ def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[
     if min_size < 1 or not max_aspect >= 1.0:
         raise ValueError(f"min_size must be >= 1 and max_aspect >= 1, got {min_size} and {max_aspect}")
     candidates = _collect(src, vexts, iexts)
-    config = {"stage": STAGE, "input": str(src.resolve()), "video_exts": sorted(vexts),
+    config = {"stage": STEP,  # (key kept: it is part of the fingerprint)
+               "input": str(src.resolve()), "video_exts": sorted(vexts),
               "image_exts": sorted(iexts), "min_frames": min_frames, "min_size": min_size, "max_aspect": max_aspect}
     # The files that matter: the manifest (if any), every media file and its sidecar caption.
     files = [] if src.is_dir() else [src]
     files += [p for c in candidates for p in (c.path, c.path.with_suffix(".txt")) if p.is_file()]
     fp = fingerprint(config, files)
-    if done := completed_result(out, STAGE, fp):
+    if done := completed_result(out, STEP, fp):
         return done
 
     log.info("[ingest] probing %d files from %s", len(candidates), src)
@@ -252,8 +253,8 @@ def ingest(input_path: str | Path, out_dir: str | Path, *, video_exts: Sequence[
     out.mkdir(parents=True, exist_ok=True)
     manifest = write_parquet_atomic(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
     rejects = write_parquet_atomic(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), out / "rejected.parquet")
-    result = StageResult(STAGE, len(candidates), len(rows), len(rejected), time.perf_counter() - t0,
+    result = StepResult(STEP, len(candidates), len(rows), len(rejected), time.perf_counter() - t0,
                          [str(manifest), str(rejects)])
-    mark_stage_done(out, STAGE, fp, result)
+    mark_step_done(out, STEP, fp, result)
     log.info(result.summary_line())
     return result

@@ -1,9 +1,9 @@
-"""``python -m data.prepare``: run the data stages ingest → embed → cluster → encode (Hydra, ``conf/prepare.yaml``).
+"""``python -m data.prepare``: run the data steps ingest → embed → cluster → encode (Hydra, ``conf/prepare.yaml``).
 
 ``mode=extend input=NEW`` instead adds new clips to a prepared pool as expert K+1 without touching it
 (:mod:`data.extend`).
 
-Any subset of ``stages`` runs, always in pipeline order; each stage is idempotent (a rerun with the same
+Any subset of ``steps`` runs, always in pipeline order; each step is idempotent (a rerun with the same
 inputs and config does no work) and encode resumes after a crash. Everything goes to ``paths.data_dir``::
 
     manifest.parquet rejected.parquet embeddings.parquet centroids.safetensors assignments.parquet
@@ -33,7 +33,7 @@ from data.embed import check_embedder_spec, embed
 from data.encode import encode
 from data.extend import extend
 from data.ingest import ingest
-from data.stage import StageResult
+from data.step import StepResult
 from ddm.assets import require_path
 from ddm.flow import latent_frames
 from ddm.lock import DirLock
@@ -41,7 +41,7 @@ from ddm.models.text import make_tiny_text_encoders
 
 log = logging.getLogger("data.prepare")
 
-STAGES = ("ingest", "embed", "cluster", "encode")
+STEPS = ("ingest", "embed", "cluster", "encode")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -49,13 +49,18 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def selected_stages(stages: Sequence[str]) -> list[str]:
-    """The requested stages in pipeline order; ValueError for unknown names or an empty list."""
-    stages = list(stages)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise ValueError(f"stages must be a non-empty subset of {list(STAGES)}, got {stages}")
-    return [s for s in STAGES if s in stages]
+def selected_steps(cfg: DictConfig) -> list[str]:
+    """The requested steps in pipeline order (``steps``; ``stages`` is its deprecated old name); ValueError for
+    unknown names or an empty list."""
+    steps = cfg.get("steps")
+    if cfg.get("stages") is not None:  # the old name, for one release
+        log.warning("[prepare] 'stages' is deprecated: say steps=[...] (a training stage is stage2/stage3)")
+        steps = cfg.stages
+    steps = list(steps or [])
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        raise ValueError(f"steps must be a non-empty subset of {list(STEPS)}, got {steps}")
+    return [s for s in STEPS if s in steps]
 
 
 def check_input(input_path: Any) -> Path:
@@ -88,15 +93,15 @@ def text_dirs(text: Mapping[str, Any]) -> dict[str, str]:
     return {"t5_dir": str(t5_dir), "clip_dir": str(clip_dir)}
 
 
-def preflight(cfg: DictConfig, stages: Sequence[str]) -> None:
-    """Cheap checks of everything the selected stages will need (before any stage runs)."""
-    if "ingest" in stages:
+def preflight(cfg: DictConfig, steps: Sequence[str]) -> None:
+    """Cheap checks of everything the selected steps will need (before any step runs)."""
+    if "ingest" in steps:
         check_input(None if OmegaConf.is_missing(cfg, "input") else cfg.input)
     if cfg.num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {cfg.num_experts}")
-    if "embed" in stages:
+    if "embed" in steps:
         check_embedder_spec(_plain(cfg.embedder))
-    if "encode" in stages:
+    if "encode" in steps:
         latent_frames(int(cfg.encode.num_frames))
         if not cfg.encode.raw_frames and cfg.vae.get("path"):
             require_path(cfg.vae.path, "vae")
@@ -112,8 +117,8 @@ def check_enough_samples(manifest_path: Path, num_experts: int) -> None:
         raise ValueError(f"num_experts={num_experts} is more than the {n} usable samples in '{manifest_path}'")
 
 
-def prepare(cfg: DictConfig) -> dict[str, StageResult]:
-    """Run the configured stages; returns each stage's result by name.
+def prepare(cfg: DictConfig) -> dict[str, StepResult]:
+    """Run the configured steps; returns each step's result by name.
 
     The prep folder is locked for the whole run (:class:`ddm.lock.DirLock`): a second ``data.prepare`` on
     it is refused with :class:`ddm.lock.DirLockedError` naming the holder's host and PID, instead of the
@@ -124,40 +129,40 @@ def prepare(cfg: DictConfig) -> dict[str, StageResult]:
         return {"extend": _extend(cfg, prep)}
     if str(cfg.get("mode", "prepare")) != "prepare":
         raise ValueError(f"mode must be 'prepare' or 'extend', got {cfg.mode!r}")
-    stages = selected_stages(cfg.stages)
-    preflight(cfg, stages)
+    steps = selected_steps(cfg)
+    preflight(cfg, steps)
     with DirLock(prep, "prep dir"):
-        return _run_stages(cfg, stages, prep)
+        return _run_steps(cfg, steps, prep)
 
 
-def _extend(cfg: DictConfig, prep: Path) -> StageResult:
+def _extend(cfg: DictConfig, prep: Path) -> StepResult:
     """``mode=extend``: the new clips of ``input`` become expert K+1 in a new folder (:mod:`data.extend`)."""
     preflight(cfg, ["ingest", "embed", "encode"])
     with DirLock(prep, "prep dir"):
         record = extend(cfg, embedder=_plain(cfg.embedder), text=text_dirs(_plain(cfg.text)),
                         vae=None if cfg.encode.raw_frames else _plain(cfg.vae), progress=bool(cfg.progress))
-    return StageResult("extend", record["new_clips"], record["encoded"], record["new_clips"] - record["to_new_expert"],
+    return StepResult("extend", record["new_clips"], record["encoded"], record["new_clips"] - record["to_new_expert"],
                        outputs=[record["shards"][str(cfg.encode.stage)]], info=record)
 
 
-def _run_stages(cfg: DictConfig, stages: Sequence[str], prep: Path) -> dict[str, StageResult]:
+def _run_steps(cfg: DictConfig, steps: Sequence[str], prep: Path) -> dict[str, StepResult]:
     manifest, embeddings, assignments = prep / "manifest.parquet", prep / "embeddings.parquet", prep / "assignments.parquet"
-    log.info("[prepare] stages %s → %s", stages, prep.resolve())
-    results: dict[str, StageResult] = {}
+    log.info("[prepare] steps %s → %s", steps, prep.resolve())
+    results: dict[str, StepResult] = {}
     common = {"progress": bool(cfg.progress)}
-    if "ingest" in stages:
+    if "ingest" in steps:
         results["ingest"] = ingest(cfg.input, prep, min_frames=cfg.ingest.min_frames, min_size=cfg.ingest.min_size,
                                    max_aspect=cfg.ingest.max_aspect, workers=cfg.ingest.workers, **common)
-    if "embed" in stages or "cluster" in stages:
+    if "embed" in steps or "cluster" in steps:
         check_enough_samples(manifest, cfg.num_experts)
-    if "embed" in stages:
+    if "embed" in steps:
         results["embed"] = embed(manifest, prep, embedder=_plain(cfg.embedder), frames=cfg.embed.frames,
                                  batch_size=cfg.embed.batch_size, device=cfg.device, **common)
-    if "cluster" in stages:
+    if "cluster" in steps:
         results["cluster"] = cluster(embeddings, prep, num_experts=cfg.num_experts, fine_clusters=cfg.cluster.fine_clusters,
                                      subsample=cfg.cluster.subsample, balanced=cfg.cluster.balanced,
                                      seed=cfg.cluster.seed, device=cfg.device, **common)
-    if "encode" in stages:
+    if "encode" in steps:
         e = cfg.encode
         results["encode"] = encode(manifest, assignments, prep, stage=e.stage, resolution=_plain(e.resolution),
                                    num_frames=e.num_frames, fps=e.fps, vae=None if e.raw_frames else _plain(cfg.vae),

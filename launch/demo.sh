@@ -84,7 +84,7 @@ step "2/7 prepare: ingest -> embed -> balanced clustering into K=$K -> shards (s
 quiet prepare_stage2 '\[data.prepare\]\[INFO\] - \[(cluster|encode)\] ' python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel \
   text=tiny num_experts=$K cluster.fine_clusters=24 encode.stage=stage2 progress=false
 quiet prepare_stage3 '\[data.prepare\]\[INFO\] - \[encode\] ' python -m data.prepare input="$demo/raw" recipe=tiny vae=pixel text=tiny \
-  num_experts=$K cluster.fine_clusters=24 encode.stage=stage3 stages='[encode]' progress=false
+  num_experts=$K cluster.fine_clusters=24 encode.stage=stage3 steps='[encode]' progress=false
 
 step "3-4/7 training: $K experts, the router and the monolith — independent processes in two lanes, one per core"
 echo "  lane 1: the monolith, stage 2 then stage 3 (its compute matched to the $K experts + the router)"

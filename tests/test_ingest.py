@@ -154,7 +154,7 @@ def test_keys_are_stable_unique_and_dot_free():
 
 
 def test_marker_guards_config_outputs_and_damage(tmp_path):
-    """data.stage through ingest: a changed setting, a deleted output or a damaged marker reruns the stage."""
+    """data.step through ingest: a changed setting, a deleted output or a damaged marker reruns the stage."""
     src = tmp_path / "src"
     add_video(src, "a.mp4", num_frames=4)
     out = tmp_path / "out"

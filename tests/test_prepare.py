@@ -85,7 +85,9 @@ def test_missing_or_empty_input_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is empty: nothing to prepare"):
         _prepare(tmp_path, f"input={tmp_path / 'empty'}")
-    with pytest.raises(ValueError, match="stages must be a non-empty subset"):
+    with pytest.raises(ValueError, match="steps must be a non-empty subset"):
+        _prepare(tmp_path, f"input={tmp_path}", "steps=[ingest,train]")
+    with pytest.raises(ValueError, match="steps must be a non-empty subset"):  # the deprecated name still parses
         _prepare(tmp_path, f"input={tmp_path}", "stages=[ingest,train]")
 
 
@@ -119,7 +121,7 @@ def test_a_second_prepare_on_the_same_prep_dir_is_refused_naming_the_holder(tmp_
         [sys.executable, "-c", "import sys, time; from ddm.lock import DirLock; DirLock(sys.argv[1]).acquire(); "
          "print('held', flush=True); time.sleep(300)", str(prep)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    args = [f"input={small_src}", f"text.folder={tiny_text_dir}", "stages=[ingest]"]
+    args = [f"input={small_src}", f"text.folder={tiny_text_dir}", "steps=[ingest]"]
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DirLockedError, match=rf"prep dir {prep} is in use by host {socket.gethostname()}, "
@@ -131,3 +133,6 @@ def test_a_second_prepare_on_the_same_prep_dir_is_refused_naming_the_holder(tmp_
         holder.wait()
     # the holder is gone (killed: the kernel dropped its lock), so the folder is free again
     assert _prepare(tmp_path, *args)["ingest"].n_output == 4
+    # the deprecated 'stages' still selects the steps (for one release): ingest is done, so it is skipped
+    again = _prepare(tmp_path, f"input={small_src}", f"text.folder={tiny_text_dir}", "stages=[ingest]")
+    assert list(again) == ["ingest"] and again["ingest"].skipped
