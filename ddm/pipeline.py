@@ -439,7 +439,7 @@ class DDMPipeline:
 
         Args:
             prompts: one caption per sample.
-            spec: :class:`ddm.sampling_spec.SamplingSpec`; default top-2 routing; its ``num_steps``,
+            spec: :class:`ddm.sampling_spec.SamplingSpec`; its routing left None is top-2; its ``num_steps``,
                 ``cfg_scale`` and ``shift`` left None take the index's scheduler (50, 7.5, ``"video"``); the
                 folder's prior correction is added unless the routing sets one. Routing is ignored by a
                 one-expert folder. Placement is the pipeline's (``from_pretrained(placement=...)``).
@@ -454,11 +454,11 @@ class DDMPipeline:
                 are scaled either way).
             batch_size: samples per sampler call. trace: also return the routing trace.
         """
-        spec = spec if spec is not None else SamplingSpec(Routing("topk", k=2))
+        spec = spec if spec is not None else SamplingSpec()
         if spec.placement is not None and spec.placement != self.placement.policy:
             raise ValueError(f"this pipeline places its experts by {self.placement.policy!r}; load it with "
                              f"DDMPipeline.from_pretrained(..., placement={spec.placement!r}) to sample that way")
-        routing = spec.routing.with_prior(self.prior_correction)
+        routing = (spec.routing or Routing("topk", k=2)).with_prior(self.prior_correction)  # default: top-2
         if isinstance(prompts, str):
             raise ValueError("generate() takes a list of prompts, not a single string")
         prompts = list(prompts)

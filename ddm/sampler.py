@@ -448,7 +448,7 @@ def sample(experts: Sequence[ModelFn], router: ModelFn | None, noise: torch.Tens
         x0 (B, ...), and the trace when ``trace`` is set.
     """
     spec = spec if spec is not None else SamplingSpec()
-    routing = spec.routing
+    routing = spec.routing if spec.routing is not None else Routing()
     num_steps = int(spec.num_steps) if spec.num_steps is not None else 50
     cfg_scale = float(spec.cfg_scale) if spec.cfg_scale is not None else 7.5
     if placement is None:

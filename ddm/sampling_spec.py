@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["STRATEGIES", "PLACEMENTS", "Routing", "SamplingSpec"]
 
@@ -86,12 +86,13 @@ class Routing:
 class SamplingSpec:
     """Every sampling setting: routing, Euler steps, guidance, the schedule's shift and expert placement.
 
-    ``num_steps``, ``cfg_scale`` and ``shift`` left None take the model folder's scheduler (the pipeline) or
-    the sampler's defaults (50 steps, CFG 7.5, no shift); ``shift`` is a number or ``"video"``. ``placement``
-    None: the pipeline's (chosen when it was loaded), the sampler's ``"same"``.
+    Every field left None takes the caller's default: ``routing`` top-2 in the pipeline (top-1 in the bare
+    sampler); ``num_steps``, ``cfg_scale`` and ``shift`` the model folder's scheduler (the pipeline) or 50
+    steps, CFG 7.5, no shift (the sampler); ``placement`` the pipeline's (chosen when it was loaded), else
+    ``"same"``. ``shift`` is a number or ``"video"``.
     """
 
-    routing: Routing = field(default_factory=Routing)
+    routing: Routing | None = None
     num_steps: int | None = None
     cfg_scale: float | None = None
     shift: float | str | None = None

@@ -65,3 +65,19 @@ def test_a_spec_pins_the_sampler_to_a_hand_written_euler_loop():
                 for j in range(3))
         x = euler_step(x, v, times[i], times[i + 1])
     torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_fields_left_empty_take_the_callers_defaults(tmp_path, tiny_text_dir):
+    """A spec that only sets the steps samples with the pipeline's default top-2 routing (not top-1), and the
+    bare sampler's default is top-1."""
+    from ddm.pipeline import DDMPipeline
+    from tests.fixtures.pipeline import build_model_folder
+
+    build_model_folder(tmp_path / "m", tiny_text_dir, num_experts=3)
+    pipe = DDMPipeline.from_pretrained(tmp_path / "m")
+    steps_only = pipe.generate(["a red car"], SamplingSpec(num_steps=2), seeds=[0], trace=True, progress=False)
+    top2 = pipe.generate(["a red car"], SamplingSpec(Routing.parse("top2"), num_steps=2), seeds=[0], trace=True,
+                         progress=False)
+    assert torch.equal(steps_only.latents, top2.latents)
+    assert ((steps_only.traces.weights > 0).sum(-1) == 2).all()
+    assert steps_only.settings["strategy"] == "topk" and steps_only.settings["k"] == 2
