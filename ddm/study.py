@@ -174,6 +174,30 @@ def plot_relative_improvement(agg: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_routing_accuracy(routing: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Each router's accuracy against the true cluster per t (mean ± SE over seeds) and the prior (chance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in routing.items():
+        t = [row["t"] for row in r["per_t"]]
+        mean = np.array([row["mean"] for row in r["per_t"]])
+        se = np.array([row["se"] or 0.0 for row in r["per_t"]])
+        ax.errorbar(t, mean, yerr=se, marker="o", capsize=3, label=f"{name} router")
+    chance = next(iter(routing.values()))["chance"]["mean"]
+    ax.axhline(chance, color="grey", linestyle="--", label="prior (largest cluster)")
+    ax.set(xlabel="t (1 = noise)", ylabel="top-1 accuracy vs the true cluster", ylim=(0, 1.05),
+           title="routing accuracy per t (held-out shards; SE over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- one seed: the pipeline as separate processes ----------------------------------------------------------------
 class Runner:
     """Runs the pipeline's CLIs for one seed folder: each in its own process, output in ``logs/<name>.log``."""
@@ -323,6 +347,7 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     agg["cluster_purity"] = mean_se([r["cluster_purity"] for r in results])
     atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(agg, indent=2)))
     plot_relative_improvement(agg, out / "relative_improvement.png")
+    plot_routing_accuracy(routing, out / "routing_accuracy.png")
     lines = [f"# DDM study ({size_name}, {len(results)} seeds)", "", study_table(agg),
              "Routing accuracy against the true cluster per t (mean ± SE over seeds):", "",
              "| router | " + " | ".join(f"t={row['t']:g}" for row in routing["blind"]["per_t"]) + " | chance |",

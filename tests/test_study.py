@@ -58,6 +58,7 @@ def test_quick_study_runs_every_arm_over_two_seeds(tmp_path, capsys):
         per_t = agg["routing"][router]["per_t"]
         assert len(per_t) >= 5 and all(0.0 <= row["mean"] <= 1.0 for row in per_t)
     assert (tmp_path / "relative_improvement.png").stat().st_size > 0
+    assert (tmp_path / "routing_accuracy.png").stat().st_size > 0
     assert "compute ledger" in (tmp_path / "study.md").read_text()
     # resumable: a rerun reuses every seed's result and rewrites the same aggregate
     before = (tmp_path / "study.json").read_text()
