@@ -66,6 +66,18 @@ def arms() -> list[str]:
 def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int], float]:
     """The expert most of each family's training clips went to (a held-out prompt's true cluster), and the
     cluster purity: the share of clips in their cluster's majority family."""
+    by_family, by_cluster = _family_cluster_counts(train_csv, assignments)
+    purity = sum(c.most_common(1)[0][1] for c in by_cluster.values()) / sum(map(sum, (c.values() for c in by_cluster.values())))
+    return {f: c.most_common(1)[0][0] for f, c in by_family.items()}, purity
+
+
+def family_of_cluster(train_csv: Path, assignments: Path) -> dict[int, int]:
+    """Each cluster's majority family (index into ``ddm.synthetic.FAMILIES``)."""
+    _, by_cluster = _family_cluster_counts(train_csv, assignments)
+    return {k: c.most_common(1)[0][0] for k, c in by_cluster.items()}
+
+
+def _family_cluster_counts(train_csv: Path, assignments: Path):
     import csv
     from collections import Counter, defaultdict
 
@@ -82,8 +94,30 @@ def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int
     for key, expert in zip(table["key"], table["expert"]):
         by_family[family[key]][int(expert)] += 1
         by_cluster[int(expert)][family[key]] += 1
-    purity = sum(c.most_common(1)[0][1] for c in by_cluster.values()) / len(table["key"])
-    return {f: c.most_common(1)[0][0] for f, c in by_family.items()}, purity
+    return by_family, by_cluster
+
+
+def settled_agreement(root: Path, n: int) -> dict[str, float]:
+    """Per routed DDM run of a seed: the share of its videos whose measured family (the ground truth's image
+    analysis) is the majority family of the cluster the router settled on (the arg-max weight at the last
+    Euler step). Low values mean the sample ignores the expert the router ended on."""
+    from ddm.eval.generation import RunFolder
+    from ddm.eval.groundtruth import GroundTruthEvaluator, families_in, read_manifest
+    from ddm.synthetic import FAMILIES
+
+    cluster_family = family_of_cluster(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
+    evaluator = GroundTruthEvaluator(families_in(read_manifest(root / "heldout")))
+    out = {}
+    for arm in arms():
+        if arm in (MONOLITH, ORACLE):
+            continue
+        folder = RunFolder(root / "eval" / "videos" / arm.split("/")[0] / arm.split("/")[1], {})
+        trace = folder.routing_trace(n)
+        settled = (trace.weights[-1].argmax(-1) + 1).tolist()  # slot j holds expert id j + 1 (ddm.export)
+        hits = [evaluator.measure(np.load(folder.array_path(i))).family == FAMILIES[cluster_family[k]].name
+                for i, k in enumerate(settled)]
+        out[arm] = float(np.mean(hits))
+    return out
 
 
 # --- aggregation (pure; tested on known inputs) ------------------------------------------------------------------
@@ -253,7 +287,11 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
     root = out / f"seed{seed}"
     result_path = root / "seed_result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if "settled_agreement" not in result:  # a seed run before this diagnostic existed: computed from its files
+            result["settled_agreement"] = settled_agreement(root, int(size["eval_videos"]))
+            atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        return result
     r = Runner(root)
     t0 = time.time()
     gen = ["--size", 32, "--num-frames", 17, "--shape-scale", 2]
@@ -322,7 +360,8 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
     routing = json.loads((root / "routing.json").read_text())
     result = {"seed": seed, "arms": {a: arms_found[a] for a in arms()},
               "routing": {name: routing[str(models / f"ddm-{name}")] for name in ROUTERS},
-              "ledger": _ledger(r.logs / "monolith.log"), "cluster_purity": purity, "seconds": time.time() - t0}
+              "ledger": _ledger(r.logs / "monolith.log"), "cluster_purity": purity,
+              "settled_agreement": settled_agreement(root, n), "seconds": time.time() - t0}
     atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return result
 
@@ -345,6 +384,8 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     agg["size"] = size_name
     agg["ledger_seed0"] = results[0].get("ledger")
     agg["cluster_purity"] = mean_se([r["cluster_purity"] for r in results])
+    agg["settled_agreement"] = {arm: mean_se([r["settled_agreement"][arm] for r in results])
+                                for arm in results[0]["settled_agreement"]}
     atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(agg, indent=2)))
     plot_relative_improvement(agg, out / "relative_improvement.png")
     plot_routing_accuracy(routing, out / "routing_accuracy.png")
@@ -355,7 +396,10 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     for name, rr in routing.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row) for row in rr["per_t"]) + f" | {_fmt(rr['chance'])} |")
     lines += ["", f"Cluster purity (share of training clips in their cluster's majority family): "
-                  f"{_fmt(agg['cluster_purity'])}."]
+                  f"{_fmt(agg['cluster_purity'])}.", "",
+              "How often the sample's measured family is the family of the cluster the router settled on (the "
+              "last step's arg-max), mean ± SE over seeds:", "", "| arm | agreement |", "|---|---|"]
+    lines += [f"| {arm} | {_fmt(v)} |" for arm, v in agg["settled_agreement"].items()]
     if agg["ledger_seed0"]:
         lines += ["", "Compute ledger (seed 0):", "", "```", agg["ledger_seed0"], "```"]
     atomic_write(out / "study.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
