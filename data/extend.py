@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,7 +46,7 @@ from data.embed import embed, load_embeddings
 from data.encode import PLAN_NAME, encode, shards_dir_for
 from data.geometry import read_shard_geometry
 from data.ingest import ingest
-from ddm.checkpoint import atomic_path, atomic_write, file_sha256, write_parquet_atomic
+from ddm.checkpoint import atomic_path, atomic_write, file_sha256, link_or_copy, write_parquet_atomic
 from ddm.shards import available_experts, expert_dirname, index_path, read_index, write_index
 
 log = logging.getLogger("data.extend")
@@ -116,16 +115,6 @@ def _extended_centroids(prep: Path, x_new: torch.Tensor, new_expert: int, fine_c
     return out
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)  # the same bytes, no space; the old tar stays exactly as it was
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _check_same_geometry(old_dir: Path, new_dir: Path) -> None:
     old, new = read_shard_geometry(old_dir), read_shard_geometry(new_dir)
     diff = [(f, getattr(old, f), getattr(new, f)) for f in GEOMETRY_FIELDS if getattr(old, f) != getattr(new, f)]
@@ -139,7 +128,7 @@ def _merge_pool_shards(old_dir: Path, new_dir: Path, out_dir: Path) -> int:
     old_rows, new_rows = read_index(old_dir).to_pylist(), read_index(new_dir).to_pylist()
     for rows, src in ((old_rows, old_dir), (new_rows, new_dir)):
         for shard in sorted({r["shard"] for r in rows}):
-            _link_or_copy(src / shard, out_dir / shard)
+            link_or_copy(src / shard, out_dir / shard)  # the old tars stay exactly as they were
     shutil.copy2(old_dir / PLAN_NAME, out_dir / PLAN_NAME)  # the pool's geometry record (checked equal above)
     write_index(out_dir, old_rows + new_rows)
     return len(new_rows)

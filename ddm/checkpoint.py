@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,6 +46,23 @@ HASHES_KEY = "tensor_sha256"  # metadata: {tensor name: tensor_sha256(tensor)}
 # --------------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------------
+
+def link_or_copy(src: str | Path, dst: str | Path, link: bool = True) -> Path:
+    """Put ``src`` at ``dst`` as a hard link (same bytes, no space) when ``link`` and the file system allow,
+    else as a copy; an existing ``dst`` is replaced. Returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if link:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+    shutil.copy2(src, dst)
+    return dst
+
 
 def fsync_dir(folder: Path) -> None:
     """Flush a directory entry (the rename) to disk; a no-op where directories cannot be opened."""

@@ -87,7 +87,8 @@ class ExportMetadata:
     @property
     def shards_dir(self) -> str | None:
         """The shard folder the job read (``geometry.shards_dir``)."""
-        return (self.geometry or {}).get("shards_dir") or self.raw.get("_legacy_shards_dir")
+        legacy = (self.raw.get("train_config") or {}).get("data") or {}  # exports before geometry was recorded
+        return (self.geometry or {}).get("shards_dir") or legacy.get("shards_dir") or None
 
     @classmethod
     def from_dict(cls, meta: Mapping[str, Any]) -> ExportMetadata:
@@ -102,8 +103,6 @@ class ExportMetadata:
             spec = {"resolution": per_stage.get("resolution"), "num_frames": per_stage.get("num_frames"),
                     "fps": per_stage.get("fps"), "vae_spatial_factor": recipe.get("vae_spatial_factor"),
                     "text_pad_to": recipe.get("text_pad_to"), "flow_shift": (legacy.get("flow") or {}).get("shift")}
-        if "_legacy_shards_dir" not in meta and (legacy.get("data") or {}).get("shards_dir"):
-            meta["_legacy_shards_dir"] = legacy["data"]["shards_dir"]
         k = meta.get("num_experts", legacy.get("num_experts"))
         return cls(kind=meta.get("kind"), stage=stage, experiment=meta.get("experiment") or legacy.get("experiment_name"),
                    num_experts=int(k) if k is not None else None, expert_id=meta.get("expert_id"),

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR
+from ddm.checkpoint import MASTER_FILE, SHARD_DIR, link_or_copy
 from ddm.export import find_router_exports, stage_exports, staging_dir, swap_into_place
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
@@ -58,14 +58,7 @@ from ddm.pool_manifest import (POOL_FILE, hash_files, pool_table, read_pool, ver
 # --- retire -----------------------------------------------------------------------------------------------------
 def _place(src: Path, dst: Path, link: bool) -> None:
     """``dst`` as a hard link of ``src`` (when ``link`` and the file system allows), else a copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:  # another file system, or links not allowed: copy instead
-            pass
-    shutil.copy2(src, dst)
+    link_or_copy(src, dst, link)
 
 
 def _place_tree(src: Path, dst: Path, link: bool) -> None:

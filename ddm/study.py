@@ -67,7 +67,8 @@ def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int
     """The expert most of each family's training clips went to (a held-out prompt's true cluster), and the
     cluster purity: the share of clips in their cluster's majority family."""
     by_family, by_cluster = _family_cluster_counts(train_csv, assignments)
-    purity = sum(c.most_common(1)[0][1] for c in by_cluster.values()) / sum(map(sum, (c.values() for c in by_cluster.values())))
+    clips = sum(sum(c.values()) for c in by_cluster.values())
+    purity = sum(c.most_common(1)[0][1] for c in by_cluster.values()) / clips
     return {f: c.most_common(1)[0][0] for f, c in by_family.items()}, purity
 
 
