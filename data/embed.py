@@ -43,6 +43,7 @@ COLOR_BINS = 4  # per channel → 64-bin joint RGB histogram
 LAYOUT_GRID = 4  # 4×4 mean-colour thumbnail
 WORK_SIZE = 32  # frames are area-resized to 32×32 first, so the cost does not grow with resolution
 LAYOUT_WEIGHT, MOTION_WEIGHT = 0.5, 0.5
+SPECTRUM_BAND = 8  # spatial frequencies 0..7 per axis (of the 32×32 work size) in the shape spectrum
 
 
 def _motion_features(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
@@ -60,12 +61,24 @@ def _motion_features(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
     return np.array([np.abs(it).mean(), np.tanh(vx / 2), np.tanh(vy / 2)])
 
 
-def color_motion_features(frames: np.ndarray, num_colour_frames: int) -> np.ndarray:
+def _spectrum_features(grey: np.ndarray) -> np.ndarray:
+    """Unit-norm magnitudes of the lowest 2-D spatial frequencies of grey frames (N, 32, 32), averaged over
+    frames. A magnitude spectrum does not change when the picture is shifted (with wrap-around), so it
+    describes *what* is drawn — the shape of a digit, a texture — and not where it is."""
+    a = np.abs(np.fft.fft2(grey - grey.mean(axis=(1, 2), keepdims=True)))
+    a = np.concatenate([a[:, :SPECTRUM_BAND, :SPECTRUM_BAND], a[:, -SPECTRUM_BAND + 1:, :SPECTRUM_BAND]], axis=1)
+    v = a.mean(0).ravel()
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def color_motion_features(frames: np.ndarray, num_colour_frames: int, spectrum_weight: float = 0.0) -> np.ndarray:
     """Features of one clip: ``frames`` (F, H, W, 3) uint8; the first ``num_colour_frames`` give colour
     and layout, consecutive pairs of all frames give motion (zeros for a single frame).
 
     Returns a float64 vector: sqrt joint RGB histogram (64, unit norm), 4×4 RGB thumbnail (48, weight
-    0.5), motion [mean |Δ|, vx, vy] (3, weight 0.5) — not yet normalised.
+    0.5), motion [mean |Δ|, vx, vy] (3, weight 0.5) — not yet normalised; with ``spectrum_weight`` > 0 also
+    the shift-invariant shape spectrum of the colour frames (:func:`_spectrum_features`, 120 values, unit norm
+    times the weight: for data whose clusters differ in shape, not colour, e.g. the moving digits).
     """
     small = np.stack([cv2.resize(f, (WORK_SIZE, WORK_SIZE), interpolation=cv2.INTER_AREA) for f in frames])
     small = small.astype(np.float64) / 255.0
@@ -79,7 +92,10 @@ def color_motion_features(frames: np.ndarray, num_colour_frames: int) -> np.ndar
         motion = np.mean([_motion_features(a, b) for a, b in zip(small[:-1], small[1:])], axis=0)
     else:
         motion = np.zeros(3)
-    return np.concatenate([np.sqrt(hist), LAYOUT_WEIGHT * layout / np.sqrt(layout.size), MOTION_WEIGHT * motion])
+    parts = [np.sqrt(hist), LAYOUT_WEIGHT * layout / np.sqrt(layout.size), MOTION_WEIGHT * motion]
+    if spectrum_weight > 0:
+        parts.append(spectrum_weight * _spectrum_features(colour.mean(-1)))
+    return np.concatenate(parts)
 
 
 # --- frame selection ------------------------------------------------------------------------------------
@@ -184,7 +200,8 @@ def embed(manifest_path: str | Path, out_dir: str | Path, *, embedder: dict, fra
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"cannot read '{row['key']}' ({row['path']}) for embedding: {e}") from e
         if model is None:
-            batch = torch.from_numpy(np.stack([color_motion_features(c, n) for c, n in clips])).float()
+            weight = float(spec.get("spectrum_weight", 0.0))
+            batch = torch.from_numpy(np.stack([color_motion_features(c, n, weight) for c, n in clips])).float()
         else:
             per_frame = model([f for c, _ in clips for f in c])
             sizes = [len(c) for c, _ in clips]

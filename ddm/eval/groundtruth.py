@@ -44,9 +44,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ddm.digits import FAMILY_PREFIX
+from ddm.eval.digits import DigitAttributes, DigitsEvaluator, is_digit_caption, parse_digit_caption
+from ddm.eval.motion_track import SPEED_NAMES, read_motion
 from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS, TEXTURE_WORDS
 
-__all__ = ["Attributes", "attributes_of", "read_manifest", "families_in", "GroundTruthEvaluator", "GroundTruthResult",
+__all__ = ["Attributes", "attributes_of", "read_manifest", "families_in", "make_evaluator", "GroundTruthEvaluator",
+           "GroundTruthResult",
            "aggregate", "evaluate_videos", "ATTRIBUTES", "MEASURED", "EVALUATOR_LABEL"]
 
 ATTRIBUTES = ("family", "background", "colour", "motion", "speed", "shape")
@@ -58,8 +62,6 @@ _TEXTURE_RANGE = {"solid": (1.0, 1.0), "gradient": (0.75, 1.25), "stripes": (0.8
                   "checker": (0.8, 1.2), "diagonal": (0.82, 1.18), "dots": (1.0, 1.3)}
 _RANGE_MARGIN = 0.04
 _MIN_FOREGROUND = 0.01  # fraction of pixels; one shape covers 3-6 % of a frame
-_SPEED_NAMES = {"slowly": "slowly", "": "normal", "quickly": "quickly"}
-_NATIVE_SIZE = 64  # data.synthetic.SPEEDS are pixels per frame at this size
 
 
 @dataclass(frozen=True)
@@ -108,22 +110,31 @@ def _parse_caption(text: str) -> Attributes:
     direction = m.group("dir")
     if direction is not None and direction not in MOTIONS:
         raise ValueError(f"caption has an unknown direction '{direction}': {text!r}")
-    speed = None if direction is None else _SPEED_NAMES[m.group("adv") or ""]
+    speed = None if direction is None else SPEED_NAMES[m.group("adv") or ""]
     return Attributes(_BACKGROUND_FAMILY[bg_name], bg_name, tuple(shapes), tuple(colours), direction, speed,
                       text.strip())
 
 
-def attributes_of(row: Mapping[str, Any] | str) -> Attributes:
-    """The attributes a prompt asks for, from a ``synthetic.csv`` row (or the caption text itself).
+def attributes_of(row: Mapping[str, Any] | str) -> Attributes | DigitAttributes:
+    """The attributes a prompt asks for, from a ``synthetic.csv`` row (or the caption text itself): the shapes
+    generator's grammar, or the moving digits' ("the digit 3 moves left": :mod:`ddm.eval.digits`).
 
     The caption is the source of truth (it is what the model was prompted with); when the row also has
     the generator's columns (``background``, ``colour``, ``motion``) they must agree, else ValueError —
     a manifest whose captions and ground truth disagree would make every score meaningless.
     """
     if isinstance(row, str):
-        return _parse_caption(row)
+        return parse_digit_caption(row) if is_digit_caption(row) else _parse_caption(row)
     if "text" not in row:
         raise ValueError(f"a synthetic.csv row needs a 'text' column, got columns {sorted(row)}")
+    if is_digit_caption(str(row["text"])):
+        digit = parse_digit_caption(str(row["text"]))
+        checks: dict[str, str] = {"digit": str(digit.digit), "motion": digit.motion, "speed": digit.speed}
+        for col, want in checks.items():
+            if col in row and row[col] is not None and str(row[col]) != want:
+                raise ValueError(f"row {row.get('path', '?')}: column {col}={row[col]!r} disagrees with its "
+                                 f"caption ({want!r}): {row['text']!r}")
+        return digit
     attrs = _parse_caption(str(row["text"]))
     checks = {"background": attrs.background, "colour": " ".join(attrs.colours),
               "shape": " ".join(attrs.shapes), "motion": attrs.motion or ""}
@@ -149,10 +160,21 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def families_in(rows: Iterable[Mapping[str, Any] | Attributes]) -> list[str]:
-    """Names of the scene families the rows' captions use, in the generator's order."""
-    used = {(r if isinstance(r, Attributes) else attributes_of(r)).family for r in rows}
-    return [f.name for f in FAMILIES if f.name in used]
+def families_in(rows: Iterable[Mapping[str, Any] | Attributes | DigitAttributes]) -> list[str]:
+    """Names of the families the rows' captions use, in the generator's order (the digits: by digit)."""
+    used = {(r if isinstance(r, (Attributes, DigitAttributes)) else attributes_of(r)).family for r in rows}
+    digits = sorted(n for n in used if n.startswith(FAMILY_PREFIX))
+    return [f.name for f in FAMILIES if f.name in used] + digits
+
+
+def make_evaluator(families: Sequence[str], *, frame_step: float = 1.0) -> GroundTruthEvaluator | DigitsEvaluator:
+    """The evaluator of the data set ``families`` belong to: the shapes' or the moving digits'."""
+    digit = [n.startswith(FAMILY_PREFIX) for n in families]
+    if any(digit) and not all(digit):
+        raise ValueError(f"families of two data sets in one evaluation: {list(families)}")
+    if any(digit):
+        return DigitsEvaluator(families, frame_step=frame_step)
+    return GroundTruthEvaluator(families, frame_step=frame_step)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -163,22 +185,6 @@ def _segment_distance(pix: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np
     t = np.zeros(pix.shape[:-1], np.float32) if denom == 0 else np.clip((pix - a) @ ab / denom, 0.0, 1.0)
     nearest = a + t[..., None] * ab
     return np.linalg.norm(pix - nearest, axis=-1), nearest
-
-
-def _circular_centroid_track(weights: np.ndarray, axis: int) -> np.ndarray | None:
-    """Per-frame circular centroid (pixels, unwrapped over frames) of (F, H, W) weights along ``axis``.
-
-    None when some frame has no foreground at all (nothing moves, so no direction is right). A weak
-    first harmonic (mass spread round the circle, e.g. noise) still gives its phase: a forced choice.
-    """
-    marg = weights.sum(axis=axis)  # (F, S): sum over the other image axis
-    size = marg.shape[1]
-    phase = np.exp(2j * np.pi * (np.arange(size) + 0.5) / size)
-    first = marg @ phase
-    total = marg.sum(axis=1)
-    if np.any(total <= 0):
-        return None
-    return np.unwrap(np.angle(first)) * size / (2 * np.pi)
 
 
 @dataclass
@@ -244,25 +250,7 @@ class GroundTruthEvaluator:
         weight = self._foreground(best_dist)
         fg = weight > 0
         colours = self._vote_colours(video, best_near, weight, n_colours)
-        wmap = weight.reshape(nf, h, w)
-        velocity = motion = speed = None
-        if nf >= 2:
-            tx = _circular_centroid_track(wmap, axis=1)
-            ty = _circular_centroid_track(wmap, axis=2)
-            if tx is not None and ty is not None:
-                t = np.arange(nf, dtype=np.float64)
-                vx, vy = float(np.polyfit(t, tx, 1)[0]), float(np.polyfit(t, ty, 1)[0])
-                velocity = (vx, vy)
-                if abs(vx) >= abs(vy):
-                    motion = "right" if vx > 0 else "left"
-                else:
-                    motion = "down" if vy > 0 else "up"
-                native = max(abs(vx), abs(vy)) * _NATIVE_SIZE / (w if motion in ("left", "right") else h)
-                native /= self.frame_step
-                # nearest generator speed on a log scale (the speeds are roughly geometric)
-                names = list(SPEEDS)
-                k = int(np.argmin([abs(math.log(max(native, 1e-3) / SPEEDS[s])) for s in names]))
-                speed = _SPEED_NAMES[names[k]]
+        velocity, motion, speed = read_motion(weight.reshape(nf, h, w), self.frame_step)
         return VideoMeasurement(best[0], best[1], colours, velocity, motion, speed, float(fg.mean()))
 
     def _votes(self, pix: np.ndarray, bg: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -376,7 +364,7 @@ class GroundTruthResult:
         v, se, n = self.prompt_accuracy
         out.append(f"{'prompt accuracy':>16}: {v:.3f} ± {se:.3f} (N={n}, chance {self.chance['prompt']:.3f})")
         if self.not_measured:
-            out.append(f"not measured at this resolution: {', '.join(self.not_measured)}")
+            out.append(f"not measured (not resolvable at this size, or not in this data set): {', '.join(self.not_measured)}")
         return out
 
 
@@ -408,8 +396,8 @@ def aggregate(scores: Sequence[Mapping[str, bool | None]],
     return GroundTruthResult(acc, _mean_se(prompt), chance, [dict(s) for s in scores], missing)
 
 
-def evaluate_videos(evaluator: GroundTruthEvaluator, videos: Iterable[Any],
-                    asked: Sequence[Attributes]) -> GroundTruthResult:
+def evaluate_videos(evaluator: GroundTruthEvaluator | DigitsEvaluator, videos: Iterable[Any],
+                    asked: Sequence[Attributes | DigitAttributes]) -> GroundTruthResult:
     """Score each video against its prompt's attributes (same order) and aggregate."""
     scores, chances = [], []
     for i, video in enumerate(videos):
@@ -439,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> GroundTruthResult:
     samples = json.loads(index.read_text())["samples"]
     asked = [attributes_of(s["prompt"]) for s in samples]
     families = families_in(read_manifest(args.manifest)) if args.manifest else families_in(asked)
-    ev = GroundTruthEvaluator(families, frame_step=args.frame_step)
+    ev = make_evaluator(families, frame_step=args.frame_step)
     res = evaluate_videos(ev, (read_video(args.samples / s["mp4"])[0] for s in samples), asked)
     print(f"{EVALUATOR_LABEL}; families {', '.join(families)}")
     print("\n".join(res.lines()))

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ddm.eval.groundtruth import (EVALUATOR_LABEL, Attributes, GroundTruthEvaluator, attributes_of,
-                                  evaluate_videos, families_in, read_manifest)
+from ddm.eval.groundtruth import (EVALUATOR_LABEL, attributes_of, evaluate_videos, families_in, make_evaluator,
+                                  read_manifest)
 from ddm.eval.stats import MetricResult
 
 __all__ = ["GT_METRICS", "DOMAIN_METRIC", "SyntheticReference", "groundtruth_metrics", "DomainReference",
@@ -87,8 +87,8 @@ def groundtruth_metrics(videos: Iterable[Any], prompts: Sequence[str], families:
 
     ``families``: the reference set's families (the vocabulary every measurement chooses from).
     """
-    asked: list[Attributes] = [attributes_of(p) for p in prompts]
-    evaluator = GroundTruthEvaluator(families, frame_step=frame_step)
+    asked = [attributes_of(p) for p in prompts]
+    evaluator = make_evaluator(families, frame_step=frame_step)
     res = evaluate_videos(evaluator, videos, asked)
     details = {"backbone": EVALUATOR_LABEL, "tiny_test_backbone": False, "families": list(families),
                "not_measured": list(res.not_measured)}
