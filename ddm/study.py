@@ -2,12 +2,13 @@
 
 Per seed s (each in ``<out>/seed<s>/``, every step skipped when its output exists, so a rerun resumes):
 
-1. ``data.synthetic`` clips of seed s → ``data.prepare`` into K = 3 clusters (clustering seed s);
+1. clips of seed s (``--data shapes``: ``data.synthetic``; ``--data digits``: ``data.digits``, moving handwritten
+   digits 0, 1 and 4 from the training writers) → ``data.prepare`` into K = 3 clusters (clustering seed s);
 2. in two lanes (one per core): experts 1..K, the text-blind router (Paris: x_t and t only) and the
    text-aware router (pooled CLIP, ``use_text=true``); the monolith, its FLOPs matched to the K experts +
    one router (the ledger is printed from its log);
 3. three model folders (``ddm-blind``, ``ddm-text``, ``monolith``) and a held-out generator set of seed
-   10 000 + s whose captions are the prompts;
+   10 000 + s (for the digits: bitmaps of the held-out test writers) whose captions are the prompts;
 4. ``ddm.evaluate`` with the synthetic ground truth: DDM top-1, top-2 and full for both routers, the oracle
    (each prompt's true cluster) and the monolith, on the same prompts and noise;
 5. ``ddm.eval.routing``: each router's accuracy against the true cluster per t on held-out shards.
@@ -17,7 +18,9 @@ difference arm − monolith (per seed, then over seeds) with a 95 % t interval; 
 ``relative_improvement.png`` (bars: mean paired difference relative to the monolith's mean, error bars: its
 SE). The oracle arm samples each prompt with the expert its family's training clips went to (no router).
 Sizes: ``--quick`` (a pipeline check for the test suite, minutes) and the default (the demo's recipe at
-stage 2, under an hour on the 2-core machine for 3 seeds). Not in it yet: the moving-digits data set.
+stage 2, under an hour on the 2-core machine for 3 seeds). The ground truth is :mod:`ddm.eval.groundtruth`'s
+evaluator of the data set; for the digits the family *is* the digit (read by a classifier trained on held-out
+writers, :mod:`ddm.eval.digits`), and the study also reports that classifier's accuracy on the test writers.
 """
 from __future__ import annotations
 
@@ -44,7 +47,18 @@ K = 3
 ROUTERS = {"blind": ["use_text=false"], "text": ["use_text=true"]}
 STRATEGIES = ("top1", "top2", "full")
 MONOLITH = "monolith"
-METRICS = ("gt_prompt", "gt_family", "gt_background", "gt_colour", "gt_direction")
+DATASETS: dict[str, dict[str, Any]] = {
+    # generator CLI, its arguments for the training clips and for the held-out set, data.prepare overrides, and
+    # the ground-truth metrics the study tabulates (those the data set has)
+    "shapes": {"module": "data.synthetic", "gen": ["--size", 32, "--num-frames", 17, "--shape-scale", 2],
+               "train": [], "heldout": [], "prepare": [],
+               "metrics": ("gt_prompt", "gt_family", "gt_background", "gt_colour", "gt_direction")},
+    # digits: the shape spectrum lets the cheap embedder see the digit (data/embed.py)
+    "digits": {"module": "data.digits", "gen": ["--size", 32, "--num-frames", 17, "--digits", "0,1,4"],
+               "train": ["--split", "train"], "heldout": ["--split", "test"],
+               "prepare": ["embedder.spectrum_weight=2.0"],
+               "metrics": ("gt_prompt", "gt_family", "gt_direction", "gt_speed")},
+}
 SIZES: dict[str, dict[str, Any]] = {
     # val_fraction: the held-out shards the routing accuracy is measured on (never trained on)
     "quick": {"clips": 45, "expert_steps": 8, "router_steps": 10, "eval_videos": 6, "gen_steps": 4, "fine": 6,
@@ -63,7 +77,7 @@ def arms() -> list[str]:
     return [f"ddm-{r}/{s}" for r in ROUTERS for s in STRATEGIES] + [ORACLE, MONOLITH]
 
 
-def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int], float]:
+def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[str, int], float]:
     """The expert most of each family's training clips went to (a held-out prompt's true cluster), and the
     cluster purity: the share of clips in their cluster's majority family."""
     by_family, by_cluster = _family_cluster_counts(train_csv, assignments)
@@ -72,8 +86,8 @@ def cluster_of_family(train_csv: Path, assignments: Path) -> tuple[dict[int, int
     return {f: c.most_common(1)[0][0] for f, c in by_family.items()}, purity
 
 
-def family_of_cluster(train_csv: Path, assignments: Path) -> dict[int, int]:
-    """Each cluster's majority family (index into ``ddm.synthetic.FAMILIES``)."""
+def family_of_cluster(train_csv: Path, assignments: Path) -> dict[int, str]:
+    """Each cluster's majority family (its name, e.g. ``"ocean"`` or ``"digit 4"``)."""
     _, by_cluster = _family_cluster_counts(train_csv, assignments)
     return {k: c.most_common(1)[0][0] for k, c in by_cluster.items()}
 
@@ -84,14 +98,16 @@ def _family_cluster_counts(train_csv: Path, assignments: Path):
 
     import pyarrow.parquet as pq
 
+    from ddm.eval.groundtruth import attributes_of
+
     with train_csv.open(newline="", encoding="utf-8") as fh:
-        family = {Path(r["path"]).stem: int(r["family"]) for r in csv.DictReader(fh)}
+        family = {Path(r["path"]).stem: attributes_of(r).family for r in csv.DictReader(fh)}
     table = pq.read_table(assignments, columns=["key", "expert"]).to_pydict()
     missing = [k for k in table["key"] if k not in family]
     if missing:
         raise ValueError(f"{len(missing)} clustered keys are not clips of {train_csv} (e.g. {missing[:3]})")
-    by_family: dict[int, Counter] = defaultdict(Counter)
-    by_cluster: dict[int, Counter] = defaultdict(Counter)
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    by_cluster: dict[int, Counter] = defaultdict(Counter)  # cluster -> family name counts
     for key, expert in zip(table["key"], table["expert"]):
         by_family[family[key]][int(expert)] += 1
         by_cluster[int(expert)][family[key]] += 1
@@ -103,11 +119,10 @@ def settled_agreement(root: Path, n: int) -> dict[str, float]:
     analysis) is the majority family of the cluster the router settled on (the arg-max weight at the last
     Euler step). Low values mean the sample ignores the expert the router ended on."""
     from ddm.eval.generation import RunFolder
-    from ddm.eval.groundtruth import GroundTruthEvaluator, families_in, read_manifest
-    from ddm.synthetic import FAMILIES
+    from ddm.eval.groundtruth import families_in, make_evaluator, read_manifest
 
     cluster_family = family_of_cluster(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
-    evaluator = GroundTruthEvaluator(families_in(read_manifest(root / "heldout")))
+    evaluator = make_evaluator(families_in(read_manifest(root / "heldout")))
     out = {}
     for arm in arms():
         if arm in (MONOLITH, ORACLE):
@@ -115,7 +130,7 @@ def settled_agreement(root: Path, n: int) -> dict[str, float]:
         folder = RunFolder(root / "eval" / "videos" / arm.split("/")[0] / arm.split("/")[1], {})
         trace = folder.routing_trace(n)
         settled = (trace.weights[-1].argmax(-1) + 1).tolist()  # slot j holds expert id j + 1 (ddm.export)
-        hits = [evaluator.measure(np.load(folder.array_path(i))).family == FAMILIES[cluster_family[k]].name
+        hits = [evaluator.measure(np.load(folder.array_path(i))).family == cluster_family[k]
                 for i, k in enumerate(settled)]
         out[arm] = float(np.mean(hits))
     return out
@@ -283,22 +298,27 @@ class Runner:
             raise errors[0]
 
 
-def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
-    """The whole pipeline for one seed; returns ``{"arms": {arm: {metric: value}}, "routing": ..., "ledger"}``."""
+def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes") -> dict[str, Any]:
+    """The whole pipeline for one seed of data set ``data``; returns ``{"arms": {arm: {metric: value}},
+    "routing": ..., "ledger", ...}``."""
     root = out / f"seed{seed}"
     result_path = root / "seed_result.json"
+    spec = DATASETS[data]
     if result_path.is_file():
         result = json.loads(result_path.read_text())
+        if result.get("data", "shapes") != data:
+            raise ValueError(f"{root} holds a study of the {result.get('data', 'shapes')} data set, not {data}: "
+                             f"use another --out")
         if "settled_agreement" not in result:  # a seed run before this diagnostic existed: computed from its files
             result["settled_agreement"] = settled_agreement(root, int(size["eval_videos"]))
             atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         return result
     r = Runner(root)
     t0 = time.time()
-    gen = ["--size", 32, "--num-frames", 17, "--shape-scale", 2]
-    r.run("synthetic", "data.synthetic", ["--out", root / "raw", "--num-videos", size["clips"], "--seed", seed, *gen],
-          root / "raw" / "synthetic.csv")
-    r.run("prepare", "data.prepare", [f"input={root / 'raw'}", "recipe=tiny", "vae=pixel", "text=tiny",
+    gen = spec["gen"]
+    r.run("synthetic", spec["module"], ["--out", root / "raw", "--num-videos", size["clips"], "--seed", seed, *gen,
+                                        *spec["train"]], root / "raw" / "synthetic.csv")
+    r.run("prepare", "data.prepare", [f"input={root / 'raw'}", "recipe=tiny", "vae=pixel", "text=tiny", *spec["prepare"],
                                       f"num_experts={K}", f"cluster.fine_clusters={size['fine']}",
                                       f"cluster.seed={seed}", "encode.stage=stage2",
                                       f"encode.val_fraction={size['val_fraction']}", "progress=false"])
@@ -333,14 +353,13 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
                                             *sampling], models / MONOLITH / "model_index.json")
     n = size["eval_videos"]
     heldout = root / "heldout"
-    r.run("heldout", "data.synthetic", ["--out", heldout, "--num-videos", n, "--seed", SEED_OFFSET_HELDOUT + seed, *gen],
-          heldout / "synthetic.csv")
+    r.run("heldout", spec["module"], ["--out", heldout, "--num-videos", n, "--seed", SEED_OFFSET_HELDOUT + seed, *gen,
+                                      *spec["heldout"]], heldout / "synthetic.csv")
     # the oracle arm: each held-out prompt sampled by the expert its family's training clips went to
     family_cluster, purity = cluster_of_family(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
-    with (heldout / "synthetic.csv").open(newline="", encoding="utf-8") as fh:
-        import csv
+    from ddm.eval.groundtruth import attributes_of, read_manifest
 
-        oracle = [family_cluster[int(row["family"])] for row in csv.DictReader(fh)]
+    oracle = [family_cluster[attributes_of(row).family] for row in read_manifest(heldout)]
     atomic_write(root / "oracle_ids.json", lambda tmp: tmp.write_text(json.dumps(oracle)))
     evaluate = ["--groundtruth", heldout, "--num-videos", n, "--stage", "stage2", "--batch-size", 25, "--no-progress",
                 "--metrics", "groundtruth", "--contact-sheet-rows", 0, "--out", root / "eval",
@@ -357,9 +376,9 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any]) -> dict[str, Any]:
     r.run("routing", "ddm.eval.routing", [models / "ddm-blind", models / "ddm-text", "--shards",
                                           root / "prep" / "shards" / "stage2", "--out", root / "routing.json"])
     record = json.loads((root / "eval" / "metrics.json").read_text())
-    arms_found = {run["name"]: {m: run["metrics"][m]["value"] for m in METRICS} for run in record["runs"]}
+    arms_found = {run["name"]: {m: run["metrics"][m]["value"] for m in spec["metrics"]} for run in record["runs"]}
     routing = json.loads((root / "routing.json").read_text())
-    result = {"seed": seed, "arms": {a: arms_found[a] for a in arms()},
+    result = {"seed": seed, "data": data, "arms": {a: arms_found[a] for a in arms()},
               "routing": {name: routing[str(models / f"ddm-{name}")] for name in ROUTERS},
               "ledger": _ledger(r.logs / "monolith.log"), "cluster_purity": purity,
               "settled_agreement": settled_agreement(root, n), "seconds": time.time() - t0}
@@ -373,9 +392,11 @@ def _ledger(path: Path) -> str | None:
     return None if start is None else "\n".join(lines[start:start + 8])
 
 
-def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: str) -> dict[str, Any]:
+def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: str, data: str = "shapes"
+                  ) -> dict[str, Any]:
     """Aggregate the seeds' results and write ``study.json``, ``study.md`` and the figure."""
     agg = aggregate({r["seed"]: r["arms"] for r in results})
+    agg["data"] = data
     routing = {name: {"per_t": [mean_se([r["routing"][name]["per_t"][i]["accuracy"] for r in results])
                                 | {"t": results[0]["routing"][name]["per_t"][i]["t"]}
                                 for i in range(len(results[0]["routing"][name]["per_t"]))],
@@ -387,10 +408,20 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     agg["cluster_purity"] = mean_se([r["cluster_purity"] for r in results])
     agg["settled_agreement"] = {arm: mean_se([r["settled_agreement"][arm] for r in results])
                                 for arm in results[0]["settled_agreement"]}
+    if data == "digits":  # the ground truth's digit reader, measured on the held-out test writers
+        from ddm.eval.digits import classifier_report
+
+        agg["digit_classifier"] = classifier_report(32)
     atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(agg, indent=2)))
     plot_relative_improvement(agg, out / "relative_improvement.png")
     plot_routing_accuracy(routing, out / "routing_accuracy.png")
-    lines = [f"# DDM study ({size_name}, {len(results)} seeds)", "", study_table(agg),
+    lines = [f"# DDM study: {data} data set ({size_name}, {len(results)} seeds)", ""]
+    if data == "digits":
+        c = agg["digit_classifier"]
+        lines += [f"The family of a clip is its digit. Digit classifier of the ground truth: {c['test_accuracy']:.3f} "
+                  f"on {c['test_images']} bitmaps of the held-out test writers (trained on {c['train_images']} "
+                  f"of other writers; {c['split']}).", ""]
+    lines += [study_table(agg),
              "Routing accuracy against the true cluster per t (mean ± SE over seeds):", "",
              "| router | " + " | ".join(f"t={row['t']:g}" for row in routing["blind"]["per_t"]) + " | chance |",
              "|---" * (len(routing["blind"]["per_t"]) + 2) + "|"]
@@ -413,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("study_out"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the test-suite size (a pipeline check, not a result)")
+    ap.add_argument("--data", choices=sorted(DATASETS), default="shapes",
+                    help="shapes (data.synthetic) or digits (moving handwritten digits, data.digits)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     size_name = "quick" if args.quick else "default"
@@ -420,8 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for seed in range(args.seeds):
         log.info("[study] seed %d of %d → %s", seed + 1, args.seeds, args.out / f"seed{seed}")
-        results.append(run_seed(args.out, seed, SIZES[size_name]))
-    write_outputs(args.out, results, size_name)
+        results.append(run_seed(args.out, seed, SIZES[size_name], args.data))
+    write_outputs(args.out, results, size_name, args.data)
     print((args.out / "study.md").read_text())
     return 0
 
