@@ -234,3 +234,25 @@ def test_grow_router_keeps_every_old_logit_and_starts_the_new_one_at_their_mean(
     torch.testing.assert_close(new[:, K + 1], old.mean(-1), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="would drop outputs"):
         grow_router(router.state_dict(), K - 1)
+
+
+def test_router_init_reads_lazily_unless_its_head_grows(tmp_path):
+    """``init_from`` a router export: the grown-head transform receives the lazy export (one tensor read at a
+    time, as an FSDP2 start needs) and hands it back untouched when nothing grows; when the pool grew it
+    returns the grown weights, which fit the K+1 router."""
+    from ddm.checkpoint import save_export
+    from train.job import load_init_weights
+    from train.router import _grown_head
+    from train.run import StartPlan
+    from train.sharding import LazyExport
+
+    router = _router(seed=4)
+    save_export(router.state_dict(), tmp_path / "export", {"kind": "router", "num_experts": K})
+    plan = StartPlan("init", init_from=tmp_path / "export")
+    same = load_init_weights(plan, lambda: Router(router.cfg), transform=_grown_head(K))
+    assert isinstance(same, LazyExport)
+    torch.testing.assert_close(same["head.2.weight"], router.state_dict()["head.2.weight"], rtol=0, atol=0)
+    grown_cfg = dataclasses.replace(router.cfg, num_experts=K + 1)
+    grown = load_init_weights(plan, lambda: Router(grown_cfg), transform=_grown_head(K + 1))
+    assert not isinstance(grown, LazyExport) and grown["head.2.weight"].shape[0] == K + 1
+    Router(grown_cfg).load_state_dict(dict(grown))  # strict: every key and shape fits

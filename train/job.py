@@ -93,27 +93,33 @@ def expert_overrides(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     return out
 
 
-def member_config(cfg: DictConfig, expert: int | str) -> tuple[ExpertConfig, str]:
-    """The model config and prediction target of ``expert`` in this (possibly heterogeneous) pool."""
+def member_settings(cfg: DictConfig, expert: int | str) -> tuple[dict[str, Any], str]:
+    """The model overrides and prediction target of ``expert`` in this (possibly heterogeneous) pool: the
+    job's ``model.overrides`` / ``flow.prediction`` with the expert's ``expert_overrides`` entry on top."""
     entry = expert_overrides(cfg).get(expert, {}) if expert != "all" else {}
     overrides = {**dict(cfg.model.get("overrides") or {}), **dict(entry.get("model") or {})}
-    prediction = entry.get("prediction") or cfg.flow.get("prediction") or "velocity"
+    prediction = str(entry.get("prediction") or cfg.flow.get("prediction") or "velocity")
     flow.check_prediction(prediction)
-    return get_expert_config(cfg.model.preset, **overrides), str(prediction)
+    return overrides, prediction
+
+
+def member_config(cfg: DictConfig, expert: int | str) -> tuple[ExpertConfig, str]:
+    """The model config and prediction target of ``expert`` in this (possibly heterogeneous) pool."""
+    overrides, prediction = member_settings(cfg, expert)
+    return get_expert_config(cfg.model.preset, **overrides), prediction
 
 
 def apply_expert_overrides(cfg: DictConfig, expert: int | str) -> None:
-    """Write expert ``expert``'s entry of ``expert_overrides`` into ``cfg.model.overrides`` and
-    ``cfg.flow.prediction`` (in place), so the job, its saved config and its export describe this expert."""
+    """Write expert ``expert``'s :func:`member_settings` into ``cfg.model.overrides`` and ``cfg.flow.prediction``
+    (in place), so the job, its saved config and its export describe this expert."""
     from omegaconf import open_dict
 
-    entry = expert_overrides(cfg).get(expert, {}) if expert != "all" else {}
+    overrides, prediction = member_settings(cfg, expert)
     with open_dict(cfg):
-        if entry.get("model"):
-            cfg.model.overrides = {**dict(cfg.model.get("overrides") or {}), **dict(entry["model"])}
-        if entry.get("prediction"):
-            cfg.flow.prediction = entry["prediction"]
-    flow.check_prediction(str(cfg.flow.get("prediction") or "velocity"))
+        if overrides != dict(cfg.model.get("overrides") or {}):
+            cfg.model.overrides = overrides
+        if prediction != str(cfg.flow.get("prediction") or "velocity"):
+            cfg.flow.prediction = prediction
 
 
 def router_config(cfg: DictConfig, num_experts: int) -> RouterConfig:
@@ -356,13 +362,14 @@ def shape_mismatches(expected: dict[str, torch.Size], got: dict[str, torch.Tenso
 
 def load_init_weights(plan: StartPlan, net_factory, transform=None) -> dict[str, torch.Tensor]:
     """Weights for a weights-only start; shapes are checked against a meta-device build first. ``transform``
-    (state dict, metadata) → state dict adapts them first (e.g. a router's head grown by one expert)."""
+    (lazy state dict, metadata) → state dict adapts them first (e.g. a router's head grown by one expert); it
+    gets the lazy mapping, so one that changes nothing returns it and nothing is read at once."""
     from train.sharding import LazyExport
 
     # read tensor by tensor: under FSDP2 each rank keeps only its rows (no full copy per rank)
     sd, meta = LazyExport(plan.init_from), read_export_metadata(plan.init_from)
     if transform is not None:
-        sd = transform(dict(sd.items()), meta)
+        sd = transform(sd, meta)
     with torch.device("meta"):
         net = net_factory()
     expected = {k: v.shape for k, v in net.state_dict().items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -121,7 +122,7 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
 
 def _grown_head(num_experts: int):
     """``init_from`` a router of fewer experts (the pool grew): its head gains rows (``ddm.pool.grow_router``)."""
-    def transform(sd: dict, meta: dict) -> dict:
+    def transform(sd: Mapping[str, torch.Tensor], meta: dict) -> Mapping[str, torch.Tensor]:
         old = int(meta.get("num_experts") or (meta.get("config") or {}).get("num_experts") or num_experts)
         if old >= num_experts:
             return sd
