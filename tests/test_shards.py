@@ -1,6 +1,7 @@
 """Shard format, atomic writing, index and reading (ddm/shards.py)."""
 from __future__ import annotations
 
+import io
 import tarfile
 
 import numpy as np
@@ -151,3 +152,53 @@ def test_truncated_tar_yields_the_intact_samples_then_raises_naming_the_file(tmp
     garbage.write_bytes(b"not a tar" * 100)
     with pytest.raises(ShardReadError, match="garbage.tar. cannot be listed"):
         scan_shard(garbage)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_shard_reader_agrees_with_tarfile_on_long_names_pax_headers_and_directories(tmp_path, fmt):
+    """The member reader behind iter_shard (hand-written for speed) against Python's tarfile on the same
+    archives: long names (pax records / GNU long-name members / ustar prefix), non-ASCII names, a directory
+    entry and zero-length members."""
+    path = tmp_path / "a.tar"
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
+    names = ["k0.latent.npy", "k0.txt", "k1.json", f"{long_dir}/k2.txt", "k3.empty"]
+    if fmt == tarfile.PAX_FORMAT:
+        names.append("ké4.txt")
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_dir_info("somedir"))
+        for i, name in enumerate(names):
+            data = b"" if name.endswith("empty") else rng.bytes(int(rng.integers(1, 3000)))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+    from ddm.shards import _tar_members
+
+    with open(path, "rb") as f:
+        got = [(name, payload) for name, size, payload in _tar_members(f)]
+    assert got == want and len(got) == len(names)
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_shard_reader_refuses_a_bad_checksum_at_the_start_and_stops_at_one_later(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "train-000000.tar"
+    write_shard(path, [_sample(f"k{i}", rng) for i in range(3)])
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        k2 = next(m for m in tar.getmembers() if m.name.startswith("k2.")).offset
+    bad = bytearray(raw)
+    bad[k2 + 10] ^= 0xFF  # a flipped byte in k2's first header: the archive ends there, like tarfile
+    path.write_bytes(bytes(bad))
+    assert [k for k, _ in iter_shard(path)] == ["k0", "k1"]
+    raw[10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardReadError, match="bad header checksum"):
+        list(iter_shard(path))
