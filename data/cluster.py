@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data.embed import load_embeddings
 from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
-from ddm.checkpoint import atomic_path
+from ddm.files import atomic_path
 
 log = logging.getLogger(__name__)
 

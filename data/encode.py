@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ddm.shards import (HASH_COLUMN, SPLITS, ShardReadError, check_key, encode_sample, expert_dirname, shard_digests,
                          shard_relpath, write_index, write_shard)
 from data.step import StepResult, completed_result, fingerprint, mark_step_done, write_parquet_atomic
-from ddm.checkpoint import atomic_path
+from ddm.files import atomic_path
 from ddm.flow import latent_frames
 from ddm.models.text import TextEncoders
 from ddm.models.vae import build_vae
@@ -187,7 +187,7 @@ def _claim_shards_dir(shards_dir: Path, digest: str, config: Mapping[str, Any]) 
 
 
 def _remove_stale_temp_tars(shards_dir: Path) -> None:
-    stale = list(shards_dir.glob("expert_*/.*.tmp*"))  # ddm.checkpoint.atomic_path temp names
+    stale = list(shards_dir.glob("expert_*/.*.tmp*"))  # ddm.files.atomic_path temp names
     for p in stale:
         p.unlink()
     if stale:

@@ -46,7 +46,7 @@ from data.embed import embed, load_embeddings
 from data.encode import PLAN_NAME, encode, shards_dir_for
 from data.geometry import read_shard_geometry
 from data.ingest import ingest
-from ddm.checkpoint import atomic_path, atomic_write, file_sha256, link_or_copy, write_parquet_atomic
+from ddm.files import atomic_path, atomic_write, file_sha256, link_or_copy, write_parquet_atomic
 from ddm.shards import available_experts, expert_dirname, index_path, read_index, write_index
 
 log = logging.getLogger("data.extend")

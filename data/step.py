@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ddm.checkpoint import atomic_path, write_parquet_atomic  # the one temp-file + fsync + rename helper
+from ddm.files import atomic_path, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ Deterministic: clip i depends only on (seed, i). CLI: ``python -m data.digits --
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,8 +32,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ddm.synthetic import MOTIONS, SPEEDS
-from ddm.video_io import atomic_output, write_video
+from ddm.synthetic import MOTIONS, SPEEDS, write_caption, write_manifest
+from ddm.video_io import write_video
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +158,11 @@ def make_digits_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, siz
         spec = _draw_spec(rng, digit, pools[digit])
         name = f"clip_{i:05d}.mp4"
         write_video(out / name, render_digit_clip(spec, size, num_frames), fps)
-        with atomic_output((out / name).with_suffix(".txt")) as tmp:
-            tmp.write_text(spec.caption + "\n", encoding="utf-8")
+        write_caption((out / name).with_suffix(".txt"), spec.caption)
         rows.append({"path": name, "text": spec.caption, "family": digit, "kind": "video", "digit": digit,
                      "motion": spec.motion, "speed": spec.speed or "normal",
                      "writer_block": writer_block(spec.image), "image": spec.image})
-    with atomic_output(out / "synthetic.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(out, rows)
     return out
 
 

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.classic import (Backbones, SharedImageEmbeddings, build_tiny_backbones, compute_metrics, load_backbones,
                               real_video_paths)
 from ddm.eval.generation import RunFolder, generate_run, load_run_videos

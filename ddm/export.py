@@ -37,7 +37,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import fsync_dir, load_export, read_export_metadata
+from ddm.export_files import load_export, read_export_metadata
+from ddm.files import fsync_dir
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors

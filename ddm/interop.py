@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ddm.checkpoint import atomic_write, tensor_hashes
+from ddm.export_files import tensor_hashes
+from ddm.files import atomic_write
 from ddm.models.layouts import from_diffusers, to_diffusers
 from ddm.models.presets import ExpertConfig
 
@@ -332,7 +333,7 @@ def save_vae_diffusers(vae: torch.nn.Module, folder: str | Path, dtype: torch.dt
 def load_vae_diffusers(folder: str | Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An ``AutoencoderKLHunyuanVideo`` folder as our :class:`~ddm.models.vae.HunyuanVideoVAE` (strict load)."""
-    from ddm.checkpoint import load_state_dict_strict
+    from ddm.models.weights import load_state_dict_strict
     from ddm.models.hunyuan_vae import HunyuanVAEConfig
     from ddm.models.vae import HunyuanVideoVAE
 
@@ -408,7 +409,7 @@ def flux_output(tokens: torch.Tensor, like: torch.Tensor, patch_size: tuple[int,
 # --- either format: what the model-folder reader calls ---------------------------------------------------------------
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """Export metadata of a checkpoint folder in our format (``master.safetensors`` / ``model/``) or diffusers'."""
-    from ddm.checkpoint import read_export_metadata
+    from ddm.export_files import read_export_metadata
 
     if is_diffusers_dir(path):
         return read_diffusers_metadata(path)
@@ -419,7 +420,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, metadata)`` of a checkpoint in either format (diffusers experts come back in their layout)."""
-    from ddm.checkpoint import load_export
+    from ddm.export_files import load_export
 
     if is_diffusers_dir(path):
         sd, _, meta = load_expert_diffusers(path)
@@ -430,8 +431,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def build_checkpoint_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The model of a checkpoint folder in either format (``ddm.checkpoint.build_model_from_export`` for ours)."""
-    from ddm.checkpoint import build_model_from_export
+    """The model of a checkpoint folder in either format (``ddm.export_files.build_model_from_export`` for ours)."""
+    from ddm.export_files import build_model_from_export
 
     if not is_checkpoint_dir(path):
         return build_model_from_export(path, device=device, dtype=dtype)
@@ -452,7 +453,7 @@ def build_checkpoint_model(path: str | Path, device: str = "cpu", dtype: torch.d
 
 def _build_router(folder: Path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:
     """A router from ``config.json`` (its metadata: ``kind`` router, ``config``) + ``pytorch_model.safetensors``."""
-    from ddm.checkpoint import load_state_dict_strict
+    from ddm.models.weights import load_state_dict_strict
     from ddm.models.router import Router, RouterConfig
 
     meta = read_checkpoint_metadata(folder)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ddm.checkpoint import INDEX_FILE, MASTER_FILE, SHARD_DIR, atomic_write, save_export
+from ddm.export_files import INDEX_FILE, MASTER_FILE, SHARD_DIR, save_export
+from ddm.files import atomic_write
 from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm.interop import is_checkpoint_dir, load_checkpoint, read_checkpoint_metadata
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE

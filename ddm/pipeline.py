@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import atomic_save_torch
+from ddm.files import atomic_save_torch
 from ddm.export_metadata import ExportMetadata
 from ddm.flow import video_shift_alpha
 from ddm.interop import build_checkpoint_model, load_vae_diffusers, read_checkpoint_metadata

@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, link_or_copy
+from ddm.export_files import MASTER_FILE, SHARD_DIR
+from ddm.files import link_or_copy
 from ddm.export import find_router_exports, stage_exports, staging_dir, swap_into_place
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata

@@ -7,7 +7,7 @@ count, the ``centroids_hash`` and, per stage, the step, training FLOPs (when the
 manifest hash (the sha256 of the shard index) and the sha256 of every shard file of the expert's cluster
 (``expert_<id>/*.tar`` under the stage's ``geometry.shards_dir``, relative to it, when that folder was
 reachable); then the sha256 of every file of the expert's export in the folder. The router gets the same: K,
-text-aware or not, the shards of every cluster, its files. File hashes are ``ddm.checkpoint.file_sha256``.
+text-aware or not, the shards of every cluster, its files. File hashes are ``ddm.files.file_sha256``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, atomic_write, file_sha256
+from ddm.export_files import MASTER_FILE, SHARD_DIR
+from ddm.files import atomic_write, file_sha256
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import read_checkpoint_metadata
 from ddm.model_folder import FolderLayout, ModelIndex, read_model_index, scan_model_folder, stage_order

@@ -308,7 +308,7 @@ def routed_velocity(x: torch.Tensor, t: torch.Tensor | float, cond: dict, expert
             # caught here, not one step later as "NaN router logits" on the corrupted sample
             raise FloatingPointError(f"expert {j + 1} returned a non-finite velocity (NaN or inf) at t="
                                      f"{float(tj.flatten()[0]):.4g}: its weights or inputs are damaged "
-                                     "(check its export, e.g. with ddm.checkpoint.load_export)")
+                                     "(check its export, e.g. with ddm.export_files.load_export)")
         w = mix[:, j] if rows is None else mix[rows, j]
         contribution = w.view(-1, *([1] * (x.ndim - 1))) * v.to(x.dtype)
         if rows is None:

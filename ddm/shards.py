@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from ddm.checkpoint import atomic_path, write_parquet_atomic
+from ddm.files import atomic_path, write_parquet_atomic
 
 SPLITS = ("train", "val")
 INDEX_NAME = "shards.parquet"

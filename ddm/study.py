@@ -17,8 +17,8 @@ Then :func:`aggregate` over seeds: for every arm and metric the mean ± SE over 
 difference arm − monolith (per seed, then over seeds) with a 95 % t interval; ``study.json``, ``study.md`` and
 ``relative_improvement.png`` (bars: mean paired difference relative to the monolith's mean, error bars: its
 SE). The oracle arm samples each prompt with the expert its family's training clips went to (no router).
-Sizes: ``--quick`` (a pipeline check for the test suite, minutes) and the default (the demo's recipe at
-stage 2, under an hour on the 2-core machine for 3 seeds). The ground truth is :mod:`ddm.eval.groundtruth`'s
+Sizes: ``--quick`` (a pipeline check for the test suite, minutes), the default (the demo's recipe at
+stage 2, under an hour on the 2-core machine for 3 seeds) and ``--size long`` (3× the training steps). The ground truth is :mod:`ddm.eval.groundtruth`'s
 evaluator of the data set; for the digits the family *is* the digit (read by a classifier trained on held-out
 writers, :mod:`ddm.eval.digits`), and the study also reports that classifier's accuracy on the test writers.
 """
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 
 log = logging.getLogger("ddm.study")
 
@@ -65,6 +65,9 @@ SIZES: dict[str, dict[str, Any]] = {
               "val_fraction": 0.3},
     "default": {"clips": 150, "expert_steps": 400, "router_steps": 400, "eval_videos": 60, "gen_steps": 30,
                 "fine": 24, "val_fraction": 0.1},
+    # the demo's "long" schedule: 3x the steps (about three times the default's training time)
+    "long": {"clips": 150, "expert_steps": 1200, "router_steps": 1200, "eval_videos": 60, "gen_steps": 30,
+             "fine": 24, "val_fraction": 0.1},
 }
 SEED_OFFSET_HELDOUT = 10_000
 
@@ -309,6 +312,8 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes"
         if result.get("data", "shapes") != data:
             raise ValueError(f"{root} holds a study of the {result.get('data', 'shapes')} data set, not {data}: "
                              f"use another --out")
+        if result.get("size", dict(size)) != dict(size):
+            raise ValueError(f"{root} was run at another size ({result['size']}): use another --out")
         if "settled_agreement" not in result:  # a seed run before this diagnostic existed: computed from its files
             result["settled_agreement"] = settled_agreement(root, int(size["eval_videos"]))
             atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
@@ -378,7 +383,7 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes"
     record = json.loads((root / "eval" / "metrics.json").read_text())
     arms_found = {run["name"]: {m: run["metrics"][m]["value"] for m in spec["metrics"]} for run in record["runs"]}
     routing = json.loads((root / "routing.json").read_text())
-    result = {"seed": seed, "data": data, "arms": {a: arms_found[a] for a in arms()},
+    result = {"seed": seed, "data": data, "size": dict(size), "arms": {a: arms_found[a] for a in arms()},
               "routing": {name: routing[str(models / f"ddm-{name}")] for name in ROUTERS},
               "ledger": _ledger(r.logs / "monolith.log"), "cluster_purity": purity,
               "settled_agreement": settled_agreement(root, n), "seconds": time.time() - t0}
@@ -443,12 +448,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddm.study", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("study_out"))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="the test-suite size (a pipeline check, not a result)")
+    ap.add_argument("--quick", action="store_true", help="the test-suite size (a pipeline check, not a result); "
+                                                         "same as --size quick")
+    ap.add_argument("--size", choices=sorted(SIZES), default="default",
+                    help="default (the demo's recipe at stage 2), long (3x the training steps) or quick")
     ap.add_argument("--data", choices=sorted(DATASETS), default="shapes",
                     help="shapes (data.synthetic) or digits (moving handwritten digits, data.digits)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    size_name = "quick" if args.quick else "default"
+    size_name = "quick" if args.quick else args.size
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in range(args.seeds):

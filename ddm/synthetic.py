@@ -177,9 +177,20 @@ def render_clip(spec: ClipSpec, size: int, num_frames: int, shape_scale: float =
     return frames
 
 
-def _write_caption(path: Path, caption: str) -> None:
+def write_caption(path: Path, caption: str) -> None:
+    """A clip's sidecar caption file (what ingest reads beside the video)."""
     with atomic_output(path) as tmp:
         tmp.write_text(caption + "\n", encoding="utf-8")
+
+
+def write_manifest(out: Path, rows: list[dict]) -> Path:
+    """``out/synthetic.csv``: one row per item (``path``, ``text`` — a valid ingest manifest — plus the
+    generator's ground-truth columns), written atomically."""
+    with atomic_output(out / "synthetic.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out / "synthetic.csv"
 
 
 def make_synthetic_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, size: int = 64,
@@ -218,16 +229,13 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int, seed: int = 0, 
             with atomic_output(out / name) as tmp:
                 if not cv2.imwrite(str(tmp), frame[..., ::-1]):  # OpenCV wants BGR
                     raise OSError(f"could not write {out / name}")
-        _write_caption((out / name).with_suffix(".txt"), spec.caption)
+        write_caption((out / name).with_suffix(".txt"), spec.caption)
         shapes = " ".join(s[0] for s in spec.shapes)
         colours = " ".join(s[1] for s in spec.shapes)
         rows.append({"path": name, "text": spec.caption, "family": spec.family, "kind": kind, "shape": shapes,
                      "colour": colours, "motion": "" if kind == "image" else spec.motion,
                      "background": spec.background})
-    with atomic_output(out / "synthetic.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(out, rows)
     return out
 
 

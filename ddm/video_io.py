@@ -3,7 +3,7 @@
 Frames are always ``uint8`` RGB arrays shaped ``(F, H, W, 3)``. Still images (png, jpg, webp, bmp) are
 read through PyAV too, as a single frame with ``fps == 0.0`` (they have no time axis).
 
-Writers are atomic (:func:`ddm.checkpoint.atomic_path`): they encode into a temporary file beside the target,
+Writers are atomic (:func:`ddm.files.atomic_path`): they encode into a temporary file beside the target,
 fsync it and rename it into place, so a crash never leaves a half-written video under the final name.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import av
 import cv2
 import numpy as np
 
-from ddm.checkpoint import atomic_path
+from ddm.files import atomic_path
 
 log = logging.getLogger(__name__)
 

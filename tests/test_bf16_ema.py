@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm.checkpoint import load_export, read_export_metadata
+from ddm.export_files import load_export, read_export_metadata
 from tests.fixtures.train import run_cli
 
 DECAY = 0.99  # fixed (no warm-up) so the reference needs no step bookkeeping; (1-d)·Δw ≪ a bf16 ulp

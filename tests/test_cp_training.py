@@ -102,7 +102,7 @@ def test_cp2_on_two_processes_trains_the_same_loss_curve_as_one_process(tmp_path
     assert samples_s and all(samples_s[k] * step_s[k] == pytest.approx(4.0, rel=1e-3) for k in samples_s), samples_s
     # a sharded (DCP) checkpoint was written over the dp x cp mesh, and the exported EMA weights agree
     assert (split / "checkpoints" / "step-00000004.ckpt" / ".metadata").exists()
-    from ddm.checkpoint import load_export
+    from ddm.export_files import load_export
 
     got, want = load_export(split / "export")[0], load_export(whole / "export")[0]
     assert got.keys() == want.keys()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddm.checkpoint import read_export_metadata
+from ddm.export_files import read_export_metadata
 from ddm.export import _shared_fields
 from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm.interop import build_checkpoint_model

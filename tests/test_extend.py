@@ -20,7 +20,8 @@ from data.geometry import read_shard_geometry
 from data.prepare import compose_config, prepare
 from data.synthetic import make_synthetic_dataset
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.checkpoint import file_sha256, read_export_metadata
+from ddm.export_files import read_export_metadata
+from ddm.files import file_sha256
 from ddm.eval.routing import T_GRID, compare_folders, main as routing_main
 from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline

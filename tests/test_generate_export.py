@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export, save_export
+from ddm.export_files import MASTER_FILE, SHARD_DIR, load_export, save_export
 from ddm.export import main as export_main
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import RoutingTrace

@@ -18,7 +18,7 @@ import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
 from ddm import flow
-from ddm.checkpoint import read_export_metadata, save_export
+from ddm.export_files import read_export_metadata, save_export
 from ddm.export import main as export_main
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import get_expert_config
@@ -240,7 +240,7 @@ def test_router_init_reads_lazily_unless_its_head_grows(tmp_path):
     """``init_from`` a router export: the grown-head transform receives the lazy export (one tensor read at a
     time, as an FSDP2 start needs) and hands it back untouched when nothing grows; when the pool grew it
     returns the grown weights, which fit the K+1 router."""
-    from ddm.checkpoint import save_export
+    from ddm.export_files import save_export
     from train.job import load_init_weights
     from train.router import _grown_head
     from train.run import StartPlan

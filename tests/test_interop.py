@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.checkpoint import state_dict_sha256
+from ddm.export_files import state_dict_sha256
 from ddm.interop import (COND_IN_FILE, WEIGHTS_FILE, load_expert_diffusers, save_expert_diffusers)
 from ddm.interop_export import export_diffusers
 from ddm.pipeline import DDMPipeline
@@ -156,7 +156,7 @@ def test_malformed_paris1_folders_name_the_path_and_the_problem(tiny_text_dir, t
 
 
 def test_export_cli_dtype_formats_and_diffusers(tiny_text_dir, tmp_path):
-    from ddm.checkpoint import MASTER_FILE, SHARD_DIR, load_export
+    from ddm.export_files import MASTER_FILE, SHARD_DIR, load_export
     from ddm.export import main
     from tests.fixtures.pipeline import build_runs_tree
 

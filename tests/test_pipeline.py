@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.checkpoint import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export
+from ddm.export_files import MASTER_FILE, SHARD_DIR, read_export_metadata, save_export
 from ddm.flow import video_shift_alpha
 from ddm.models.hunyuan_vae import HunyuanVAEConfig
 from ddm.models.text import TextEncoders, load_null_tensors, pad_tokens

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.checkpoint import MASTER_FILE, file_sha256, read_export_metadata, save_export
+from ddm.export_files import MASTER_FILE, read_export_metadata, save_export
+from ddm.files import file_sha256
 from ddm.export import main as export_main
 from ddm.interop import build_checkpoint_model
 from ddm.pipeline import DDMPipeline

@@ -181,14 +181,14 @@ def test_fsdp2_run_resumes_at_world_2_and_1_and_the_loss_curve_continues(tmp_pat
     proc = run_cli("train.expert", [*args, "trainer.devices=2", "stage=stage3", "recipe.stage3.max_steps=0",
                                        "recipe.stage3.resolution=16"])
     assert "mode=init" in proc.stdout
-    from ddm.checkpoint import load_export, state_dict_sha256
+    from ddm.export_files import load_export, state_dict_sha256
 
     stage3, _ = load_export(run.parent / "stage3" / "export")
     assert state_dict_sha256(stage3) == state_dict_sha256(load_export(run / "export")[0])
 
 
 def test_lazy_export_reads_what_load_export_reads(tmp_path):
-    from ddm.checkpoint import load_export, save_export
+    from ddm.export_files import load_export, save_export
     from train.sharding import LazyExport
 
     sd = MMDiT(get_expert_config("tiny")).state_dict()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm.checkpoint import build_model_from_export, load_export, read_export_metadata, state_dict_sha256
+from ddm.export_files import build_model_from_export, load_export, read_export_metadata, state_dict_sha256
 from ddm.video_io import probe_video
 from tests.fixtures.train import compose_config, run_cli, start_cli
 
@@ -327,7 +327,7 @@ def test_expert_without_shards_is_a_clear_error(tmp_path, tiny_overrides, test_s
 
 
 def test_init_from_with_other_shapes_lists_the_first_mismatches(tmp_path, tiny_overrides):
-    from ddm.checkpoint import save_export
+    from ddm.export_files import save_export
     from ddm.models.mmdit import MMDiT
     from ddm.models.presets import get_expert_config
     from train.expert import train_expert

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddm.analytic import GaussianMixture
-from ddm.checkpoint import build_model_from_export, read_export_metadata
+from ddm.export_files import build_model_from_export, read_export_metadata
 from tests.fixtures.train import compose_config, run_cli, start_cli
 from tests.test_train_expert import wait_for
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ddm.checkpoint import atomic_path
+from ddm.files import atomic_path
 from ddm.video_io import atomic_output, probe_video, read_video, write_gif, write_video
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ddm.checkpoint import fsync_dir
+from ddm.files import fsync_dir
 from train.run import EXIT_NOT_REQUEUED, EXIT_SIGTERM, log_media
 
 log = logging.getLogger("ddm.train")

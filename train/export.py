@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddm.checkpoint import save_export
+from ddm.export_files import save_export
 from train.ema import cast_for_export
 
 log = logging.getLogger("ddm.train")

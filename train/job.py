@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddm.checkpoint import file_sha256, read_export_metadata, save_export
+from ddm.export_files import read_export_metadata, save_export
+from ddm.files import file_sha256
 from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm import flow
 from ddm.flow import latent_frames

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 
 log = logging.getLogger("ddm.train")
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.lock import DirLock
 
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM

@@ -101,11 +101,11 @@ def load_full_into_shards_(net: nn.Module, state_dict: Mapping[str, torch.Tensor
 
 class LazyExport(Mapping):
     """An export's tensors read one at a time on access (safetensors, memory-mapped): a weights-only start
-    under FSDP2 then never holds more than one full tensor per rank. Accepts what ``ddm.checkpoint.load_export``
+    under FSDP2 then never holds more than one full tensor per rank. Accepts what ``ddm.export_files.load_export``
     accepts (an export folder, a ``.safetensors`` file, a sharded ``model/`` folder or its index)."""
 
     def __init__(self, path) -> None:
-        from ddm.checkpoint import _read_index, _resolve_export
+        from ddm.export_files import _read_index, _resolve_export
 
         kind, file = _resolve_export(path)
         if kind == "file":

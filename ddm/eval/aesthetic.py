@@ -17,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import atomic_save_torch, load_state_dict_strict
+from ddm.files import atomic_save_torch
+from ddm.models.weights import load_state_dict_strict
 from ddm.eval.clip_score import ClipEmbedder
 from ddm.eval.stats import MetricResult, mean_and_stderr
 from ddm.eval.videos import count_videos, iter_videos

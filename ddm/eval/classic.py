@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.report import METRICS
 from ddm.eval.stats import TINY_LABEL, MetricResult
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.videos import to_uint8_video
 
 __all__ = ["write_contact_sheet", "contact_sheet_image"]

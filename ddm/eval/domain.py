@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.fvd import FeatureStats, feature_stats, frechet_distance
 from ddm.eval.stats import MetricResult
 from ddm.eval.videos import count_videos, iter_videos

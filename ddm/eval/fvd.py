@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.i3d import I3DBackbone
 from ddm.eval.stats import MetricResult
 from ddm.eval.videos import count_videos, iter_videos

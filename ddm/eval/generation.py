@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.videos import to_uint8_video
 from ddm.sampler import RoutingTrace
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddm.assets import require_path
-from ddm.checkpoint import file_sha256, load_state_dict_strict
+from ddm.files import file_sha256
+from ddm.models.weights import load_state_dict_strict
 from ddm.eval.stats import TINY_LABEL
 
 __all__ = ["InceptionI3d", "I3DBackbone", "load_i3d", "make_tiny_i3d"]

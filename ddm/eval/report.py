@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ddm.checkpoint import atomic_write
+from ddm.files import atomic_write
 from ddm.eval.stats import TINY_LABEL, mean_and_stderr
 
 __all__ = ["METRICS", "CLASSIC_METRICS", "MetricInfo", "EVAL_FORMAT", "relative_improvement", "paired_difference",

@@ -36,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ddm.assets import missing_component_message, require_path
-from ddm.checkpoint import atomic_save_torch, load_state_dict_strict
+from ddm.files import atomic_save_torch
+from ddm.models.weights import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddm.assets import require_path
-from ddm.checkpoint import load_state_dict_strict
+from ddm.models.weights import load_state_dict_strict
 from ddm.flow import latent_frames
 from ddm.models.hunyuan_vae import HunyuanVAEConfig, HunyuanVideoAutoencoder
 
@@ -357,7 +357,7 @@ def load_vae(path: str | Path, config: HunyuanVAEConfig | None = None, device: s
 
     A missing file raises the FileNotFoundError of :func:`ddm.assets.require_path` (where to fetch it);
     weights that do not fit ``config`` (default: the published 884-16c) raise a ValueError naming the
-    missing and unexpected keys and shape mismatches (:func:`ddm.checkpoint.load_state_dict_strict`).
+    missing and unexpected keys and shape mismatches (:func:`ddm.models.weights.load_state_dict_strict`).
     """
     state = read_vae_state_dict(path)
     with torch.device("meta"):  # no 246M-parameter random init just to overwrite it

@@ -3,15 +3,15 @@
     python tests/benchmarks/bench_export_hashes.py                 # 512 MiB of float32 weights
     python tests/benchmarks/bench_export_hashes.py --mib 64        # a quick look
 
-Writes one export (``ddm.checkpoint.save_export``, master.safetensors only) of ``--mib`` MiB in tensors
+Writes one export (``ddm.export_files.save_export``, master.safetensors only) of ``--mib`` MiB in tensors
 of 4 MiB, then, in one process and one run, times (best of ``--repeats``, file in the page cache):
 
 - ``plain``: ``safetensors.torch.load_file`` (what loading cost before the check; on the CPU it maps the
   file lazily, so no byte is read yet);
 - ``plain+read``: the same plus a copy of every tensor (what using the weights costs at least: moving
   them to a GPU or into a model reads every byte);
-- ``verified``: ``ddm.checkpoint.load_export`` (the same read plus the sha256 of every tensor);
-- ``hash``: ``ddm.checkpoint.tensor_hashes`` alone on the loaded tensors (hashing throughput).
+- ``verified``: ``ddm.export_files.load_export`` (the same read plus the sha256 of every tensor);
+- ``hash``: ``ddm.export_files.tensor_hashes`` alone on the loaded tensors (hashing throughput).
 
 Prints the times, hashing throughput in MB/s and the ratios verified / plain+read and verified / plain.
 """
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    from ddm.checkpoint import MASTER_FILE, load_export, save_export, tensor_hashes
+    from ddm.export_files import MASTER_FILE, load_export, save_export, tensor_hashes
 
     per = 1024 * 1024  # float32 elements per 4 MiB tensor
     sd = {f"block{i}.weight": torch.randn(per) for i in range(max(1, args.mib // 4))}

@@ -10,17 +10,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddm.checkpoint import (
-    atomic_save_torch,
-    atomic_write,
-    build_model_from_export,
-    file_sha256,
-    load_export,
-    read_export_metadata,
-    save_export,
-    state_dict_sha256,
-    tensor_sha256,
-)
+from ddm.export_files import build_model_from_export, load_export, read_export_metadata, save_export, state_dict_sha256, tensor_sha256
+from ddm.files import atomic_save_torch, atomic_write, file_sha256
 from ddm.models.router import Router, get_router_config
 
 METADATA = {
@@ -318,3 +309,19 @@ def test_a_damaged_safetensors_header_names_the_file(tmp_path):
     for call in (load_export, read_export_metadata, build_model_from_export):
         with pytest.raises(ValueError, match=rf"'{master}' is not a readable safetensors file"):
             call(tmp_path / "exp")
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("ddm.checkpoint", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("ddm.checkpoint")
+    assert any(issubclass(w.category, DeprecationWarning) and "ddm.export_files" in str(w.message) for w in caught)
+    from ddm.export_files import save_export
+    from ddm.files import atomic_write
+
+    assert old.save_export is save_export and old.atomic_write is atomic_write
