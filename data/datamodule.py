@@ -10,7 +10,9 @@ and never hang at the end of an epoch:
 * each slot draws shards at random from its subset, so that samples come at their natural frequencies
   or, with ``balanced=True`` (the router's option), equally from every expert; it reads ``interleave``
   of them at once, taking each next sample from a random open shard (batches mix experts), through a
-  seeded shuffling buffer;
+  seeded shuffling buffer. A slot with at most ``interleave`` shards keeps every one of them open and
+  takes each next sample from shard s with probability ∝ its draw weight × its size (the same frequencies,
+  and every batch mixes all experts in proportion);
 * every rank yields exactly ``samples_per_epoch // batch_size`` batches per epoch.
 
 Resume: the state is (epoch, batches consumed). A restored loader reseeds from (seed, epoch, batches
@@ -336,16 +338,34 @@ class ResampledShards(IterableDataset):
         body = "frames" if cfg.raw_frames else "latent"
         digests = cfg.digests(mine)
 
-        def open_shard() -> Iterator[dict]:
-            info = mine[rng.choice(len(mine), p=weights)]
+        def reopen(i: int) -> Iterator[dict]:  # shard i of this slot, read from its start
+            info = mine[i]
             return (sample for _, sample in
                     read_shard_samples(Path(cfg.root), info, body, counter, digests.get(info.shard)))
+
+        def open_shard() -> Iterator[dict]:  # a shard drawn by the weights
+            return reopen(int(rng.choice(len(mine), p=weights)))
 
         def stream() -> Iterator[dict]:
             # Several shards open at once, each next sample from a random one of them: shards hold one
             # expert each, so reading them one after another would give single-expert batches (fatal for
             # the router and the monolith). Every opened shard is read to its end, so the long-run sample
             # frequencies are still those of the shard draws.
+            if len(mine) <= self.interleave:
+                # Few shards (a laptop run: one per expert): all of them open at once, each restarted when
+                # it ends, the next sample from shard i with probability ∝ its draw weight × its size — the
+                # same long-run frequencies as drawing shards, without the runs of batches that miss an
+                # expert when two open streams happen to read the same shard.
+                share = weights * np.array([info.size for info in mine], dtype=np.float64)
+                share /= share.sum()
+                streams = [reopen(i) for i in range(len(mine))]
+                while True:
+                    i = int(rng.choice(len(mine), p=share))
+                    sample = next(streams[i], None)
+                    if sample is None:
+                        streams[i] = reopen(i)
+                        continue
+                    yield sample
             open_streams = [open_shard() for _ in range(min(self.interleave, len(mine)))]
             while True:
                 j = int(rng.integers(len(open_streams)))

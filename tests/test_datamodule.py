@@ -122,6 +122,22 @@ def test_balanced_sampling_is_uniform_over_experts(make_shards):
         assert abs(frac2 - p2) < 0.05, (balanced, frac2)
 
 
+def test_few_shards_mix_every_expert_into_every_batch_at_the_right_frequencies(make_shards):
+    """One shard per expert (a laptop run): with all of them open at once, nearly every batch holds every expert,
+    in the long run at natural frequencies (∝ shard size) or uniformly with ``balanced``. (Drawing the open
+    shards with replacement used to leave an expert out of runs of consecutive batches — a router trained on
+    such batches chased the batch's classes.)"""
+    shards_dir, _ = make_shards({(1, "train"): [30], (2, "train"): [20], (3, "train"): [10]})
+    for balanced, want in ((False, [0.5, 1 / 3, 1 / 6]), (True, [1 / 3] * 3)):
+        batches = list(_dm(shards_dir, balanced=balanced, batch_size=24, samples_per_epoch=2400).train_dataloader())
+        experts = [b["expert"].tolist() for b in batches]
+        # independent draws: P(a batch of 24 misses the 1/6 expert) = (5/6)^24 ≈ 1.3 %
+        assert np.mean([set(e) == {1, 2, 3} for e in experts]) >= 0.95, balanced
+        flat = np.array([x for e in experts for x in e])
+        got = [float(np.mean(flat == k)) for k in (1, 2, 3)]
+        np.testing.assert_allclose(got, want, atol=0.03, err_msg=str(balanced))  # SE of a share ≈ 0.01
+
+
 def _truncate_inside(path, member_name):
     with tarfile.open(path) as tar:
         cut = next(m for m in tar.getmembers() if m.name == member_name).offset_data + 5
