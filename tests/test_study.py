@@ -64,3 +64,22 @@ def test_quick_study_runs_every_arm_over_two_seeds(tmp_path, capsys):
     before = (tmp_path / "study.json").read_text()
     assert main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "study.json").read_text())["arms"] == json.loads(before)["arms"]
+
+
+def test_clusters_are_matched_to_families_by_name_for_both_data_sets(tmp_path):
+    """The oracle's cluster of each family and the purity, from a generator manifest and the clustering's
+    assignments: family names from the captions ("ocean", "digit 4"), so the shapes and the digits share it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddm.digits import make_digits_dataset
+    from ddm.study import cluster_of_family, family_of_cluster
+
+    raw = make_digits_dataset(tmp_path / "raw", 6, digits=(0, 4), progress=False)  # digits 0,4,0,4,0,4
+    experts = [2, 1, 2, 1, 1, 1]  # one "0" clip strays into cluster 1
+    pq.write_table(pa.table({"key": [f"clip_{i:05d}" for i in range(6)], "expert": experts}),
+                   tmp_path / "assignments.parquet")
+    cluster, purity = cluster_of_family(raw / "synthetic.csv", tmp_path / "assignments.parquet")
+    assert cluster == {"digit 0": 2, "digit 4": 1}
+    assert purity == pytest.approx(5 / 6)
+    assert family_of_cluster(raw / "synthetic.csv", tmp_path / "assignments.parquet") == {2: "digit 0", 1: "digit 4"}
