@@ -350,28 +350,22 @@ class ResampledShards(IterableDataset):
             # Several shards open at once, each next sample from a random one of them: shards hold one
             # expert each, so reading them one after another would give single-expert batches (fatal for
             # the router and the monolith). Every opened shard is read to its end, so the long-run sample
-            # frequencies are still those of the shard draws.
+            # frequencies are still those of the shard draws. Few shards (a laptop run: one per expert):
+            # all of them stay open, the next sample from shard i with probability ∝ its draw weight × size —
+            # the same frequencies, without the runs of batches that miss an expert when two open streams
+            # happen to read the same shard.
             if len(mine) <= self.interleave:
-                # Few shards (a laptop run: one per expert): all of them open at once, each restarted when
-                # it ends, the next sample from shard i with probability ∝ its draw weight × its size — the
-                # same long-run frequencies as drawing shards, without the runs of batches that miss an
-                # expert when two open streams happen to read the same shard.
                 share = weights * np.array([info.size for info in mine], dtype=np.float64)
-                share /= share.sum()
-                streams = [reopen(i) for i in range(len(mine))]
-                while True:
-                    i = int(rng.choice(len(mine), p=share))
-                    sample = next(streams[i], None)
-                    if sample is None:
-                        streams[i] = reopen(i)
-                        continue
-                    yield sample
-            open_streams = [open_shard() for _ in range(min(self.interleave, len(mine)))]
+                streams, pick, refill = [reopen(i) for i in range(len(mine))], \
+                    (lambda: rng.choice(len(mine), p=share / share.sum())), reopen
+            else:
+                streams = [open_shard() for _ in range(self.interleave)]
+                pick, refill = (lambda: rng.integers(len(streams))), (lambda _: open_shard())
             while True:
-                j = int(rng.integers(len(open_streams)))
-                sample = next(open_streams[j], None)
+                j = int(pick())
+                sample = next(streams[j], None)
                 if sample is None:
-                    open_streams[j] = open_shard()
+                    streams[j] = refill(j)
                     continue
                 yield sample
 
