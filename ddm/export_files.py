@@ -32,10 +32,6 @@ from typing import Any
 import torch
 
 from ddm.files import atomic_write
-from ddm.models.layouts import load_expert_state_dict
-from ddm.models.mmdit import MMDiT
-from ddm.models.presets import ExpertConfig
-from ddm.models.router import Router, RouterConfig
 from ddm.models.weights import load_state_dict_strict
 
 log = logging.getLogger(__name__)
@@ -333,11 +329,19 @@ def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.
         raise ValueError(f"'{path}': export metadata has no model 'config'")
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # the model classes are imported here, not at the top: the router job writes exports with this module
+    # and must never import the expert's code (tests/test_train_router.py)
     if kind == "router":
+        from ddm.models.router import Router, RouterConfig
+
         with torch.device("meta"):
             model = Router(RouterConfig.from_dict(config))
         load_state_dict_strict(model, state_dict, f"'{path}'")
     elif kind == "expert":
+        from ddm.models.layouts import load_expert_state_dict
+        from ddm.models.mmdit import MMDiT
+        from ddm.models.presets import ExpertConfig
+
         with torch.device("meta"):
             model = MMDiT(ExpertConfig.from_dict(config))
         # the loader copies into existing tensors: give them real (uninitialised) memory, every one of
