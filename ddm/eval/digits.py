@@ -27,7 +27,7 @@ import numpy as np
 
 from ddm.digits import (CANVAS_LEVEL, DIGIT_FRACTION, FAMILY_PREFIX, INK_LEVEL, DigitClipSpec, family_name,
                         load_digits_images, render_digit_clip, split_indices)
-from ddm.eval.motion_track import SPEED_NAMES, read_motion
+from ddm.eval.motion_track import SPEED_NAMES, circular_centroid_track, read_motion
 from ddm.synthetic import MOTIONS, SPEEDS
 
 __all__ = ["DigitAttributes", "parse_digit_caption", "is_digit_caption", "digit_crop", "classifier_report",
@@ -73,13 +73,9 @@ def digit_crop(frame: np.ndarray) -> np.ndarray:
     ink = np.maximum(grey - canvas - _INK_THRESHOLD, 0.0)
     if ink.sum() <= 0:
         ink = np.maximum(grey - canvas, 0.0) + 1e-6  # nothing bright: centre on whatever stands out
-    shift = []
-    for axis, n in ((0, h), (1, w)):
-        marg = ink.sum(axis=1 - axis)
-        phase = np.angle(marg @ np.exp(2j * np.pi * (np.arange(n) + 0.5) / n))
-        centre = phase * n / (2 * np.pi)
-        shift.append(int(round(n / 2 - centre)))
-    centred = np.roll(grey, shift, axis=(0, 1))
+    cy = circular_centroid_track(ink[None], axis=2)[0]  # the same centroid the motion reading tracks
+    cx = circular_centroid_track(ink[None], axis=1)[0]
+    centred = np.roll(grey, (int(round(h / 2 - cy)), int(round(w / 2 - cx))), axis=(0, 1))
     side_h, side_w = max(4, round(h * DIGIT_FRACTION)), max(4, round(w * DIGIT_FRACTION))
     top, left = (h - side_h) // 2, (w - side_w) // 2
     window = centred[top:top + side_h, left:left + side_w]
