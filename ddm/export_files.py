@@ -314,7 +314,7 @@ def _common_float_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
 def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
                             ) -> torch.nn.Module:
     """Build the exported model from its metadata (``kind`` = ``expert`` → ``MMDiT``, ``router`` →
-    ``Router``; ``config`` → their ``from_dict``) and load the weights strictly; returned in eval mode.
+    ``Router`` or ``GatedRouter``; ``config`` → their ``from_dict``) and load the weights strictly; returned in eval mode.
 
     The model is built on the meta device, so no random initialisation is paid for. ``dtype`` casts
     the weights (default: as stored). Expert weights go through
@@ -332,10 +332,10 @@ def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.
     # the model classes are imported here, not at the top: the router job writes exports with this module
     # and must never import the expert's code (tests/test_train_router.py)
     if kind == "router":
-        from ddm.models.router import Router, RouterConfig
+        from ddm.models.gated_router import build_router, router_config_from_dict
 
         with torch.device("meta"):
-            model = Router(RouterConfig.from_dict(config))
+            model = build_router(router_config_from_dict(config))
         load_state_dict_strict(model, state_dict, f"'{path}'")
     elif kind == "expert":
         from ddm.models.layouts import load_expert_state_dict

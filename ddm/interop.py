@@ -454,7 +454,7 @@ def build_checkpoint_model(path: str | Path, device: str = "cpu", dtype: torch.d
 def _build_router(folder: Path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:
     """A router from ``config.json`` (its metadata: ``kind`` router, ``config``) + ``pytorch_model.safetensors``."""
     from ddm.models.weights import load_state_dict_strict
-    from ddm.models.router import Router, RouterConfig
+    from ddm.models.gated_router import build_router, router_config_from_dict
 
     meta = read_checkpoint_metadata(folder)
     if meta.get("kind") != "router" or not isinstance(meta.get("config"), Mapping):
@@ -462,7 +462,7 @@ def _build_router(folder: Path, device: str, dtype: torch.dtype | None) -> torch
                          f"'router' and the router 'config' (found kind {meta.get('kind')!r}); a Paris 1.0 DiT router "
                          "is another architecture and cannot be loaded by this project")
     with torch.device("meta"):
-        model = Router(RouterConfig.from_dict(meta["config"]))
+        model = build_router(router_config_from_dict(meta["config"]))
     sd = _cast(_read_safetensors(_hf_weights(folder)), dtype)
     load_state_dict_strict(model, {k: v.to(device) for k, v in sd.items()}, f"'{folder}'")
     return model.eval()

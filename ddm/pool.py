@@ -29,7 +29,9 @@ run ``RUNS/expert<N>/<stage>/export`` (one per stage the folder has) joins as sl
 hard-linked (else copied) and checked against the source's pool.json, never re-exported; the new exports are
 copied with their per-tensor hashes checked. Refused, naming the field: a new expert whose VAE, latent
 geometry, text widths or latent channels differ from the pool's, an ``expert_id`` the pool already holds, or
-a router whose K is not K+1.
+a router whose K is not K+1. ``--router gated`` keeps the old router instead and uses the new one only to tell
+new from old (:mod:`ddm.models.gated_router`): the old experts are then mixed exactly as before wherever the
+gate is sure a sample is old. A gated router's zero-cost retire is refused (retire it by retraining).
 """
 from __future__ import annotations
 
@@ -122,13 +124,57 @@ def _new_routers(runs: Path, stages: Sequence[str], expert_ids: Sequence[Any], w
     return routers
 
 
-def _place_routers(routers: Mapping[str, Path], staged: Path) -> str | dict[str, str]:
+def _place_routers(routers: Mapping[str, Path], staged: Path,
+                   gated_over: Mapping[str | None, Path] | None = None) -> str | dict[str, str]:
     """Copy the router export(s) into ``staged`` (``Router/``, or ``Router/<stage>/`` when there are several;
-    every tensor's hash checked on load) and return the index's ``router`` entry."""
+    every tensor's hash checked on load) and return the index's ``router`` entry. With ``gated_over`` (the old
+    folder's routers by stage), each new router becomes the gate of a ``GatedRouter`` over the old one."""
     entry: str | dict[str, str] = "Router" if len(routers) == 1 else {s: f"Router/{s}" for s in routers}
     for stage, path in routers.items():
-        copy_export(path, staged / (entry if isinstance(entry, str) else entry[stage]))
+        dst = staged / (entry if isinstance(entry, str) else entry[stage])
+        if gated_over is None:
+            copy_export(path, dst)
+        else:
+            base = gated_over.get(stage) or gated_over.get(None) or \
+                gated_over[sorted((s for s in gated_over if s is not None), key=stage_order)[-1]]
+            state_dict, meta = gate_router(base, path)
+            copy_export(None, dst, state_dict=state_dict, metadata=meta)
     return entry
+
+
+def gate_router(base: str | Path, gate: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and metadata of a ``GatedRouter`` export (:mod:`ddm.models.gated_router`): the pool's K-way
+    router ``base`` kept exactly, gated by the K+1-way router ``gate`` trained over all K+1 clusters. Each
+    part's recorded ``prior_correction`` is folded into its head bias, so the composite records zeros."""
+    from ddm.models.gated_router import (GatedRouterConfig, fold_prior_correction, gated_state_dict,
+                                         router_config_from_dict)
+
+    (base_sd, base_meta), (gate_sd, gate_meta) = load_checkpoint(base), load_checkpoint(gate)
+    for path, meta in ((base, base_meta), (gate, gate_meta)):
+        if meta.get("kind") != "router":
+            raise ValueError(f"'{path}' holds a {meta.get('kind')!r} export, not a router")
+    gate_cfg = router_config_from_dict(gate_meta["config"])
+    if isinstance(gate_cfg, GatedRouterConfig):
+        raise ValueError(f"the gate '{gate}' must be a plain router trained over all the grown pool's clusters")
+    cfg = GatedRouterConfig(router_config_from_dict(base_meta["config"]), gate_cfg)
+    base_ids, gate_ids = base_meta.get("expert_ids"), gate_meta.get("expert_ids")
+    if base_ids is not None and gate_ids is not None and [str(i) for i in gate_ids[:-1]] != [str(i) for i in base_ids]:
+        raise ValueError(f"the gate '{gate}' routes experts {gate_ids} but the base router '{base}' {base_ids}: "
+                         "the gate's first K outputs must be the base's experts, in order")
+    gated = isinstance(cfg.base, GatedRouterConfig)
+    state_dict = gated_state_dict(base_sd if gated else fold_prior_correction(base_sd, base_meta.get("prior_correction")),
+                                  fold_prior_correction(gate_sd, gate_meta.get("prior_correction")))
+    if gated and any(float(c) for c in base_meta.get("prior_correction") or []):
+        raise ValueError(f"'{base}' is a gated router with a non-zero prior_correction; it cannot be folded")
+    meta = {k: v for k, v in gate_meta.items() if k not in ("tensor_sha256", "_path")}
+    meta.update(config=cfg.to_dict(), num_experts=cfg.num_experts, prior_correction=[0.0] * cfg.num_experts,
+                uses_text=cfg.text_dim is not None,
+                train_flops=(base_meta.get("train_flops") or 0) + (gate_meta.get("train_flops") or 0) or None,
+                composition={"type": "gated", **{name: {"path": str(Path(p).resolve()), "step": m.get("step"),
+                                                        "experiment": m.get("experiment")}
+                                                 for name, p, m in (("base", base, base_meta),
+                                                                    ("gate", gate, gate_meta))}})
+    return state_dict, meta
 
 
 def _last_head_layer(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str]:
@@ -159,6 +205,9 @@ def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Drop output ``expert`` (1-based) of a router: row ``expert-1`` of its last head layer and entry
     ``expert`` of its per-expert metadata. The other logits are unchanged (module docstring)."""
+    if (meta.get("config") or {}).get("type") == "gated":
+        raise ValueError("the router is a gated composite (ddm.pool add --router gated): dropping one row would not "
+                         "renormalise it as documented; retire by retraining (--router-runs)")
     weight_key, bias_key = _last_head_layer(state_dict)
     k = state_dict[weight_key].shape[0]
     if not 1 <= expert <= k:
@@ -249,6 +298,7 @@ def _renumber_steps(steps: Mapping[str, Any], retired: int) -> dict[str, Any]:
 # the latent space and the text encoders' widths; its size and prediction target may differ (heterogeneous).
 JOIN_GEOMETRY = ("height", "width", "num_frames", "latent_shape", "frames_shape", "vae", "t5_dim", "clip_dim")
 JOIN_CONFIG = ("latent_channels", "context_in_dim", "vec_in_dim")
+ADD_ROUTERS = ("retrained", "gated")
 
 
 def check_joining_expert(pool_meta: Mapping[str, Any], new_meta: Mapping[str, Any], stage: str, label: str) -> None:
@@ -266,9 +316,13 @@ def check_joining_expert(pool_meta: Mapping[str, Any], new_meta: Mapping[str, An
                              f"{ours!r} (train it on the pool's extended data with the pool's VAE and text encoders)")
 
 
-def add_expert(folder: str | Path, runs: str | Path, expert_id: int, out: str | Path, *, link: bool = True) -> Path:
+def add_expert(folder: str | Path, runs: str | Path, expert_id: int, out: str | Path, *, link: bool = True,
+               router: str = "retrained") -> Path:
     """Write ``out``: ``folder`` plus the expert of ``runs/expert<expert_id>`` as slot K+1 and the K+1-way router
-    of ``runs/router`` (module docstring). The source must verify first. Returns ``out``."""
+    of ``runs/router`` (``router="retrained"``), or that router as the gate over the folder's own K-way router
+    (``router="gated"``; module docstring). The source must verify first. Returns ``out``."""
+    if router not in ADD_ROUTERS:
+        raise ValueError(f"router must be one of {ADD_ROUTERS}, got {router!r}")
     root, runs, out = Path(folder), Path(runs), Path(out)
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"'{out}' already exists: pick a new --out (add never overwrites a folder)")
@@ -299,14 +353,14 @@ def add_expert(folder: str | Path, runs: str | Path, expert_id: int, out: str | 
         names.append(f"expert{k + 1}")
         for stage in stages:  # load_checkpoint checks every tensor against its recorded sha256
             copy_export(found[stage], staged / names[-1] / stage)
-        router_index = _place_routers(routers, staged)
+        router_index = _place_routers(routers, staged, layout.routers if router == "gated" else None)
         new_index = dataclasses.replace(index, num_experts=k + 1, experts=names, router=router_index,
                                         extra=dict(index.extra))
         write_pool_manifest(staged, new_index, expert_ids=[e["expert_id"] for e in pool["experts"]] + [expert_id],
                             carry={"experts": [*pool["experts"], None], "router": None}, retired=(),
                             history=pool.get("history"),
                             operation={"op": "add", "slot": k + 1, "expert_id": expert_id, "from": str(root.resolve()),
-                                       "runs": str(runs.resolve())})
+                                       "runs": str(runs.resolve()), "router": router})
         write_model_index(staged, new_index)
     return out
 
@@ -335,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--expert", type=int, required=True, help="the joining expert's id N (its run expert<N>/)")
     add.add_argument("--out", type=Path, required=True, help="the new folder (must not exist)")
     add.add_argument("--copy", action="store_true", help="copy the old experts' files instead of hard-linking them")
+    add.add_argument("--router", choices=ADD_ROUTERS, default="retrained",
+                     help="retrained: the K+1-way router of RUNS/router replaces the old one; gated: it only gates "
+                          "(new vs old) and the old K-way router keeps routing among the old experts, exactly")
     sub.add_parser("init", help="record pool.json for a folder that has none").add_argument("folder", type=Path)
     return parser
 
@@ -359,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = retire_expert(args.folder, args.expert, args.out, link=not args.copy, router_runs=args.router_runs)
             print(f"retired expert {args.expert}: {out} ({read_pool(out)['num_experts']} experts)")
         elif args.command == "add":
-            out = add_expert(args.folder, args.runs, args.expert, args.out, link=not args.copy)
+            out = add_expert(args.folder, args.runs, args.expert, args.out, link=not args.copy, router=args.router)
             print(f"added expert {args.expert}: {out} ({read_pool(out)['num_experts']} experts)")
         else:
             if (args.folder / POOL_FILE).exists():

@@ -3,7 +3,8 @@
 #   base site:  3 families of clips -> prepare (K=3) -> experts 1-3 + the router at stage 2 -> folder "three"
 #   new site:   clips of a 4th family -> data.prepare mode=extend (expert 4, the old data untouched)
 #               -> only expert 4 and the 4-way router train -> python -m ddm.pool add -> folder "four"
-#               (and the other 4-way router: the 3-way one fine-tuned with a grown head -> folder "four-ft")
+#               (and the other 4-way router: the 3-way one fine-tuned with a grown head -> folder "four-ft";
+#               and the 3-way router kept, gated by the 4-way one's new-vs-old -> folder "four-gated")
 #   evaluation: held-out prompts of all 4 families (a seed never trained on), DDM top-1, three vs four,
 #               ground-truth accuracy per family group with SEs and the paired difference on the old families.
 # Outputs go to $DDM_GROW_DIR (default ./grow_out); rerunning reuses what is done. Reports: grow_report_*.md.
@@ -73,6 +74,9 @@ train router4ft "$ft/router/stage2" train.router "${common[@]}" experiment_name=
   paths.data_dir="$work" "${text[@]}" run_dir="$ft/router/stage2" init_from="$base/router/stage2/export"
 [ -f "$out/models/four-ft/model_index.json" ] || run pool_add_ft python -m ddm.pool add "$out/models/three" --runs "$ft" \
   --expert 4 --out "$out/models/four-ft"
+# the third: the 3-way router kept as it is, the retrained 4-way one used only to tell new from old (gated)
+[ -f "$out/models/four-gated/model_index.json" ] || run pool_add_gated python -m ddm.pool add "$out/models/three" \
+  --runs "$grow" --expert 4 --out "$out/models/four-gated" --router gated
 
 step "5/6 evaluate: $n held-out prompts of all 4 families (seed 1), DDM top-1, by the ground truth"
 [ -f "$out/heldout/.complete" ] || { run heldout python -m data.synthetic --out "$out/heldout" --num-videos "$n" --seed 1 \
@@ -82,12 +86,14 @@ evaluate=(python -m ddm.evaluate --groundtruth "$out/heldout" --num-videos "$n" 
 ( run eval_three "${evaluate[@]}" --model "three=$out/models/three:top1" --baseline three/top1 --out "$out/eval_three" &&
   run eval_four_ft "${evaluate[@]}" --model "four=$out/models/four-ft:top1" --baseline four/top1 --out "$out/eval_four_ft" ) & lane=$!
 run eval_four "${evaluate[@]}" --model "four=$out/models/four:top1" --baseline four/top1 --out "$out/eval_four"
+run eval_four_gated "${evaluate[@]}" --model "four=$out/models/four-gated:top1" --baseline four/top1 \
+  --out "$out/eval_four_gated"
 wait "$lane"
 
-step "6/6 per family group: the new family and the old ones, three vs four (router retrained / fine-tuned)"
-for variant in four four_ft; do
+step "6/6 per family group: the new family and the old ones, three vs four (router retrained / fine-tuned / gated)"
+for variant in four four_ft four_gated; do
   echo "  --- $variant"
   python -m ddm.eval.grow --heldout "$out/heldout" --three "$out/eval_three/metrics.json" \
     --four "$out/eval_$variant/metrics.json" --new-family 3 --out "$out/grow_report_$variant.md" | sed 's/^/  /'
 done
-echo "  reports: $out/grow_report_four.md, $out/grow_report_four_ft.md (total $(( $(date +%s) - start )) s)"
+echo "  reports: $out/grow_report_{four,four_ft,four_gated}.md (total $(( $(date +%s) - start )) s)"

@@ -20,7 +20,7 @@ from data.geometry import read_shard_geometry
 from data.prepare import compose_config, prepare
 from data.synthetic import make_synthetic_dataset
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.export_files import read_export_metadata
+from ddm.export_files import build_model_from_export, read_export_metadata
 from ddm.files import file_sha256
 from ddm.eval.routing import T_GRID, compare_folders, main as routing_main
 from ddm.export import main as export_main
@@ -155,6 +155,24 @@ def test_grow_the_pool_from_3_to_4_experts_without_touching_the_old_ones(base, t
     pipe = DDMPipeline.from_pretrained(four)
     result = pipe.generate(["a circle moves left on a purple gradient background"], SamplingSpec(Routing("full"), num_steps=2), seeds=[0], progress=False)
     assert result.videos.shape[0] == 1 and pipe.num_experts == 4
+    # the gated way: the 3-way router kept, the 4-way one only tells new from old; its posterior from the two exports
+    gated = tmp_path / "four-gated"
+    assert pool_main(["add", str(three), "--runs", str(root / "runs" / "grow"), "--expert", "4", "--out", str(gated),
+                      "--router", "gated"]) == 0
+    assert pool_main(["verify", str(gated)]) == 0 and read_pool(gated)["history"][-1]["router"] == "gated"
+    composite, old, new = (build_model_from_export(p) for p in (gated / "Router", three / "Router",
+                                                              root / "runs" / "grow" / "router" / "stage2" / "export"))
+    x, t = torch.randn(3, old.cfg.latent_channels, 3, 16, 16), torch.tensor([0.1, 0.5, 0.9])
+    cond = {"clip": torch.randn(3, old.cfg.text_dim)} if old.cfg.text_dim else {}
+    with torch.no_grad():
+        g = new(x, t, cond).softmax(-1)[:, -1:]
+        want = torch.cat([(1 - g) * old(x, t, cond).softmax(-1), g], dim=-1)
+        torch.testing.assert_close(composite(x, t, cond).softmax(-1), want, rtol=0, atol=1e-6)
+    pipe = DDMPipeline.from_pretrained(gated)
+    assert pipe.generate(["a circle moves left on a purple gradient background"], SamplingSpec(num_steps=2), seeds=[0],
+                         progress=False).videos.shape[0] == 1
+    assert pool_main(["retire", str(gated), "--expert", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "retire by retraining" in capsys.readouterr().err
     # refusals: the old 3-way router, an id the pool holds, an existing --out
     capsys.readouterr()
     assert pool_main(["add", str(three), "--runs", str(root / "runs" / "base"), "--expert", "3",
