@@ -1,6 +1,6 @@
 """``python -m ddm.evaluate``: DDM routing strategies against the compute-matched monolith, Paris 2.0's table.
 
-For one prompt set and several model folders (``ddm.export``'s DDM folder with strategies, the monolith
+For one prompt set and several model folders (``ddm.assemble``'s DDM folder with strategies, the monolith
 folder as the baseline) it generates the videos — or reuses the ones already generated — computes FVD,
 CLIP text-video, aesthetic and motion, and writes ``<out>/metrics.json`` first, then ``report.md`` and
 ``plots/*.png`` from it (:mod:`ddm.eval.report`)::
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-videos", type=int, help="videos per run (default: one per prompt; more repeat prompts)")
     p.add_argument("--seed", type=int, default=0, help="video i uses seed SEED + i in every run (default 0)")
     # --steps, --cfg and --frames: the old spellings, deprecated aliases for one release (ddm.generate and
-    # ddm.export share the --num-steps/--cfg-scale/--num-frames names); the dest names are unchanged.
+    # ddm.assemble share the --num-steps/--cfg-scale/--num-frames names); the dest names are unchanged.
     p.add_argument("--num-steps", "--steps", dest="steps", type=int,
                    help="Euler steps (default: each model folder's scheduler, else 50); --steps is a deprecated alias")
     p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float,

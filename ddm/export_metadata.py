@@ -1,7 +1,7 @@
 """The metadata an export carries, typed: :class:`ExportMetadata` and the :class:`StageSpec` it trained at.
 
 Training writes these fields at the top level of every export's metadata (``train.job.export_metadata``);
-``ddm.export``, the pipeline, ``ddm.pool`` and ``ddm.evaluate`` read them through :meth:`ExportMetadata.from_dict`
+``ddm.assemble``, the pipeline, ``ddm.pool`` and ``ddm.evaluate`` read them through :meth:`ExportMetadata.from_dict`
 and nothing else looks inside the resolved training config (``train_config``, kept whole for provenance).
 Exports written before these fields existed carry them only inside ``train_config``; ``from_dict`` reads them
 from there — the one place that still does — so old exports load unchanged.

@@ -12,7 +12,7 @@ of every sample, and the settings), and with ``--trace`` the routing trace as ``
 
 The arguments, the images and a writable ``--out`` are checked before any expert is loaded. ``--steps``,
 ``--cfg`` and ``--frames`` are the old spellings of ``--num-steps``, ``--cfg-scale`` and ``--num-frames``
-(deprecated aliases, kept for one release; ``ddm.export`` and ``ddm.evaluate`` share the same names).
+(deprecated aliases, kept for one release; ``ddm.assemble`` and ``ddm.evaluate`` share the same names).
 """
 from __future__ import annotations
 

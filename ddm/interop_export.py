@@ -1,4 +1,4 @@
-"""A model folder in diffusers format: ``export_diffusers(folder, out)`` and ``python -m ddm.export --format diffusers``.
+"""A model folder in diffusers format: ``export_diffusers(folder, out)`` and ``python -m ddm.assemble --format diffusers``.
 
 ::
 
@@ -13,7 +13,7 @@
     model_index.json                    →  ours, "checkpoint_format": "diffusers", written last
 
 The result loads back with ``DDMPipeline.from_pretrained`` (it reads both formats). The folder is assembled beside
-``out`` and swapped in when complete, as ``ddm.export`` does.
+``out`` and swapped in when complete, as ``ddm.assemble`` does.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddm.export import _remove, staging_dir, swap_into_place
+from ddm.assemble import _remove, staging_dir, swap_into_place
 from ddm.flow import video_shift_alpha
 from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_diffusers, save_scheduler,
                          save_vae_diffusers)

@@ -1,7 +1,7 @@
 """The Paris model folder on disk (DESIGN §5.6): ``model_index.json`` (:class:`ModelIndex`, each stage's
 :class:`StageGeometry`), the tolerant discovery of expert / stage / router folders (:func:`scan_model_folder`), a
 stage's geometry from an export's metadata, and the helpers that copy exports and third-party folders into a
-folder. :mod:`ddm.pipeline` samples from such a folder; :mod:`ddm.export` and :mod:`ddm.pool` write and check them.
+folder. :mod:`ddm.pipeline` samples from such a folder; :mod:`ddm.assemble` and :mod:`ddm.pool` write and check them.
 The folder layout and the index schema are described in :mod:`ddm.pipeline`'s docstring and docs/model_folder.md.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def read_model_index(folder: str | Path) -> ModelIndex:
         raise FileNotFoundError(f"model folder not found: '{folder}'")
     if not path.is_file():
         raise FileNotFoundError(f"'{folder}' is not a DDM model folder: it has no {MODEL_INDEX} (write one with "
-                                "python -m ddm.export or DDMPipeline.save_pretrained)")
+                                "python -m ddm.assemble or DDMPipeline.save_pretrained)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -1,6 +1,6 @@
 """The Paris model folder (DESIGN §5.6) and :class:`DDMPipeline`, which samples videos from it.
 
-What :meth:`DDMPipeline.save_pretrained` and ``python -m ddm.export`` write::
+What :meth:`DDMPipeline.save_pretrained` and ``python -m ddm.assemble`` write::
 
     model_index.json            the schema below
     expert1/ … expertK/         stage2/, stage3/: each a master.safetensors and a sharded model/ folder

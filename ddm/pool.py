@@ -50,7 +50,7 @@ import torch
 
 from ddm.export_files import MASTER_FILE, SHARD_DIR
 from ddm.files import link_or_copy
-from ddm.export import find_router_exports, stage_exports, staging_dir, swap_into_place
+from ddm.assemble import find_router_exports, stage_exports, staging_dir, swap_into_place
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
 from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, scan_model_folder, stage_order,

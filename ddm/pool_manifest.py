@@ -1,6 +1,6 @@
 """``pool.json``: the provenance and hashes of a model folder's expert pool, and checking a folder against it.
 
-``pool.json`` sits beside ``model_index.json``; ``ddm.export`` writes it when it assembles a folder, and the
+``pool.json`` sits beside ``model_index.json``; ``ddm.assemble`` writes it when it assembles a folder, and the
 pool commands (:mod:`ddm.pool`) write it for the folders they make. Per expert slot (1..K, the router's output
 k-1) it records the training ``expert_id`` the slot holds, the preset, config, prediction target and parameter
 count, the ``centroids_hash`` and, per stage, the step, training FLOPs (when the export records them), the data
@@ -213,7 +213,7 @@ def read_pool(folder: str | Path) -> dict[str, Any]:
     """Parse ``folder/pool.json``; a FileNotFoundError says how to make one."""
     path = Path(folder) / POOL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"'{folder}' has no {POOL_FILE} (export it with python -m ddm.export, or record "
+        raise FileNotFoundError(f"'{folder}' has no {POOL_FILE} (export it with python -m ddm.assemble, or record "
                                 f"one for this folder with python -m ddm.pool init {folder})")
     try:
         pool = json.loads(path.read_text())

@@ -132,7 +132,7 @@ def settled_agreement(root: Path, n: int) -> dict[str, float]:
             continue
         folder = RunFolder(root / "eval" / "videos" / arm.split("/")[0] / arm.split("/")[1], {})
         trace = folder.routing_trace(n)
-        settled = (trace.weights[-1].argmax(-1) + 1).tolist()  # slot j holds expert id j + 1 (ddm.export)
+        settled = (trace.weights[-1].argmax(-1) + 1).tolist()  # slot j holds expert id j + 1 (ddm.assemble)
         hits = [evaluator.measure(np.load(folder.array_path(i))).family == cluster_family[k]
                 for i, k in enumerate(settled)]
         out[arm] = float(np.mean(hits))
@@ -334,7 +334,7 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes"
 
     # One experiment ("study"): the experts, the monolith and the text-blind router under runs/ddm-blind/, the
     # text-aware router in runs/ddm-text/ beside links to the same experts (one experiment name, so each
-    # folder's exports agree for ddm.export).
+    # folder's exports agree for ddm.assemble).
     def job(name, module, folder, role, extra):
         run_dir = runs / folder / role / "stage2"
         return (name, module, [*common, "experiment_name=study", f"run_dir={run_dir}", *extra],
@@ -352,9 +352,9 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes"
     models = root / "models"
     sampling = ["--stages", "stage2", "--num-steps", size["gen_steps"], "--cfg-scale", 3]
     for name in ROUTERS:
-        r.run(f"export-{name}", "ddm.export", ["--runs", runs / f"ddm-{name}", "--out", models / f"ddm-{name}",
+        r.run(f"export-{name}", "ddm.assemble", ["--runs", runs / f"ddm-{name}", "--out", models / f"ddm-{name}",
                                                *sampling], models / f"ddm-{name}" / "model_index.json")
-    r.run("export-monolith", "ddm.export", ["--runs", runs / "ddm-blind", "--monolith", "--out", models / MONOLITH,
+    r.run("export-monolith", "ddm.assemble", ["--runs", runs / "ddm-blind", "--monolith", "--out", models / MONOLITH,
                                             *sampling], models / MONOLITH / "model_index.json")
     n = size["eval_videos"]
     heldout = root / "heldout"

@@ -119,9 +119,9 @@ step "5/7 export the Paris-style model folders"
 models="$demo/models"
 # Sampling defaults recorded in the folders: guidance 3 (Paris' 7.5 over-saturates models this small).
 sampling=(--num-steps "$gen_steps" --cfg-scale 3)
-[ -f "$models/ddm/model_index.json" ] || quiet export_ddm "" python -m ddm.export --runs "$runs" --out "$models/ddm" \
+[ -f "$models/ddm/model_index.json" ] || quiet export_ddm "" python -m ddm.assemble --runs "$runs" --out "$models/ddm" \
   "${sampling[@]}"
-[ -f "$models/monolith/model_index.json" ] || quiet export_monolith "" python -m ddm.export --runs "$runs" --monolith \
+[ -f "$models/monolith/model_index.json" ] || quiet export_monolith "" python -m ddm.assemble --runs "$runs" --monolith \
   --out "$models/monolith" "${sampling[@]}"
 echo "  $models/ddm (3 experts + router), $models/monolith"
 

@@ -46,7 +46,7 @@ base="$out/runs/base"
 train expert2 "$base/expert2/stage2" train.expert "${common[@]}" experiment_name=base expert=2
 train router3 "$base/router/stage2" train.router "${common[@]}" experiment_name=base
 wait "$lane"
-[ -f "$out/models/three/model_index.json" ] || run export_three python -m ddm.export --runs "$base" \
+[ -f "$out/models/three/model_index.json" ] || run export_three python -m ddm.assemble --runs "$base" \
   --out "$out/models/three" --stages stage2 --num-steps 30 --cfg-scale 3
 
 step "3/6 new site: $new_clips clips of a 4th family -> data.prepare mode=extend (expert 4)"

@@ -1,4 +1,4 @@
-"""One flag vocabulary across ``python -m ddm.export``, ``ddm.generate`` and ``ddm.evaluate``: the canonical
+"""One flag vocabulary across ``python -m ddm.assemble``, ``ddm.generate`` and ``ddm.evaluate``: the canonical
 ``--num-steps``, ``--cfg-scale``, ``--num-frames`` and the deprecated old spellings ``--steps``, ``--cfg``,
 ``--frames`` parse to the same attribute and value (argument parsing only; nothing is generated)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import io
 import pytest
 
 from ddm.evaluate import build_parser as evaluate_parser
-from ddm.export import build_parser as export_parser
+from ddm.assemble import build_parser as export_parser
 from ddm.generate import parse_args as generate_parse_args
 
 # (canonical, old, value, the attribute the CLI's code reads)
@@ -63,3 +63,25 @@ def test_help_names_the_canonical_flag_first_and_marks_the_old_one_deprecated(he
     for new, old, *_ in flags:
         assert f"{new} " in text and f"{old} is a deprecated alias" in text
         assert text.index(f"{new} ") < text.index(f"{old} ")  # the canonical spelling is the one shown first
+
+
+def test_the_old_assemble_name_still_runs_with_a_deprecation_note(tmp_path):
+    """``python -m ddm.export`` (this CLI's name before it became ``ddm.assemble``) warns and runs the same CLI."""
+    import importlib
+    import subprocess
+    import sys
+    import warnings
+
+    sys.modules.pop("ddm.export", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("ddm.export")
+    assert any(issubclass(w.category, DeprecationWarning) and "ddm.assemble" in str(w.message) for w in caught)
+    from ddm.assemble import main
+
+    assert old.main is main
+    res = subprocess.run([sys.executable, "-m", "ddm.export", "--runs", str(tmp_path / "none"), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "use python -m ddm.assemble" in res.stderr
+    assert "no expert" in res.stderr.lower() or str(tmp_path / "none") in res.stderr  # the real CLI ran and refused
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddm.export_files import read_export_metadata
-from ddm.export import _shared_fields
+from ddm.assemble import _shared_fields
 from ddm.export_metadata import ExportMetadata, StageSpec
 from ddm.interop import build_checkpoint_model
 from ddm.model_folder import stage_geometry_from_metadata

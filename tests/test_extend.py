@@ -23,7 +23,7 @@ from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.export_files import build_model_from_export, read_export_metadata
 from ddm.files import file_sha256
 from ddm.eval.routing import T_GRID, compare_folders, main as routing_main
-from ddm.export import main as export_main
+from ddm.assemble import main as export_main
 from ddm.pipeline import DDMPipeline
 from ddm.pool import main as pool_main, read_pool, retire_expert
 from ddm.shards import available_experts, read_index

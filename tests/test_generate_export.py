@@ -1,4 +1,4 @@
-"""``python -m ddm.export`` (runs tree → model folder) and ``python -m ddm.generate`` (folder → mp4/gif).
+"""``python -m ddm.assemble`` (runs tree → model folder) and ``python -m ddm.generate`` (folder → mp4/gif).
 
 The runs tree is written once per module with the metadata training writes (tests/fixtures/pipeline.py);
 the exporter runs through its real ``main``; the last test generates a video end to end in a subprocess.
@@ -14,7 +14,7 @@ import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.export_files import MASTER_FILE, SHARD_DIR, load_export, save_export
-from ddm.export import main as export_main
+from ddm.assemble import main as export_main
 from ddm.pipeline import DDMPipeline
 from ddm.sampler import RoutingTrace
 from ddm.video_io import probe_video, read_video

@@ -2,7 +2,7 @@
 
 Paris 1.0 mixes experts trained on different objectives by converting each to a velocity. Here: the conversion
 math against float64 closed forms, a three-expert folder (a base expert, a wider and deeper one, an ε-objective
-one) exported by ``ddm.export`` and sampled by the same pipeline, its mixed velocity checked against a float64
+one) exported by ``ddm.assemble`` and sampled by the same pipeline, its mixed velocity checked against a float64
 reference computed independently from the raw expert outputs, and the training side (per-expert overrides,
 the export's ``prediction``, a ledger charging each expert its own FLOPs); and a router's head grown by an
 expert for fine-tuning a grown pool's router.
@@ -19,7 +19,7 @@ import torch
 from ddm.sampling_spec import Routing, SamplingSpec
 from ddm import flow
 from ddm.export_files import read_export_metadata, save_export
-from ddm.export import main as export_main
+from ddm.assemble import main as export_main
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import get_expert_config
 from ddm.models.router import Router, get_router_config
@@ -66,7 +66,7 @@ def test_conversions_are_finite_at_the_ends_of_the_path_and_reject_unknown_targe
         as_velocity_model(torch.nn.Identity(), "v")
 
 
-# --- a heterogeneous folder through ddm.export and the pipeline ----------------------------------------------
+# --- a heterogeneous folder through ddm.assemble and the pipeline ----------------------------------------------
 def _expert(text_dir, k: int, seed: int) -> MMDiT:
     t5_dim, clip_dim = text_dims(text_dir)
     cfg = get_expert_config("tiny", latent_channels=latent_channels(), context_in_dim=t5_dim, vec_in_dim=clip_dim,

@@ -157,7 +157,7 @@ def test_malformed_paris1_folders_name_the_path_and_the_problem(tiny_text_dir, t
 
 def test_export_cli_dtype_formats_and_diffusers(tiny_text_dir, tmp_path):
     from ddm.export_files import MASTER_FILE, SHARD_DIR, load_export
-    from ddm.export import main
+    from ddm.assemble import main
     from tests.fixtures.pipeline import build_runs_tree
 
     runs = tmp_path / "runs" / "tiny"

@@ -346,7 +346,7 @@ def test_submitted_jobs_run_the_right_commands(slurm: FakeSlurm) -> None:
     assert res.returncode == 0, res.stderr
     export, evaluate = slurm.records("srun")
     model = f"{runs}/exp1/paris"
-    assert export["argv"] == ["--kill-on-bad-exit=1", "--ntasks=1", "python", "-m", "ddm.export",
+    assert export["argv"] == ["--kill-on-bad-exit=1", "--ntasks=1", "python", "-m", "ddm.assemble",
                               "--runs", f"{runs}/exp1", "--out", model]
     assert evaluate["argv"] == ["--kill-on-bad-exit=1", "--ntasks=1", "python", "-m", "ddm.evaluate",
                                 "--model", model, "--prompts", "/shared/prompts.txt", "--num-videos", "64",

@@ -1,4 +1,4 @@
-"""``ddm.pool``: pool.json written by ``ddm.export``, ``python -m ddm.pool list|verify|retire``.
+"""``ddm.pool``: pool.json written by ``ddm.assemble``, ``python -m ddm.pool list|verify|retire``.
 
 The runs tree is the tiny one of tests/fixtures/pipeline.py (real tiny experts and router, no training),
 its exports' metadata pointing at a copy of the checked-in test shards (``geometry.shards_dir``, the real
@@ -18,7 +18,7 @@ import torch
 from ddm.sampling_spec import Routing, SamplingSpec
 from ddm.export_files import MASTER_FILE, read_export_metadata, save_export
 from ddm.files import file_sha256
-from ddm.export import main as export_main
+from ddm.assemble import main as export_main
 from ddm.interop import build_checkpoint_model
 from ddm.pipeline import DDMPipeline
 from ddm.pool import POOL_FILE, main as pool_main, read_pool
@@ -44,7 +44,7 @@ def shards(tmp_path_factory, test_shards_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tiny_text_dir, shards) -> Path:
-    """A K=3 model folder exported by ``ddm.export`` (experts in stage2 and stage3, one balanced router)."""
+    """A K=3 model folder exported by ``ddm.assemble`` (experts in stage2 and stage3, one balanced router)."""
     runs = tmp_path_factory.mktemp("runs") / "tiny"
     config = train_config(tiny_text_dir, K)
     manifest = file_sha256(shards / "shards.parquet")

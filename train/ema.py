@@ -92,7 +92,7 @@ def ema_copy_from(ema: nn.Module, model: nn.Module) -> None:
         _local(e).copy_(_local(p))
 
 
-# The names ddm.export's --dtype uses, and the long torch names as aliases.
+# The names ddm.assemble's --dtype uses, and the long torch names as aliases.
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
