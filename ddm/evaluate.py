@@ -65,6 +65,11 @@ from ddm.eval.runs import (DDM_DEFAULT_STRATEGIES, MONOLITH_STRATEGY, ModelSpec,
                            model_runs, parse_model_arg, parse_strategy)
 from ddm.eval.stats import TINY_LABEL
 from ddm.sampling_spec import SamplingSpec
+from ddm.model_folder import canonical_stage, read_model_index
+from ddm.eval.contact_sheet import write_contact_sheet
+from ddm.shards import check_split, iter_shard, read_index
+from ddm.video_io import probe_video
+from ddm.eval.reference import check_synthetic_request, DOMAIN_METRIC, GT_METRICS, SyntheticMetrics, SyntheticReference
 
 __all__ = ["ModelSpec", "RunSpec", "parse_model_arg", "parse_strategy", "read_prompt_file", "shard_captions",
            "Backbones", "build_tiny_backbones", "load_backbones", "SharedImageEmbeddings", "RunFolder",
@@ -88,8 +93,6 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 def shard_captions(shards_dir: str | Path, split: str = "val") -> list[str]:
     """The captions of one split of a shards dir (``ddm.shards`` index order): the held-out prompts."""
-    from ddm.shards import check_split, iter_shard, read_index  # only when this source is used
-
     index = read_index(shards_dir).to_pydict()
     wanted = {k for k, s in zip(index["key"], index["split"]) if s == check_split(split)}
     shards = sorted({sh for sh, s in zip(index["shard"], index["split"]) if s == split})
@@ -125,8 +128,6 @@ def _model_error(spec: ModelSpec, e: Exception) -> Exception:
 
 def _declared_num_experts(spec: ModelSpec) -> int | None:
     """``num_experts`` from the folder's ``model_index.json`` (None when it does not say)."""
-    from ddm.model_folder import read_model_index
-
     try:
         return read_model_index(spec.folder).num_experts
     except (OSError, ValueError) as e:
@@ -144,8 +145,6 @@ def _load_pipeline(spec: ModelSpec, *, stage: str | None, device: str, dtype: An
 
 
 def _video_shape(path: Path) -> tuple[int, int, int]:
-    from ddm.video_io import probe_video
-
     info = probe_video(path, exact=False)
     return info["num_frames"], info["height"], info["width"]
 
@@ -178,8 +177,6 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     check_metric_names(metrics)
     _check_backbones(metrics, backbones, fvd_wanted=real_videos is not None)
     if reference is not None or any(m.startswith("gt_") or m == "domain_fvd" for m in metrics):
-        from ddm.eval.reference import check_synthetic_request
-
         check_synthetic_request(metrics, prompts, reference, domain_backbone,
                                 num_videos if num_videos is not None else len(prompts))
     names = [m.name for m in models]
@@ -242,8 +239,6 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
 
     synthetic = None
     if reference is not None:
-        from ddm.eval.reference import SyntheticMetrics
-
         synthetic = SyntheticMetrics(metrics, reference, domain_backbone, runs[0]["videos"], notes)
     run_paths = {r["name"]: r.pop("_paths") for r in runs}
     for r in runs:
@@ -272,8 +267,6 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
     written = write_report(metrics_path)
     log.info("wrote %s, %s and %d plot(s) in %s", metrics_path, written["report"], len(written) - 1, out / "plots")
     if reference is not None and contact_sheet_rows > 0:
-        from ddm.eval.contact_sheet import write_contact_sheet
-
         rows = min(contact_sheet_rows, n)
         sheet = write_contact_sheet(
             out / "contact_sheet.png", video_prompts[:rows],
@@ -285,8 +278,6 @@ def evaluate(models: Sequence[ModelSpec], baseline: str, out: str | Path, prompt
 
 def trained_frames(spec: ModelSpec, stage: str | None) -> int | None:
     """The frame count of ``stage`` (default: the folder's default stage) in a folder's ``model_index.json``."""
-    from ddm.model_folder import canonical_stage, read_model_index
-
     try:
         index = read_model_index(spec.folder)
     except (OSError, ValueError) as e:
@@ -448,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ddm.eval.reference import DOMAIN_METRIC, GT_METRICS, SyntheticReference
 
     if args.metrics is None and (args.groundtruth or args.domain_backbone):
         # the synthetic metrics, motion, and the classic ones whose networks were given

@@ -33,6 +33,9 @@ import torch
 
 from ddm.files import atomic_write
 from ddm.models.weights import load_state_dict_strict
+from ddm.models.gated_router import build_router, router_config_from_dict
+from ddm.models.layouts import load_expert_state_dict
+from ddm.models.presets import ExpertConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,15 +335,11 @@ def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.
     # the model classes are imported here, not at the top: the router job writes exports with this module
     # and must never import the expert's code (tests/test_train_router.py)
     if kind == "router":
-        from ddm.models.gated_router import build_router, router_config_from_dict
-
         with torch.device("meta"):
             model = build_router(router_config_from_dict(config))
         load_state_dict_strict(model, state_dict, f"'{path}'")
     elif kind == "expert":
-        from ddm.models.layouts import load_expert_state_dict
         from ddm.models.mmdit import MMDiT
-        from ddm.models.presets import ExpertConfig
 
         with torch.device("meta"):
             model = MMDiT(ExpertConfig.from_dict(config))

@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
-from ddm.export_files import tensor_hashes
+from ddm.export_files import build_model_from_export, load_export, read_export_metadata, tensor_hashes
 from ddm.files import atomic_write
-from ddm.models.layouts import from_diffusers, to_diffusers
+from ddm.models.layouts import from_diffusers, load_expert_state_dict, to_diffusers
 from ddm.models.presets import ExpertConfig
+from ddm.models.weights import load_state_dict_strict
+from ddm.models.gated_router import build_router, router_config_from_dict
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_INDEX", "COND_IN_FILE", "DTYPES", "is_diffusers_dir",
            "flux_config", "expert_config_from_flux", "save_expert_diffusers", "load_expert_diffusers",
@@ -333,7 +335,6 @@ def save_vae_diffusers(vae: torch.nn.Module, folder: str | Path, dtype: torch.dt
 def load_vae_diffusers(folder: str | Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An ``AutoencoderKLHunyuanVideo`` folder as our :class:`~ddm.models.vae.HunyuanVideoVAE` (strict load)."""
-    from ddm.models.weights import load_state_dict_strict
     from ddm.models.hunyuan_vae import HunyuanVAEConfig
     from ddm.models.vae import HunyuanVideoVAE
 
@@ -409,8 +410,6 @@ def flux_output(tokens: torch.Tensor, like: torch.Tensor, patch_size: tuple[int,
 # --- either format: what the model-folder reader calls ---------------------------------------------------------------
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """Export metadata of a checkpoint folder in our format (``master.safetensors`` / ``model/``) or diffusers'."""
-    from ddm.export_files import read_export_metadata
-
     if is_diffusers_dir(path):
         return read_diffusers_metadata(path)
     if is_checkpoint_dir(path):
@@ -420,8 +419,6 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, metadata)`` of a checkpoint in either format (diffusers experts come back in their layout)."""
-    from ddm.export_files import load_export
-
     if is_diffusers_dir(path):
         sd, _, meta = load_expert_diffusers(path)
         return sd, meta
@@ -432,13 +429,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def build_checkpoint_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model of a checkpoint folder in either format (``ddm.export_files.build_model_from_export`` for ours)."""
-    from ddm.export_files import build_model_from_export
-
     if not is_checkpoint_dir(path):
         return build_model_from_export(path, device=device, dtype=dtype)
     if not is_diffusers_dir(path):
         return _build_router(Path(path), device, dtype)
-    from ddm.models.layouts import load_expert_state_dict
     from ddm.models.mmdit import MMDiT
 
     sd, cfg, _ = load_expert_diffusers(path)
@@ -453,9 +447,6 @@ def build_checkpoint_model(path: str | Path, device: str = "cpu", dtype: torch.d
 
 def _build_router(folder: Path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:
     """A router from ``config.json`` (its metadata: ``kind`` router, ``config``) + ``pytorch_model.safetensors``."""
-    from ddm.models.weights import load_state_dict_strict
-    from ddm.models.gated_router import build_router, router_config_from_dict
-
     meta = read_checkpoint_metadata(folder)
     if meta.get("kind") != "router" or not isinstance(meta.get("config"), Mapping):
         raise ValueError(f"'{folder / CONFIG_FILE}' does not describe a DDM router: its '_ddm' metadata needs kind "

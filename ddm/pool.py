@@ -57,6 +57,7 @@ from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, scan_m
                               write_model_index)
 from ddm.pool_manifest import (POOL_FILE, hash_files, pool_table, read_pool, verify_folder,  # noqa: F401
                                write_pool_manifest)
+from ddm.models.gated_router import GatedRouterConfig, fold_prior_correction, gated_state_dict, router_config_from_dict
 
 # --- retire -----------------------------------------------------------------------------------------------------
 def _place(src: Path, dst: Path, link: bool) -> None:
@@ -146,9 +147,6 @@ def gate_router(base: str | Path, gate: str | Path) -> tuple[dict[str, torch.Ten
     """The weights and metadata of a ``GatedRouter`` export (:mod:`ddm.models.gated_router`): the pool's K-way
     router ``base`` kept exactly, gated by the K+1-way router ``gate`` trained over all K+1 clusters. Each
     part's recorded ``prior_correction`` is folded into its head bias, so the composite records zeros."""
-    from ddm.models.gated_router import (GatedRouterConfig, fold_prior_correction, gated_state_dict,
-                                         router_config_from_dict)
-
     (base_sd, base_meta), (gate_sd, gate_meta) = load_checkpoint(base), load_checkpoint(gate)
     for path, meta in ((base, base_meta), (gate, gate_meta)):
         if meta.get("kind") != "router":

@@ -40,6 +40,8 @@ import numpy as np
 from scipy import stats
 
 from ddm.files import atomic_write
+from ddm.eval.groundtruth import attributes_of, families_in, make_evaluator, read_manifest
+from ddm.eval.digits import classifier_report
 
 log = logging.getLogger("ddm.study")
 
@@ -101,7 +103,6 @@ def _family_cluster_counts(train_csv: Path, assignments: Path):
 
     import pyarrow.parquet as pq
 
-    from ddm.eval.groundtruth import attributes_of
 
     with train_csv.open(newline="", encoding="utf-8") as fh:
         family = {Path(r["path"]).stem: attributes_of(r).family for r in csv.DictReader(fh)}
@@ -122,7 +123,6 @@ def settled_agreement(root: Path, n: int) -> dict[str, float]:
     analysis) is the majority family of the cluster the router settled on (the arg-max weight at the last
     Euler step). Low values mean the sample ignores the expert the router ended on."""
     from ddm.eval.generation import RunFolder
-    from ddm.eval.groundtruth import families_in, make_evaluator, read_manifest
 
     cluster_family = family_of_cluster(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
     evaluator = make_evaluator(families_in(read_manifest(root / "heldout")))
@@ -362,7 +362,6 @@ def run_seed(out: Path, seed: int, size: Mapping[str, Any], data: str = "shapes"
                                       *spec["heldout"]], heldout / "synthetic.csv")
     # the oracle arm: each held-out prompt sampled by the expert its family's training clips went to
     family_cluster, purity = cluster_of_family(root / "raw" / "synthetic.csv", root / "prep" / "assignments.parquet")
-    from ddm.eval.groundtruth import attributes_of, read_manifest
 
     oracle = [family_cluster[attributes_of(row).family] for row in read_manifest(heldout)]
     atomic_write(root / "oracle_ids.json", lambda tmp: tmp.write_text(json.dumps(oracle)))
@@ -414,7 +413,6 @@ def write_outputs(out: Path, results: Sequence[Mapping[str, Any]], size_name: st
     agg["settled_agreement"] = {arm: mean_se([r["settled_agreement"][arm] for r in results])
                                 for arm in results[0]["settled_agreement"]}
     if data == "digits":  # the ground truth's digit reader, measured on the held-out test writers
-        from ddm.eval.digits import classifier_report
 
         agg["digit_classifier"] = classifier_report(32)
     atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(agg, indent=2)))

@@ -24,6 +24,8 @@ import torch
 
 from ddm.files import fsync_dir
 from train.run import EXIT_NOT_REQUEUED, EXIT_SIGTERM, log_media
+from ddm.sampling_spec import SamplingSpec
+from ddm.video_io import write_gif, write_video
 
 log = logging.getLogger("ddm.train")
 
@@ -320,8 +322,6 @@ class SampleVideos(L.Callback):
             return
         from ddm.models.vae import build_vae
         from ddm.sampler import sample
-        from ddm.sampling_spec import SamplingSpec
-        from ddm.video_io import write_gif, write_video
 
         if self._vae is None:
             self._vae = build_vae(self.vae_spec)

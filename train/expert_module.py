@@ -14,11 +14,12 @@ import torch
 
 from ddm import flow
 from ddm.conditioning import CONDITION_MODES, batch_frame_mask, i2v_condition, sample_condition_modes
-from ddm.models.layouts import load_expert_state_dict
+from ddm.models.layouts import detect_layout, load_expert_state_dict
 from ddm.models.mmdit import MMDiT
 from ddm.models.presets import ExpertConfig
 from train.ema import ema_copy_from
 from train.flow_module import TrainingModule, masked_mean
+from train.sharding import is_sharded, load_full_into_shards_
 
 
 class ExpertModule(TrainingModule):
@@ -44,11 +45,7 @@ class ExpertModule(TrainingModule):
 
     def after_build(self) -> None:
         if self._init_state_dict is not None:
-            from train.sharding import is_sharded, load_full_into_shards_
-
             if is_sharded(self.model):
-                from ddm.models.layouts import detect_layout
-
                 found = detect_layout(self._init_state_dict)
                 if found != self.model.layout:
                     raise ValueError(f"init_from weights are in the {found!r} layout, the model in {self.model.layout!r}"

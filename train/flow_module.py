@@ -18,6 +18,8 @@ import torch
 
 from ddm import flow
 from train.ema import ema_copy_from, ema_decay_at, ema_update, make_ema_twin
+from train.sharding import is_sharded, load_full_into_shards_, replay_init_
+from ddm.models.context_parallel import apply_context_parallel, fully_shard_dp_cp, transformer_blocks
 
 log = logging.getLogger("ddm.train")
 
@@ -135,8 +137,6 @@ class TrainingModule(L.LightningModule):
 
     def _build_sharded(self, strategy) -> None:
         """Meta build → fully_shard → allocate own shards → the single-process init values → EMA = model."""
-        from train.sharding import replay_init_
-
         with torch.device("meta"):
             self.model = self.build_network()
             self.ema_model = make_ema_twin(self.model)
@@ -158,13 +158,10 @@ class TrainingModule(L.LightningModule):
         # context parallelism (train.run.build_strategy): the mesh's tensor_parallel dim is the cp group
         names = getattr(strategy.device_mesh, "mesh_dim_names", None) or ()  # tests pass a plain {name: mesh}
         if "tensor_parallel" in names and strategy.device_mesh["tensor_parallel"].size() > 1:
-            from ddm.models.context_parallel import apply_context_parallel, fully_shard_dp_cp
-
             for net in (self.model, self.ema_model):
                 apply_context_parallel(net, strategy.device_mesh, cp_dim="tensor_parallel")
                 fully_shard_dp_cp(net, strategy.device_mesh, dp_dim="data_parallel", cp_dim="tensor_parallel")
             return
-        from ddm.models.context_parallel import transformer_blocks
 
         mesh = strategy.device_mesh["data_parallel"]
         for net in (self.model, self.ema_model):
@@ -235,8 +232,6 @@ class TrainingModule(L.LightningModule):
     def load_initial_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights-only start: load into the model strictly (into its shards when sharded) and make the
         EMA twin equal to it."""
-        from train.sharding import is_sharded, load_full_into_shards_
-
         if is_sharded(self.model):
             load_full_into_shards_(self.model, state_dict)
         else:

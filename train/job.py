@@ -22,11 +22,17 @@ from ddm.models import budget as expert_budget_lib
 from ddm.models.context_parallel import tokens_per_rank
 from ddm.models.presets import ExpertConfig, get_expert_config
 from ddm.models.router import RouterConfig, get_router_config, router_flops
-from ddm.models.vae import vae_spatial_factor
+from ddm.models.vae import build_vae, vae_spatial_factor
 from train.ledger import ComputeLedger, match_monolith
 from train.metrics_log import merge_metrics
 from train.run import (StartPlan, build_loggers, build_trainer, checkpoint_dir, export_dir, is_rank_zero_process,
                        world_size)
+from train.run import deepspeed_config
+from ddm.shards import available_experts, expert_counts, index_path, list_shards
+from train.sharding import LazyExport
+from ddm.models.layouts import detect_layout
+from train.ema import cast_for_export
+from train.export import gather_full_state_dict
 
 log = logging.getLogger("ddm.train")
 
@@ -223,8 +229,6 @@ def dry_run_report(cfg: DictConfig, model_cfg: ExpertConfig, budget: Budget, g: 
         lines.append(f"  context parallel      {cp} ranks per sample ({world // cp} data-parallel groups); "
                      f"tokens per rank {tokens_per_rank(budget.image_tokens, g.text_tokens, cp):,} outside attention")
     if cfg.strategy.name == "deepspeed":
-        from train.run import deepspeed_config
-
         lines.append(f"  deepspeed micro batch {deepspeed_config(cfg, batch_size)['train_micro_batch_size_per_gpu']} "
                      "per GPU (the resolved batch)")
     lines += [
@@ -266,8 +270,6 @@ class ShardSet:
 def check_shards(cfg: DictConfig, expert: int | str | list[int]) -> ShardSet:
     """The shard set exists and holds this expert (every expert for ``all``, each listed one for a list) —
     before any training."""
-    from ddm.shards import available_experts, expert_counts, index_path, list_shards
-
     root = Path(cfg.data.shards_dir)
     folders = available_experts(root)
     if isinstance(expert, (list, tuple)):  # a router over some of the pool's experts (retiring one by retraining)
@@ -345,7 +347,6 @@ def build_training_vae(cfg: DictConfig):
     """The VAE, only when shards hold raw frames (encoding is then deferred to training)."""
     if not cfg.data.raw_frames:
         return None
-    from ddm.models.vae import build_vae
 
     return build_vae(dict(cfg.vae))
 
@@ -365,8 +366,6 @@ def load_init_weights(plan: StartPlan, net_factory, transform=None) -> dict[str,
     """Weights for a weights-only start; shapes are checked against a meta-device build first. ``transform``
     (lazy state dict, metadata) → state dict adapts them first (e.g. a router's head grown by one expert); it
     gets the lazy mapping, so one that changes nothing returns it and nothing is read at once."""
-    from train.sharding import LazyExport
-
     # read tensor by tensor: under FSDP2 each rank keeps only its rows (no full copy per rank)
     sd, meta = LazyExport(plan.init_from), read_export_metadata(plan.init_from)
     if transform is not None:
@@ -378,8 +377,6 @@ def load_init_weights(plan: StartPlan, net_factory, transform=None) -> dict[str,
     if problems:
         hint = ""
         if hasattr(net, "layout"):
-            from ddm.models.layouts import detect_layout
-
             found = detect_layout(sd)
             if found != net.layout:
                 hint = (f" (the file is in the {found} layout, the model in the {net.layout} layout: convert it "
@@ -476,9 +473,6 @@ def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, 
 def export_module(trainer, module, run_dir: Path, train_flops: float | None = None) -> Path:
     """EMA weights → ``<run_dir>/export`` (gathered from every rank; rank 0 writes). ``train_flops``: the
     stage's training FLOPs, recorded in the metadata when given."""
-    from train.ema import cast_for_export
-    from train.export import gather_full_state_dict
-
     meta = dict(module.hparams["export_metadata"])
     sd = cast_for_export(gather_full_state_dict(module.ema_model), meta.get("export_dtype", "fp32"))
     out = export_dir(run_dir)

@@ -20,6 +20,9 @@ from omegaconf import DictConfig
 
 from train import job
 from train.run import context_parallel_size, lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
+from ddm.shards import expert_counts
+from ddm.models.router import Router
+from ddm.models.context_parallel import tokens_per_rank
 
 log = logging.getLogger("ddm.train")
 
@@ -59,9 +62,6 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     # Ulysses context parallelism for long sequences (768² × 129 frames: ~19k router tokens)
     cp = context_parallel_size(cfg, router_cfg.num_heads, group="router_model")
     if cfg.dry_run:
-        from ddm.models.context_parallel import tokens_per_rank
-        from ddm.models.router import Router
-
         with torch.device("meta"):
             params = sum(p.numel() for p in Router(router_cfg).parameters())
         tokens = job.router_tokens(router_cfg, geometry)
@@ -78,7 +78,6 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
         raise ValueError(f"the router predicts {router_cfg.num_experts} experts but {shards.root} holds "
                          f"{len(shards.expert_folders)} expert shard folders")
     trained_geometry = job.check_geometry(cfg, shards, router_cfg.latent_channels)
-    from ddm.shards import expert_counts
 
     counts = {k: n for k, n in expert_counts(shards.root, split="train").items() if k in expert_ids}
     plan = plan_start(run_dir, resume=cfg.resume, init_from=cfg.init_from, previous_stage=None,
@@ -87,7 +86,6 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
              plan.describe(), run_dir, shards.root, counts)
     resolved = save_resolved_config(cfg, run_dir)
     torch.manual_seed(int(cfg.seed))
-    from ddm.models.router import Router
     from train.router_module import RouterModule
 
     init_sd = job.load_init_weights(plan, lambda: Router(router_cfg), transform=_grown_head(router_cfg.num_experts)) \

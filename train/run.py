@@ -33,6 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddm.files import atomic_write
 from ddm.lock import DirLock
+from train.metrics_log import next_segment
+from ddm.models.context_parallel import check_context_parallel_size
 
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
 EXIT_NOT_REQUEUED = 128 + signal.SIGUSR1  # 138
@@ -242,7 +244,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, role: str) -> list:
     ``role``: ``expert<k>``, ``monolith`` or ``router``."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from train.metrics_log import next_segment
 
     # one folder per job segment (Lightning's CSV logger would delete an existing metrics.csv);
     # train.metrics_log merges them into logs/csv/metrics.csv
@@ -349,7 +350,6 @@ def context_parallel_size(cfg: DictConfig, num_heads: int, group: str = "model")
         raise ValueError(f"{group}.context_parallel={cp} needs strategy=fsdp (FSDP2 over the data-parallel x "
                          f"context-parallel mesh); strategy={cfg.strategy.name} cannot split the sequence. "
                          f"Use strategy=fsdp or {group}.context_parallel=1")
-    from ddm.models.context_parallel import check_context_parallel_size
 
     check_context_parallel_size(cp, int(num_heads), world_size(cfg), setting=f"{group}.context_parallel")
     return cp

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ddm.models.layers import RMSNorm
+from ddm.export_files import _read_index, _resolve_export
 
 
 def is_sharded(net: nn.Module) -> bool:
@@ -105,8 +106,6 @@ class LazyExport(Mapping):
     accepts (an export folder, a ``.safetensors`` file, a sharded ``model/`` folder or its index)."""
 
     def __init__(self, path) -> None:
-        from ddm.export_files import _read_index, _resolve_export
-
         kind, file = _resolve_export(path)
         if kind == "file":
             from safetensors import safe_open

@@ -17,6 +17,9 @@ import torch
 from ddm.files import atomic_write
 from ddm.eval.report import METRICS
 from ddm.eval.stats import TINY_LABEL, MetricResult
+from ddm.eval.i3d import load_i3d, make_tiny_i3d
+from ddm.video_io import probe_video, read_video
+from ddm.eval.motion import motion_score
 
 __all__ = ["Backbones", "build_tiny_backbones", "load_backbones", "SharedImageEmbeddings", "real_video_paths",
            "compute_metrics", "VIDEO_EXTS"]
@@ -41,7 +44,6 @@ def build_tiny_backbones(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     ``tiny_backbones.json`` is written last, so a killed build is redone rather than half reused.
     """
     from ddm.eval.aesthetic import make_tiny_aesthetic_head
-    from ddm.eval.i3d import make_tiny_i3d
     from ddm.models.text import make_tiny_clip
 
     folder = Path(folder)
@@ -70,8 +72,6 @@ def load_backbones(metrics: Sequence[str], *, i3d: str | Path | None, clip: str 
 
     out = Backbones()
     if "fvd" in metrics:
-        from ddm.eval.i3d import load_i3d
-
         out.i3d = load_i3d(need(i3d, "--i3d", "fvd"), device=device)
     if "clip" in metrics or "aesthetic" in metrics:
         from ddm.eval.clip_score import ClipEmbedder
@@ -115,8 +115,6 @@ def real_video_paths(source: str | Path, min_frames: int) -> tuple[list[Path], i
 
     Returns ``(paths with at least min_frames frames, number skipped for being shorter)``.
     """
-    from ddm.video_io import probe_video
-
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"--real-videos '{src}' does not exist")
@@ -140,7 +138,6 @@ def real_video_paths(source: str | Path, min_frames: int) -> tuple[list[Path], i
 
 def _decoded(paths: Sequence[Path]):
     from ddm.eval.fvd import DecodedVideos  # the sized, lazily decoding iterable FVD uses for real videos
-    from ddm.video_io import read_video
 
     return DecodedVideos(list(paths), lambda p: read_video(p)[0])
 
@@ -155,7 +152,6 @@ def compute_metrics(paths: Sequence[Path], captions: Sequence[str], metrics: Seq
     from ddm.eval.aesthetic import aesthetic_score
     from ddm.eval.clip_score import clip_score
     from ddm.eval.fvd import fvd
-    from ddm.eval.motion import motion_score
 
     out: dict[str, MetricResult] = {}
     shared = SharedImageEmbeddings(backbones.clip) if backbones.clip is not None else None

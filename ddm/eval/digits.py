@@ -29,6 +29,7 @@ from ddm.digits import (CANVAS_LEVEL, DIGIT_FRACTION, FAMILY_PREFIX, INK_LEVEL, 
                         load_digits_images, render_digit_clip, split_indices)
 from ddm.eval.motion_track import SPEED_NAMES, circular_centroid_track, read_motion
 from ddm.synthetic import MOTIONS, SPEEDS
+from ddm.eval.videos import to_uint8_video
 
 __all__ = ["DigitAttributes", "parse_digit_caption", "is_digit_caption", "digit_crop", "classifier_report",
            "DigitsEvaluator", "DigitMeasurement"]
@@ -148,8 +149,6 @@ class DigitsEvaluator:
 
     def measure(self, frames: Any) -> DigitMeasurement:
         """Read the digit (forced choice among the digits in play) and the motion of one video."""
-        from ddm.eval.videos import to_uint8_video
-
         video = to_uint8_video(frames)
         nf, h, w, _ = video.shape
         if min(h, w) < 8:
@@ -167,8 +166,6 @@ class DigitsEvaluator:
     def score_video(self, frames: Any, asked: DigitAttributes) -> dict[str, bool | None]:
         """``{attribute: correct?}``: family (= the digit), motion and speed; the shapes data set's background,
         colour and shape are ``None`` (not attributes of this data set)."""
-        from ddm.eval.videos import to_uint8_video
-
         video = to_uint8_video(frames)
         m = self.measure(video)
         moving = len(video) >= 2  # a single frame shows no motion; a video without ink counts as wrong

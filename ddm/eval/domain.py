@@ -37,6 +37,9 @@ from ddm.files import atomic_write
 from ddm.eval.fvd import FeatureStats, feature_stats, frechet_distance
 from ddm.eval.stats import MetricResult
 from ddm.eval.videos import count_videos, iter_videos
+from ddm.synthetic import FAMILIES, make_synthetic_dataset, MOTIONS, SHAPE_COLOURS, SPEEDS
+from ddm.eval.groundtruth import attributes_of, read_manifest
+from ddm.video_io import read_video
 
 __all__ = ["DomainConfig", "DomainBackbone", "build_domain_backbone", "load_or_build", "domain_features",
            "domain_stats", "domain_fvd", "DOMAIN_LABEL", "TRAIN_SEED"]
@@ -75,8 +78,6 @@ class DomainConfig:
 
 
 def _vocab() -> dict[str, list[str]]:
-    from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS
-
     return {"family": [f.name for f in FAMILIES], "background": [b for f in FAMILIES for b, _ in f.backgrounds],
             "colour": [c for c, _ in SHAPE_COLOURS], "motion": list(MOTIONS),
             "speed": ["slowly" if s == "slowly" else "quickly" if s == "quickly" else "normal" for s in SPEEDS]}
@@ -165,8 +166,6 @@ def prepare_batch(videos: Sequence[np.ndarray], config: DomainConfig) -> torch.T
 
 
 def _targets(rows: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
-    from ddm.eval.groundtruth import attributes_of
-
     vocab = _vocab()
     attrs = [attributes_of(r) for r in rows]
     t = {k: torch.tensor([vocab[k].index(getattr(a, k)) for a in attrs]) for k in ("family", "background",
@@ -195,10 +194,6 @@ def _accuracy(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[
 
 
 def _real_clips(folder: Path, config: DomainConfig, n: int, seed: int) -> tuple[list[np.ndarray], list[dict]]:
-    from ddm.synthetic import FAMILIES, make_synthetic_dataset
-    from ddm.eval.groundtruth import read_manifest
-    from ddm.video_io import read_video
-
     names = [f.name for f in FAMILIES]
     if list(config.families) != names[: len(config.families)]:
         raise ValueError(f"families must be a prefix of the generator's order {names}, got {config.families}")

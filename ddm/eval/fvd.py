@@ -33,6 +33,7 @@ from ddm.files import atomic_write
 from ddm.eval.i3d import I3DBackbone
 from ddm.eval.stats import MetricResult
 from ddm.eval.videos import count_videos, iter_videos
+from ddm.video_io import read_video as _read
 
 __all__ = [
     "ClipSettings",
@@ -296,8 +297,6 @@ def real_feature_stats(paths: Iterable[str | Path], backbone: I3DBackbone, cache
             log.info("FVD: reusing real-video statistics (N=%d) from %s", stats.n, cache_file)
             return stats
     if read_video is None:
-        from ddm.video_io import read_video as _read
-
         def read_video(p: Path) -> np.ndarray:
             return _read(p, max_frames=settings.frames_needed)[0]
 

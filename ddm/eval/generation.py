@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ddm.files import atomic_write
 from ddm.eval.videos import to_uint8_video
 from ddm.sampler import RoutingTrace
+from ddm.video_io import read_video, write_video
 
 __all__ = ["RunFolder", "load_run_videos", "generate_run"]
 
@@ -90,8 +91,6 @@ def _save_array(path: Path, video: np.ndarray) -> None:
 
 def load_run_videos(paths: Sequence[Path]) -> list[np.ndarray]:
     """A run's exact frames (``<i>.npy``), decoding the mp4 only for folders written before they were kept."""
-    from ddm.video_io import read_video
-
     return [np.load(p.with_suffix(".npy")) if p.with_suffix(".npy").is_file() else read_video(p)[0] for p in paths]
 
 
@@ -107,7 +106,6 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
     (``oracle_ids``), sliced per batch.
     """
     from ddm.generate import DEFAULT_FPS
-    from ddm.video_io import write_video
 
     pending = [i for i in range(len(prompts)) if not folder.is_done(i, prompts[i], seeds[i])]
     reused = len(prompts) - len(pending)

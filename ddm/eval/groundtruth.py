@@ -48,6 +48,8 @@ from ddm.digits import FAMILY_PREFIX
 from ddm.eval.digits import DigitAttributes, DigitsEvaluator, is_digit_caption, parse_digit_caption
 from ddm.eval.motion_track import SPEED_NAMES, read_motion
 from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS, TEXTURE_WORDS
+from ddm.video_io import read_video
+from ddm.eval.videos import to_uint8_video
 
 __all__ = ["Attributes", "attributes_of", "read_manifest", "families_in", "make_evaluator", "GroundTruthEvaluator",
            "GroundTruthResult",
@@ -232,8 +234,6 @@ class GroundTruthEvaluator:
     # ------------------------------------------------------------------------------------- measuring
     def measure(self, frames: Any, n_colours: int = 1) -> VideoMeasurement:
         """Read background, the ``n_colours`` most supported foreground colours and the motion."""
-        from ddm.eval.videos import to_uint8_video
-
         video = to_uint8_video(frames).astype(np.float32)  # (F, H, W, 3)
         nf, h, w, _ = video.shape
         if min(h, w) < 8:
@@ -308,8 +308,6 @@ class GroundTruthEvaluator:
         ``None`` means not measured: ``shape`` always (not resolvable at these sizes), ``motion`` and
         ``speed`` for a still prompt or a single-frame video.
         """
-        from ddm.eval.videos import to_uint8_video
-
         video = to_uint8_video(frames)
         m = self.measure(video, n_colours=len(asked.colours))
         moving = asked.motion is not None and len(video) >= 2  # no foreground to track: counted wrong
@@ -419,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> GroundTruthResult:
                          "default: the families the prompts name")
     ap.add_argument("--frame-step", type=float, default=1.0, help="generator frames per video frame")
     args = ap.parse_args(argv)
-    from ddm.video_io import read_video
 
     index = args.samples / "samples.json"
     if not index.is_file():

@@ -26,6 +26,7 @@ import numpy as np
 from ddm.eval.groundtruth import (EVALUATOR_LABEL, attributes_of, evaluate_videos, families_in, make_evaluator,
                                   read_manifest)
 from ddm.eval.stats import MetricResult
+from ddm.video_io import read_video, resize_center_crop
 
 __all__ = ["GT_METRICS", "DOMAIN_METRIC", "SyntheticReference", "groundtruth_metrics", "DomainReference",
            "check_synthetic_request", "SyntheticMetrics"]
@@ -69,8 +70,6 @@ class SyntheticReference:
 
     def real_videos(self, indices: Sequence[int], frames: int, height: int, width: int) -> list[np.ndarray]:
         """Clips ``indices`` decoded, cut to their first ``frames`` frames and resized to height × width."""
-        from ddm.video_io import read_video, resize_center_crop
-
         out = []
         for i in indices:
             video = read_video(self.clip_path(i))[0]
