@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
+from train.settings import ExpertSettings
 from train.run import (context_parallel_size, lock_run_dir, plan_start, resolve_batch, role_name, run_job,
                        save_resolved_config, setup_logging)
 
@@ -79,9 +80,7 @@ def _train_expert(cfg: DictConfig, run_dir: Path, expert: int | str) -> int:
 
     module = ExpertModule(
         model_cfg=model_cfg.to_dict(),
-        train=job.train_settings(cfg, max_steps, conditioning=dict(cfg.conditioning),
-                                 activation_checkpointing=bool(cfg.model.activation_checkpointing),
-                                 compile=bool(cfg.model.compile)),
+        train=ExpertSettings.from_config(cfg, max_steps),
         null_t5=null_t5, null_clip=null_clip, init_state_dict=init_sd,
         vae=job.build_training_vae(cfg),
         export_metadata=job.export_metadata(cfg, resolved, kind="expert", expert=expert, shards=shards,

@@ -8,7 +8,7 @@ through ``cond_in``). The loss is the mean squared velocity error over all laten
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -19,18 +19,22 @@ from ddm.models.mmdit import MMDiT
 from ddm.models.presets import ExpertConfig
 from train.ema import ema_copy_from
 from train.flow_module import TrainingModule, masked_mean
+from train.settings import ExpertSettings
 from train.sharding import is_sharded, load_full_into_shards_
 
 
 class ExpertModule(TrainingModule):
     """One expert (or the monolith): rectified flow with CFG dropout and the i2v conditioning mixture."""
 
-    def __init__(self, model_cfg: dict[str, Any], train: dict[str, Any], null_t5: torch.Tensor,
+    settings_class = ExpertSettings
+
+    def __init__(self, model_cfg: dict[str, Any], train: ExpertSettings | Mapping[str, Any], null_t5: torch.Tensor,
                  null_clip: torch.Tensor, export_metadata: dict[str, Any],
                  init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
         super().__init__(train, init_state_dict, vae)
-        self.save_hyperparameters({"model_cfg": model_cfg, "train": train, "export_metadata": export_metadata})
+        self.save_hyperparameters({"model_cfg": model_cfg, "train": self.settings.to_dict(),
+                                   "export_metadata": export_metadata})
         self.expert_cfg = ExpertConfig.from_dict(model_cfg)
         self.register_buffer("null_t5", null_t5.float(), persistent=False)
         self.register_buffer("null_clip", null_clip.float(), persistent=False)
@@ -55,9 +59,9 @@ class ExpertModule(TrainingModule):
                 load_expert_state_dict(self.model, self._init_state_dict)
             ema_copy_from(self.ema_model, self.model)
             self._init_state_dict = None
-        if self.train_cfg.get("activation_checkpointing"):
+        if self.settings.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
-        if self.train_cfg.get("compile"):
+        if self.settings.compile:
             for block in self.model.blocks():
                 block.compile()
 
@@ -68,18 +72,18 @@ class ExpertModule(TrainingModule):
     def training_step(self, batch: dict, batch_idx: int):
         x0 = self.latents(batch)
         b, _, n_frames, _, _ = x0.shape
-        fcfg = self.train_cfg["flow"]
+        fs = self.settings.flow
         t = self.sample_t(x0)
         noise = torch.randn_like(x0)
         x_t = flow.interpolate(x0, noise, t)
         # velocity (default), or epsilon / x0 for a heterogeneous pool's expert (converted at sampling)
-        target = flow.training_target(fcfg.get("prediction", "velocity"), x0, noise)
+        target = flow.training_target(fs.prediction, x0, noise)
         t5, clip, _, _ = flow.drop_text(batch["t5"].float(), batch["clip"].float(), self.null_t5, self.null_clip,
-                                        fcfg["text_dropout_t5"], fcfg["text_dropout_clip"])
+                                        fs.text_dropout_t5, fs.text_dropout_clip)
         cond: dict[str, torch.Tensor] = {"t5": t5, "clip": clip}
         modes = ["t2v"] * b
         if self.expert_cfg.cond_embed:
-            modes = sample_condition_modes(b, {m: p for m, p in self.train_cfg["conditioning"].items()
+            modes = sample_condition_modes(b, {m: p for m, p in self.settings.conditioning.items()
                                                if m in CONDITION_MODES})
             frame_mask = batch_frame_mask(modes, n_frames).to(x0.device)
             cond["i2v"] = i2v_condition(x0, frame_mask)
@@ -90,7 +94,7 @@ class ExpertModule(TrainingModule):
         generate = (~frame_mask).float()[:, None, :, None, None]
         # Given frames can stay in the loss (their velocity follows from x_t and the condition): that
         # direct signal is what teaches cond_in quickly; sampling writes those frames back anyway.
-        in_loss = torch.ones_like(generate) if self.train_cfg["conditioning"].get("loss_on_given_frames", True) \
+        in_loss = torch.ones_like(generate) if self.settings.conditioning.get("loss_on_given_frames", True) \
             else generate
         per_sample = masked_mean(sq_err, in_loss)
         loss = per_sample.mean()

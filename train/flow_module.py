@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 
 from ddm import flow
 from train.ema import ema_copy_from, ema_decay_at, ema_update, make_ema_twin
+from train.settings import TrainSettings
 from train.sharding import is_sharded, load_full_into_shards_, replay_init_
 from ddm.models.context_parallel import apply_context_parallel, fully_shard_dp_cp, transformer_blocks
 
@@ -48,16 +49,18 @@ class TrainingModule(L.LightningModule):
     """Base of the expert (flow matching) and router (classifier) modules: the latents and noise geometry
     they train on, optimiser, LR schedule, EMA twin, FSDP2 sharding, non-finite guard."""
 
-    def __init__(self, train: dict[str, Any], init_state_dict: dict[str, torch.Tensor] | None = None,
+    settings_class: type[TrainSettings] = TrainSettings  # the subclass's own settings type
+
+    def __init__(self, train: TrainSettings | Mapping[str, Any], init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
-        """``train``: the job's training settings (optim, max_steps, max_nonfinite_steps, grad_clip_in_module,
-        ...); ``init_state_dict``: weights-only start; ``vae``: only in raw-frames mode (frozen, not saved)."""
+        """``train``: the job's typed training settings (:mod:`train.settings`; a dict of them, as a checkpoint's
+        hyper-parameters hold them, is read too); ``init_state_dict``: weights-only start; ``vae``: only in
+        raw-frames mode (frozen, not saved)."""
         super().__init__()
-        self.train_cfg = train
-        self.optim_cfg = dict(train["optim"])
-        self.max_steps = int(train["max_steps"])
-        self.max_nonfinite_steps = int(train["max_nonfinite_steps"])
-        self.grad_clip_in_module = train["grad_clip_in_module"]
+        self.settings = self.settings_class.coerce(train)
+        self.max_steps = self.settings.max_steps
+        self.max_nonfinite_steps = self.settings.max_nonfinite_steps
+        self.grad_clip_in_module = self.settings.grad_clip_in_module
         self._init_state_dict = init_state_dict
         self.vae = vae
         if vae is not None:
@@ -88,16 +91,16 @@ class TrainingModule(L.LightningModule):
     def shift_alpha(self, x0: torch.Tensor) -> float:
         """The shift of the logit-normal t: ``flow.shift`` if set, else the video shift for x0's geometry in
         the experts' tokens (the router noises exactly like the experts, whatever its own patch)."""
-        if self.train_cfg["flow"].get("shift") is not None:
-            return float(self.train_cfg["flow"]["shift"])
+        if self.settings.flow.shift is not None:
+            return float(self.settings.flow.shift)
         _, _, t, h, w = x0.shape
         _, ph, pw = self.flow_patch_size()
         return flow.video_shift_alpha((h // ph) * (w // pw), t)
 
     def sample_t(self, x0: torch.Tensor) -> torch.Tensor:
         """Training times (B,): logit-normal (``flow.logit_mean``/``logit_std``), shifted by :meth:`shift_alpha`."""
-        fcfg = self.train_cfg["flow"]
-        t = flow.sample_logit_normal(x0.shape[0], device=x0.device, mean=fcfg["logit_mean"], std=fcfg["logit_std"])
+        fs = self.settings.flow
+        t = flow.sample_logit_normal(x0.shape[0], device=x0.device, mean=fs.logit_mean, std=fs.logit_std)
         return flow.shift_time(t, self.shift_alpha(x0))
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
@@ -170,12 +173,11 @@ class TrainingModule(L.LightningModule):
             fully_shard(net, mesh=mesh)
 
     def configure_optimizers(self):
-        o = self.optim_cfg
+        o = self.settings.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
-                                weight_decay=float(o["weight_decay"]))
+        opt = torch.optim.AdamW(params, lr=float(o.lr), betas=o.betas, eps=float(o.eps), weight_decay=float(o.weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(o["warmup_steps"]), o["schedule"], self.max_steps, float(o["min_lr_ratio"])))
+            opt, lr_lambda(int(o.warmup_steps), o.schedule, self.max_steps, float(o.min_lr_ratio)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
@@ -197,7 +199,7 @@ class TrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The module clips (one norm computation serves clipping and logging) except under DeepSpeed,
         # whose engine clips through its config.
-        clip = float(self.optim_cfg.get("grad_clip") or 0.0)
+        clip = float(self.settings.optim.grad_clip or 0.0)
         if self.grad_clip_in_module and clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         elif self.is_log_step():
@@ -213,7 +215,7 @@ class TrainingModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: checkpoint callbacks run before the module's batch-end
         # hook, so an EMA updated there would be one step behind the weights in every checkpoint.
-        decay = ema_decay_at(self.global_step, float(self.optim_cfg["ema_decay"]), bool(self.optim_cfg["ema_warmup"]))
+        decay = ema_decay_at(self.global_step, float(self.settings.optim.ema_decay), bool(self.settings.optim.ema_warmup))
         ema_update(self.ema_model, self.model, decay)
         self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
 

@@ -409,19 +409,6 @@ def export_metadata(cfg: DictConfig, resolved: dict, kind: str, expert: int | st
             "export_dtype": str(cfg.checkpoint.get("export_dtype") or "fp32")}
 
 
-def train_settings(cfg: DictConfig, max_steps: int, **extra: Any) -> dict[str, Any]:
-    """The plain-dict training settings the LightningModules take (hyper-parameters in checkpoints)."""
-    out = {
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "flow": OmegaConf.to_container(cfg.flow, resolve=True),
-        "max_steps": int(max_steps),
-        "max_nonfinite_steps": int(cfg.trainer.max_nonfinite_steps),
-        "grad_clip_in_module": cfg.strategy.name != "deepspeed",
-    }
-    out.update(extra)
-    return out
-
-
 # --- the fit -------------------------------------------------------------------------------------------
 
 def fit(cfg: DictConfig, module, datamodule, plan: StartPlan, run_dir: Path, *, batch_size: int, max_steps: int,

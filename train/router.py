@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from train import job
+from train.settings import RouterSettings
 from train.run import context_parallel_size, lock_run_dir, plan_start, run_job, save_resolved_config, setup_logging
 from ddm.shards import expert_counts
 from ddm.models.router import Router
@@ -105,9 +106,7 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     })
     module = RouterModule(
         router_cfg=router_cfg.to_dict(),
-        train=job.train_settings(cfg, int(cfg.max_steps), label_smoothing=float(cfg.label_smoothing),
-                                 calibration_bins=int(cfg.calibration_bins),
-                                 expert_patch_size=list(expert_cfg.patch_size), expert_ids=expert_ids),
+        train=RouterSettings.from_config(cfg, int(cfg.max_steps), tuple(expert_cfg.patch_size), expert_ids),
         export_metadata=meta, init_state_dict=init_sd, vae=job.build_training_vae(cfg))
     datamodule = job.datamodule(cfg, experts=expert_ids if cfg.get("router_experts") else "all",
                                 batch_size=int(cfg.batch_size),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from ddm import flow
 from ddm.models.router import Router, RouterConfig
 from train.flow_module import TrainingModule
 from train.run import log_media
+from train.settings import RouterSettings
 
 log = logging.getLogger("ddm.train")
 
@@ -73,11 +74,14 @@ class RouterModule(TrainingModule):
     """The router's classifier: cross-entropy of expert id on x_t, t (noised as the experts') from all
     experts' shards; validation on the EMA twin gives its calibration per t."""
 
-    def __init__(self, router_cfg: dict[str, Any], train: dict[str, Any], export_metadata: dict[str, Any],
-                 init_state_dict: dict[str, torch.Tensor] | None = None,
+    settings_class = RouterSettings
+
+    def __init__(self, router_cfg: dict[str, Any], train: RouterSettings | Mapping[str, Any],
+                 export_metadata: dict[str, Any], init_state_dict: dict[str, torch.Tensor] | None = None,
                  vae: torch.nn.Module | None = None) -> None:
         super().__init__(train, init_state_dict, vae)
-        self.save_hyperparameters({"router_cfg": router_cfg, "train": train, "export_metadata": export_metadata})
+        self.save_hyperparameters({"router_cfg": router_cfg, "train": self.settings.to_dict(),
+                                   "export_metadata": export_metadata})
         self.router_cfg = RouterConfig.from_dict(router_cfg)
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.calibration: list[dict[str, float]] = []
@@ -92,7 +96,7 @@ class RouterModule(TrainingModule):
 
     def flow_patch_size(self) -> tuple[int, int, int]:
         """The experts' patch (from the job), not the router's coarser one: x_t is noised as the experts'."""
-        return tuple(self.train_cfg["expert_patch_size"])
+        return self.settings.expert_patch_size
 
     def cond(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
@@ -100,7 +104,7 @@ class RouterModule(TrainingModule):
     def labels(self, batch: dict) -> torch.Tensor:
         """The class of each sample: expert id − 1, or its position in ``expert_ids`` for a router over some of
         the pool's experts (``router_experts``)."""
-        ids = self.train_cfg.get("expert_ids")
+        ids = self.settings.expert_ids
         if not ids or list(ids) == list(range(1, len(ids) + 1)):
             return batch["label"].long()
         lookup = torch.full((max(ids) + 1,), -1, dtype=torch.long)
@@ -113,7 +117,7 @@ class RouterModule(TrainingModule):
         x_t = flow.interpolate(x0, torch.randn_like(x0), t)
         logits = self.model(x_t, t, self.cond(batch))
         labels = self.labels(batch)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=float(self.train_cfg["label_smoothing"]))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=float(self.settings.label_smoothing))
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -122,7 +126,7 @@ class RouterModule(TrainingModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Evaluate the EMA router on a fixed grid of t (one per bin centre), seeded per batch."""
         x0 = self.latents(batch)
-        bins = int(self.train_cfg["calibration_bins"])
+        bins = int(self.settings.calibration_bins)
         g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
         for i in range(bins):
             t = torch.full((x0.shape[0],), (i + 0.5) / bins, device=x0.device)
@@ -135,7 +139,7 @@ class RouterModule(TrainingModule):
             return
         t, probs, labels = (torch.cat(x) for x in zip(*self._val))
         self._val.clear()
-        rows = calibration_by_t(t, probs, labels, int(self.train_cfg["calibration_bins"]))
+        rows = calibration_by_t(t, probs, labels, int(self.settings.calibration_bins))
         self.calibration = rows
         acc = float((probs.argmax(1) == labels).float().mean())
         self.log("val/accuracy", acc)

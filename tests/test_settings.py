@@ -1,0 +1,69 @@
+"""The typed training settings (train.settings): built once from the real composed configs, read by the modules,
+round-tripped through the checkpoint's plain-dict hyper-parameters, and strict about unknown keys."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from train.expert_module import ExpertModule
+from train.router_module import RouterModule
+from train.settings import ExpertSettings, FlowSettings, OptimSettings, RouterSettings
+from tests.fixtures.train import compose_config
+
+
+@pytest.fixture()
+def expert_cfg(tiny_overrides):
+    return compose_config("expert", [*tiny_overrides, "expert=1",
+                                     "optim.schedule=cosine", "flow.shift=2.5", "strategy=deepspeed_zero2"])
+
+
+def test_expert_settings_carry_every_config_value(expert_cfg):
+    s = ExpertSettings.from_config(expert_cfg, max_steps=17)
+    optim = OmegaConf.to_container(expert_cfg.optim, resolve=True)
+    assert s.optim.lr == optim["lr"] and list(s.optim.betas) == optim["betas"] and s.optim.schedule == "cosine"
+    assert s.optim.ema_decay == optim["ema_decay"] and s.optim.grad_clip == optim["grad_clip"]
+    assert s.flow.shift == 2.5 and s.flow.text_dropout_t5 == expert_cfg.flow.text_dropout_t5
+    assert s.max_steps == 17 and s.max_nonfinite_steps == expert_cfg.trainer.max_nonfinite_steps
+    assert s.grad_clip_in_module is False  # deepspeed clips itself
+    assert dict(s.conditioning) == OmegaConf.to_container(expert_cfg.conditioning, resolve=True)
+    back = ExpertSettings.from_dict(s.to_dict())
+    assert back == s and isinstance(back.optim, OptimSettings) and isinstance(back.flow, FlowSettings)
+
+
+def test_the_modules_read_the_typed_settings_and_store_plain_dicts(expert_cfg):
+    s = ExpertSettings.from_config(expert_cfg, max_steps=5)
+    module = ExpertModule(_tiny_expert_dict(), s, torch.zeros(1, 4), torch.zeros(4), {})
+    assert module.settings is s and module.max_steps == 5
+    assert module.hparams["train"] == s.to_dict() and isinstance(module.hparams["train"]["optim"]["betas"], list)
+    # a checkpoint's dict is read back into the same settings
+    assert ExpertModule(_tiny_expert_dict(), module.hparams["train"], torch.zeros(1, 4), torch.zeros(4), {}).settings == s
+    r = RouterSettings(optim=s.optim, flow=s.flow, max_steps=3, expert_patch_size=[1, 2, 2], expert_ids=[1, 3])
+    router = RouterModule(_tiny_router_dict(), r.to_dict(), {})
+    assert router.settings == r and router.flow_patch_size() == (1, 2, 2) and router.settings.expert_ids == (1, 3)
+
+
+def test_unknown_keys_are_named(expert_cfg):
+    with open_dict(expert_cfg):
+        expert_cfg.optim.learning_rate = 1e-3  # a typo of lr: refused, not ignored
+    with pytest.raises(ValueError, match=r"optim has unknown keys \['learning_rate'\]"):
+        ExpertSettings.from_config(expert_cfg, max_steps=1)
+    good = ExpertSettings(optim=OptimSettings(lr=1.0), flow=FlowSettings(), max_steps=1).to_dict()
+    with pytest.raises(ValueError, match=r"ExpertSettings has unknown keys \['label_smoothing'\]"):
+        ExpertSettings.from_dict({**good, "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="schedule must be constant or cosine"):
+        OptimSettings(lr=1.0, schedule="linear")
+    with pytest.raises(ValueError):
+        FlowSettings(prediction="score")
+
+
+def _tiny_expert_dict() -> dict:
+    from ddm.models.presets import get_expert_config
+
+    return get_expert_config("tiny").to_dict()
+
+
+def _tiny_router_dict() -> dict:
+    from ddm.models.router import get_router_config
+
+    return get_router_config("tiny").to_dict()
