@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ddm.assets import require_path
 from ddm.export_files import load_export, read_export_metadata
-from ddm.files import fsync_dir
+from ddm.files import remove_path, staging_dir, swap_into_place
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import DTYPES
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, make_null_tensors
@@ -180,38 +178,6 @@ def bundle_text(t5_dir: Path, clip_dir: Path, out: Path, mode: str | None) -> No
 
 
 # --- staging and the swap ---------------------------------------------------------------------------------------
-def staging_dir(out: Path) -> Path:
-    """Where the new folder is assembled: ``.<name>.partial`` beside ``out`` (same file system: a rename)."""
-    return out.with_name(f".{out.name}.partial")
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def swap_into_place(staged: Path, out: Path) -> None:
-    """Move the complete ``staged`` folder to ``out``; an existing ``out`` is set aside first
-    (``.<name>.old``) and removed only once the new folder is in place. If the second rename fails the
-    old folder is put back, so at every moment one complete folder exists under ``out`` or ``.<name>.old``."""
-    old = out.with_name(f".{out.name}.old")
-    _remove(old)
-    had_old = out.exists() or out.is_symlink()
-    if had_old:
-        os.replace(out, old)
-    try:
-        os.replace(staged, out)
-    except BaseException:
-        if had_old:
-            os.replace(old, out)
-        raise
-    fsync_dir(out.parent)
-    if had_old:
-        _remove(old)
-
-
 # --- the folder ----------------------------------------------------------------------------------------------------
 def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, stages: Sequence[str] | None = None,
                   sharded: bool = True, text_from: str | Path | None = None, vae: str | None = None,
@@ -244,7 +210,7 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
         try:
             return export_diffusers(native, out, dtype=DTYPES[dtype] if dtype else None, overwrite=overwrite)
         finally:
-            _remove(native)
+            remove_path(native)
     runs, out = Path(runs), Path(out)
     if out.exists() and not overwrite:
         if (out / MODEL_INDEX).exists():
@@ -290,7 +256,7 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
         raise ValueError("the exports name no VAE: pass --vae PATH or --vae '{\"type\": ...}'")
 
     final, out = out, staging_dir(out)
-    _remove(out)  # left by an export killed mid-write
+    remove_path(out)  # left by an export killed mid-write
     out.mkdir(parents=True)
     try:
         jobs = [(src, out / f"expert{k}" / s) for k, per in experts.items() for s, src in per.items()]
@@ -329,7 +295,7 @@ def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, 
         write_pool_manifest(out, index, operation={"op": "export", "runs": str(runs.resolve())})
         write_model_index(out, index)
     except BaseException:
-        _remove(out)  # the staged copy only; ``final`` was never touched
+        remove_path(out)  # the staged copy only; ``final`` was never touched
         raise
     swap_into_place(out, final)
     log.info("model folder written: %s (%d expert(s), stages %s, router %s)", final, num_experts,

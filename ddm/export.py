@@ -5,8 +5,8 @@ import sys
 import warnings
 
 from ddm.assemble import *  # noqa: F401,F403
-from ddm.assemble import (_remove, build_parser, find_router_exports, main, stage_exports,  # noqa: F401
-                          staging_dir, swap_into_place)
+from ddm.assemble import build_parser, find_router_exports, main, stage_exports  # noqa: F401
+from ddm.files import staging_dir, swap_into_place  # noqa: F401
 
 warnings.warn("ddm.export is deprecated: use ddm.assemble (python -m ddm.assemble)", DeprecationWarning, stacklevel=2)
 

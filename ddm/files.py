@@ -120,3 +120,38 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --- whole folders: assembled beside the target, swapped in when complete ---------------------------------------
+def staging_dir(out: Path) -> Path:
+    """Where a new folder is assembled before :func:`swap_into_place`: ``.<name>.partial`` beside ``out`` (the
+    same file system, so the swap is a rename)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree at ``path``; nothing there is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def swap_into_place(staged: Path, out: Path) -> None:
+    """Move the complete ``staged`` folder to ``out``; an existing ``out`` is set aside first
+    (``.<name>.old``) and removed only once the new folder is in place. If the second rename fails the
+    old folder is put back, so at every moment one complete folder exists under ``out`` or ``.<name>.old``."""
+    old = out.with_name(f".{out.name}.old")
+    remove_path(old)
+    had_old = out.exists() or out.is_symlink()
+    if had_old:
+        os.replace(out, old)
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    if had_old:
+        remove_path(old)

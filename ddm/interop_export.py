@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddm.assemble import _remove, staging_dir, swap_into_place
+from ddm.files import remove_path, staging_dir, swap_into_place
 from ddm.flow import video_shift_alpha
 from ddm.interop import (load_checkpoint, read_checkpoint_metadata, save_expert_diffusers, save_scheduler,
                          save_vae_diffusers)
@@ -66,7 +66,7 @@ def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype 
     index = read_model_index(folder)
     layout = scan_model_folder(folder, index)
     final, out = out, staging_dir(out)
-    _remove(out)
+    remove_path(out)
     out.mkdir(parents=True)
     try:
         for k, stages in layout.experts.items():
@@ -116,7 +116,7 @@ def export_diffusers(folder: str | Path, out: str | Path, *, dtype: torch.dtype 
         write_pool_manifest(out, new_index, source=folder, operation={"op": "export-diffusers", "from": str(folder)})
         write_model_index(out, new_index)
     except BaseException:
-        _remove(out)
+        remove_path(out)
         raise
     swap_into_place(out, final)
     log.info("diffusers-format model folder written: %s (%s)", final, MODEL_INDEX)

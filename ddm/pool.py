@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from ddm.export_files import MASTER_FILE, SHARD_DIR
-from ddm.files import link_or_copy
-from ddm.assemble import find_router_exports, stage_exports, staging_dir, swap_into_place
+from ddm.files import link_or_copy, staging_dir, swap_into_place
+from ddm.assemble import find_router_exports, stage_exports
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
 from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, scan_model_folder, stage_order,
