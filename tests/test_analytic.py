@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from ddm.analytic import GaussianMixture
+from tests.fixtures.analytic import GaussianMixture
 
 WEIGHTS = [0.5, 0.3, 0.2]
 MEANS = [[-2.0, 0.0, 0.5], [1.5, 1.5, -1.0], [1.0, -2.0, 0.0]]

@@ -1,6 +1,6 @@
 """The routed sampler against independent references.
 
-- Exact experts + exact router of a Gaussian mixture (ddm.analytic) reproduce the exact marginal velocity,
+- Exact experts + exact router of a Gaussian mixture (tests.fixtures.analytic) reproduce the exact marginal velocity,
   which the oracle computes by a different route (the score of the marginal density).
 - A full-ensemble Euler sample matches the mixture's mean and covariance within sampling error.
 - Grouped dispatch equals the naive "every expert on the whole batch" mix written out in the test.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddm.sampling_spec import Routing, SamplingSpec
-from ddm.analytic import GaussianMixture
+from tests.fixtures.analytic import GaussianMixture
 from ddm.flow import euler_schedule
 from ddm.sampler import ExpertPlacement, RoutingTrace, make_noise, routed_velocity, routing_weights, sample
 

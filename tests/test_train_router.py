@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddm.analytic import GaussianMixture
+from tests.fixtures.analytic import GaussianMixture
 from ddm.export_files import build_model_from_export, read_export_metadata
 from tests.fixtures.train import compose_config, run_cli, start_cli
 from tests.test_train_expert import wait_for
