@@ -177,7 +177,6 @@ def bundle_text(t5_dir: Path, clip_dir: Path, out: Path, mode: str | None) -> No
                     "python -m ddm.models.text --make-null %s", nulls[0], out)
 
 
-# --- staging and the swap ---------------------------------------------------------------------------------------
 # --- the folder ----------------------------------------------------------------------------------------------------
 def export_folder(runs: str | Path, out: str | Path, *, monolith: bool = False, stages: Sequence[str] | None = None,
                   sharded: bool = True, text_from: str | Path | None = None, vae: str | None = None,

@@ -439,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
     if args.metrics is None and (args.groundtruth or args.domain_backbone):
         # the synthetic metrics, motion, and the classic ones whose networks were given
         given = {"fvd": args.i3d, "clip": args.clip, "aesthetic": args.aesthetic and args.clip}

@@ -332,13 +332,13 @@ def build_model_from_export(path: str | Path, device: str = "cpu", dtype: torch.
         raise ValueError(f"'{path}': export metadata has no model 'config'")
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    # the model classes are imported here, not at the top: the router job writes exports with this module
-    # and must never import the expert's code (tests/test_train_router.py)
     if kind == "router":
         with torch.device("meta"):
             model = build_router(router_config_from_dict(config))
         load_state_dict_strict(model, state_dict, f"'{path}'")
     elif kind == "expert":
+        # imported here, not at the top: the router job writes exports with this module and must never
+        # import the expert's code (tests/test_train_router.py)
         from ddm.models.mmdit import MMDiT
 
         with torch.device("meta"):

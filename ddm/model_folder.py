@@ -197,6 +197,17 @@ def stage_order(name: str) -> tuple[int, str]:
     return (int(digits[-1]) if digits else -1, name)
 
 
+def router_for_stage(routers: Mapping[str | None, Path], stage: str) -> tuple[Path, str | None]:
+    """The router a folder uses at ``stage``: its own, else the stage-less one, else the latest stage's (routers
+    are resolution-agnostic). Returns the path and the stage it was trained at when that is another stage."""
+    if stage in routers:
+        return routers[stage], None
+    if None in routers:
+        return routers[None], None
+    other = sorted((s for s in routers if s is not None), key=stage_order)[-1]
+    return routers[other], other
+
+
 def canonical_stage(name: str, stages: Mapping[str, StageGeometry] | None = None) -> str | None:
     """``stage2`` for ``stage2``/``stage_2``/``S2``; the stage whose resolution is ``256px``/``256``/``256x256``
     (from ``stages``); None when the name says nothing."""

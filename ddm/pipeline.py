@@ -50,7 +50,7 @@ from ddm.export_metadata import ExportMetadata
 from ddm.flow import video_shift_alpha
 from ddm.interop import build_checkpoint_model, load_vae_diffusers, read_checkpoint_metadata
 from ddm.model_folder import (ARCHITECTURES, MODEL_INDEX, ROUTER_DIR, VAE_FILE, FolderLayout, ModelIndex,
-                              StageGeometry, canonical_stage, copy_export, place_folder, read_model_index,
+                              StageGeometry, canonical_stage, copy_export, place_folder, read_model_index, router_for_stage,
                               scan_model_folder, stage_geometry_from_metadata, stage_order, write_model_index)
 from ddm.models.text import NULL_CLIP_FILE, NULL_T5_FILE, TextEncoders, load_null_tensors, pad_tokens
 from ddm.models.vae import PixelVAE, build_vae, load_vae
@@ -245,14 +245,9 @@ class DDMPipeline:
                 raise FileNotFoundError(f"'{layout.root}' holds {num_experts} experts but no Router/ folder: "
                                         "the router mixes them (only a one-expert monolith folder needs none)")
             return None, {}
-        if stage in routers:
-            path = routers[stage]
-        elif None in routers:
-            path = routers[None]
-        else:  # the router is resolution-agnostic: another stage's router serves this one
-            other = sorted((s for s in routers if s is not None), key=stage_order)[-1]
+        path, other = router_for_stage(routers, stage)
+        if other is not None:
             log.info("no %s router: using the %s router (routers are resolution-agnostic)", stage, other)
-            path = routers[other]
         meta = read_checkpoint_metadata(path)
         if meta.get("kind") != "router":
             raise ValueError(f"'{path}' holds a {meta.get('kind')!r} export, not a router")

@@ -53,11 +53,12 @@ from ddm.files import link_or_copy, staging_dir, swap_into_place
 from ddm.assemble import find_router_exports, stage_exports
 from ddm.export_metadata import ExportMetadata
 from ddm.interop import load_checkpoint, read_checkpoint_metadata
-from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, scan_model_folder, stage_order,
-                              write_model_index)
+from ddm.model_folder import (MODEL_INDEX, copy_export, read_model_index, router_for_stage, scan_model_folder,
+                              stage_order, write_model_index)
 from ddm.pool_manifest import (POOL_FILE, hash_files, pool_table, read_pool, verify_folder,  # noqa: F401
                                write_pool_manifest)
 from ddm.models.gated_router import GatedRouterConfig, fold_prior_correction, gated_state_dict, router_config_from_dict
+from ddm.models.router import head_output_keys
 
 # --- retire -----------------------------------------------------------------------------------------------------
 def _place(src: Path, dst: Path, link: bool) -> None:
@@ -136,9 +137,7 @@ def _place_routers(routers: Mapping[str, Path], staged: Path,
         if gated_over is None:
             copy_export(path, dst)
         else:
-            base = gated_over.get(stage) or gated_over.get(None) or \
-                gated_over[sorted((s for s in gated_over if s is not None), key=stage_order)[-1]]
-            state_dict, meta = gate_router(base, path)
+            state_dict, meta = gate_router(router_for_stage(gated_over, stage)[0], path)
             copy_export(None, dst, state_dict=state_dict, metadata=meta)
     return entry
 
@@ -159,11 +158,10 @@ def gate_router(base: str | Path, gate: str | Path) -> tuple[dict[str, torch.Ten
     if base_ids is not None and gate_ids is not None and [str(i) for i in gate_ids[:-1]] != [str(i) for i in base_ids]:
         raise ValueError(f"the gate '{gate}' routes experts {gate_ids} but the base router '{base}' {base_ids}: "
                          "the gate's first K outputs must be the base's experts, in order")
-    gated = isinstance(cfg.base, GatedRouterConfig)
-    state_dict = gated_state_dict(base_sd if gated else fold_prior_correction(base_sd, base_meta.get("prior_correction")),
-                                  fold_prior_correction(gate_sd, gate_meta.get("prior_correction")))
-    if gated and any(float(c) for c in base_meta.get("prior_correction") or []):
+    if isinstance(cfg.base, GatedRouterConfig) and any(float(c) for c in base_meta.get("prior_correction") or []):
         raise ValueError(f"'{base}' is a gated router with a non-zero prior_correction; it cannot be folded")
+    state_dict = gated_state_dict(fold_prior_correction(base_sd, base_meta.get("prior_correction")),
+                                  fold_prior_correction(gate_sd, gate_meta.get("prior_correction")))
     meta = {k: v for k, v in gate_meta.items() if k not in ("tensor_sha256", "_path")}
     meta.update(config=cfg.to_dict(), num_experts=cfg.num_experts, prior_correction=[0.0] * cfg.num_experts,
                 uses_text=cfg.text_dim is not None,
@@ -175,19 +173,11 @@ def gate_router(base: str | Path, gate: str | Path) -> tuple[dict[str, torch.Ten
     return state_dict, meta
 
 
-def _last_head_layer(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    heads = sorted((int(m.group(1)), k) for k in state_dict if (m := re.fullmatch(r"head\.(\d+)\.weight", k)))
-    if not heads:
-        raise ValueError("the router has no head.<i>.weight: cannot find its output layer")
-    weight_key = heads[-1][1]
-    return weight_key, weight_key[:-len("weight")] + "bias"
-
-
 def grow_router(state_dict: Mapping[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
     """A K-way router's weights with output rows added up to ``num_experts`` — to fine-tune the grown pool's
     router from the old one. Every old row is kept exactly; a new row starts as the mean of the old rows (its
     logit starts at the average of the others: no expert is favoured before training)."""
-    weight_key, bias_key = _last_head_layer(state_dict)
+    weight_key, bias_key = head_output_keys(state_dict)
     k = state_dict[weight_key].shape[0]
     if num_experts < k:
         raise ValueError(f"the router predicts {k} experts; growing it to {num_experts} would drop outputs")
@@ -206,7 +196,7 @@ def retire_router(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any
     if (meta.get("config") or {}).get("type") == "gated":
         raise ValueError("the router is a gated composite (ddm.pool add --router gated): dropping one row would not "
                          "renormalise it as documented; retire by retraining (--router-runs)")
-    weight_key, bias_key = _last_head_layer(state_dict)
+    weight_key, bias_key = head_output_keys(state_dict)
     k = state_dict[weight_key].shape[0]
     if not 1 <= expert <= k:
         raise ValueError(f"expert {expert} is out of range: the router predicts experts 1..{k}")

@@ -103,7 +103,6 @@ def _family_cluster_counts(train_csv: Path, assignments: Path):
 
     import pyarrow.parquet as pq
 
-
     with train_csv.open(newline="", encoding="utf-8") as fh:
         family = {Path(r["path"]).stem: attributes_of(r).family for r in csv.DictReader(fh)}
     table = pq.read_table(assignments, columns=["key", "expert"]).to_pydict()

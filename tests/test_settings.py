@@ -34,7 +34,7 @@ def test_expert_settings_carry_every_config_value(expert_cfg):
 def test_the_modules_read_the_typed_settings_and_store_plain_dicts(expert_cfg):
     s = ExpertSettings.from_config(expert_cfg, max_steps=5)
     module = ExpertModule(_tiny_expert_dict(), s, torch.zeros(1, 4), torch.zeros(4), {})
-    assert module.settings is s and module.max_steps == 5
+    assert module.settings is s and module.settings.max_steps == 5
     assert module.hparams["train"] == s.to_dict() and isinstance(module.hparams["train"]["optim"]["betas"], list)
     # a checkpoint's dict is read back into the same settings
     assert ExpertModule(_tiny_expert_dict(), module.hparams["train"], torch.zeros(1, 4), torch.zeros(4), {}).settings == s

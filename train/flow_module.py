@@ -58,9 +58,6 @@ class TrainingModule(L.LightningModule):
         raw-frames mode (frozen, not saved)."""
         super().__init__()
         self.settings = self.settings_class.coerce(train)
-        self.max_steps = self.settings.max_steps
-        self.max_nonfinite_steps = self.settings.max_nonfinite_steps
-        self.grad_clip_in_module = self.settings.grad_clip_in_module
         self._init_state_dict = init_state_dict
         self.vae = vae
         if vae is not None:
@@ -177,7 +174,7 @@ class TrainingModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(o.lr), betas=o.betas, eps=float(o.eps), weight_decay=float(o.weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(int(o.warmup_steps), o.schedule, self.max_steps, float(o.min_lr_ratio)))
+            opt, lr_lambda(int(o.warmup_steps), o.schedule, self.settings.max_steps, float(o.min_lr_ratio)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
@@ -187,9 +184,9 @@ class TrainingModule(L.LightningModule):
             return loss
         self.nonfinite_steps += 1
         log.warning("non-finite loss at step %d: step skipped (%d so far)", self.global_step, self.nonfinite_steps)
-        if self.nonfinite_steps > self.max_nonfinite_steps:
+        if self.nonfinite_steps > self.settings.max_nonfinite_steps:
             raise RuntimeError(f"{self.nonfinite_steps} non-finite losses (limit trainer.max_nonfinite_steps="
-                               f"{self.max_nonfinite_steps}): check the learning rate and the data")
+                               f"{self.settings.max_nonfinite_steps}): check the learning rate and the data")
         return None
 
     def is_log_step(self) -> bool:
@@ -200,7 +197,7 @@ class TrainingModule(L.LightningModule):
         # The module clips (one norm computation serves clipping and logging) except under DeepSpeed,
         # whose engine clips through its config.
         clip = float(self.settings.optim.grad_clip or 0.0)
-        if self.grad_clip_in_module and clip > 0:
+        if self.settings.grad_clip_in_module and clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         elif self.is_log_step():
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]

@@ -244,7 +244,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, role: str) -> list:
     ``role``: ``expert<k>``, ``monolith`` or ``router``."""
     from lightning.pytorch.loggers import CSVLogger
 
-
     # one folder per job segment (Lightning's CSV logger would delete an existing metrics.csv);
     # train.metrics_log merges them into logs/csv/metrics.csv
     segment = next_segment(run_dir, adopt_legacy=is_rank_zero_process())

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ddm.models.context_parallel import ContextParallel
-from ddm.models.router import Router, RouterConfig
+from ddm.models.router import Router, RouterConfig, head_output_keys
 
 GATED = "gated"
 
@@ -128,15 +128,6 @@ class GatedRouter(nn.Module):
         return torch.cat([base + log_old, gate[:, -1:]], dim=-1)
 
 
-def head_bias_key(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> str:
-    """The bias of a plain router's output layer (``<prefix>head.<last>.bias``)."""
-    idx = [int(k[len(prefix) + 5:-5]) for k in state_dict
-           if k.startswith(prefix + "head.") and k.endswith(".bias") and k[len(prefix) + 5:-5].isdigit()]
-    if not idx:
-        raise ValueError(f"no '{prefix}head.<i>.bias' in the router weights: cannot find its output layer")
-    return f"{prefix}head.{max(idx)}.bias"
-
-
 def fold_prior_correction(state_dict: Mapping[str, torch.Tensor], prior_correction: Sequence[float] | None
                           ) -> dict[str, torch.Tensor]:
     """A plain router's weights with ``prior_correction`` (K,) added to its last head bias: the router then
@@ -144,7 +135,7 @@ def fold_prior_correction(state_dict: Mapping[str, torch.Tensor], prior_correcti
     out = dict(state_dict)
     if prior_correction is None or not any(float(c) for c in prior_correction):
         return out
-    key = head_bias_key(state_dict)
+    key = head_output_keys(state_dict)[1]
     bias = state_dict[key]
     if bias.shape != (len(prior_correction),):
         raise ValueError(f"prior_correction has {len(prior_correction)} entries but the router's output layer "

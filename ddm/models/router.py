@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +287,17 @@ class Router(nn.Module):
         # gradient is not counted cp times; the gather hands every rank the logits
         cls = h[:, :1] if cp.rank == 0 else h[:, :0]
         return cp.gather(self.head(self.final_norm(cls)), 1)[:, 0]
+
+
+def head_output_keys(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[str, str]:
+    """The weight and bias keys of a plain router's output layer (``<prefix>head.<last>.weight`` / ``.bias``) in
+    its state dict: the rows a pool grows, drops or shifts by a prior correction."""
+    heads = sorted((int(m.group(1)), k) for k in state_dict
+                   if (m := re.fullmatch(re.escape(prefix) + r"head\.(\d+)\.weight", k)))
+    if not heads:
+        raise ValueError(f"the router has no {prefix}head.<i>.weight: cannot find its output layer")
+    weight_key = heads[-1][1]
+    return weight_key, weight_key[:-len("weight")] + "bias"
 
 
 def router_flops(cfg: RouterConfig, latent_shape: tuple[int, ...]) -> int:
