@@ -46,3 +46,6 @@ def test_cli_reads_metrics_and_the_heldout_manifest(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["new"]["gt_family"]["before"] == 0.0 and saved["new"]["gt_family"]["after"] == 1.0
     assert saved["old"]["gt_prompt"]["paired"]["mean"] == 0.0
+    # the old families' videos did not change: a paired difference of 0 with an SE of 0, not "nan"
+    assert "| old families | gt_family | 1.000 ± 0.000 | 1.000 ± 0.000 | +0.000 ± 0.000 | 6 |" in \
+        (tmp_path / "r.md").read_text()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,8 +67,9 @@ def report(results: Mapping[str, Mapping[str, Any]], new_family: int) -> str:
     for group, label in (("new", f"new family ({name})"), ("old", "old families")):
         for m, r in results[group].items():
             d = r["paired"]
+            se = "n/a" if d["stderr"] is None else f"{d['stderr']:.3f}"  # None: one video; 0.0 prints as 0.000
             lines.append(f"| {label} | {m} | {r['before']:.3f} ± {r['before_se']:.3f} | {r['after']:.3f} ± "
-                         f"{r['after_se']:.3f} | {d['mean']:+.3f} ± {d['stderr'] or math.nan:.3f} | {r['n']} |")
+                         f"{r['after_se']:.3f} | {d['mean']:+.3f} ± {se} | {r['n']} |")
     new, old = results["new"]["gt_family"], results["old"]["gt_family"]
     drop = old["before"] - old["after"]
     lines += ["", f"- new family's prompts with the right family: {new['before']:.3f} before, {new['after']:.3f} after.",
