@@ -164,7 +164,7 @@ def gate_router(base: str | Path, gate: str | Path) -> tuple[dict[str, torch.Ten
                                   fold_prior_correction(gate_sd, gate_meta.get("prior_correction")))
     meta = {k: v for k, v in gate_meta.items() if k not in ("tensor_sha256", "_path")}
     meta.update(config=cfg.to_dict(), num_experts=cfg.num_experts, prior_correction=[0.0] * cfg.num_experts,
-                uses_text=cfg.text_dim is not None,
+                uses_text=cfg.reads_text,
                 train_flops=(base_meta.get("train_flops") or 0) + (gate_meta.get("train_flops") or 0) or None,
                 composition={"type": "gated", **{name: {"path": str(Path(p).resolve()), "step": m.get("step"),
                                                         "experiment": m.get("experiment")}

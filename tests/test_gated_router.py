@@ -129,6 +129,28 @@ def test_export_round_trip_folds_the_recorded_corrections(tmp_path):
         retire_router(sd, meta, 2)
 
 
+def test_a_gate_that_reads_t5_over_a_base_that_reads_clip():
+    """The gate may read other text than the base (the grown pool's gate reads the caption's T5 tokens, the old
+    router pooled CLIP): each part takes its own inputs from one cond, and the posterior is the same composition."""
+    base = _router(3, 0)
+    torch.manual_seed(3)
+    gate = Router(get_router_config("tiny", latent_channels=4, num_experts=4, t5_dim=6))
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    gate = gate.double().eval()
+    x, t, cond = _inputs()
+    cond["t5"] = torch.randn(6, 5, 6, dtype=torch.float64)
+    model = _gated(base, gate)
+    assert model.cfg.reads_text and (model.cfg.text_dim, model.cfg.t5_dim) == (TEXT, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond).softmax(-1), _reference(base(x, t, cond), gate(x, t, cond)),
+                                   rtol=0, atol=1e-12)
+    assert router_config_from_dict(model.cfg.to_dict()).to_dict() == model.cfg.to_dict()
+    with pytest.raises(ValueError, match="T5 states of width 6 but the base router 7"):
+        GatedRouterConfig(get_router_config("tiny", latent_channels=4, t5_dim=7), gate.cfg)
+
+
 def test_refusals(tmp_path):
     base, gate5, gate4 = _router(3, 0), _router(5, 1), _router(4, 2)
     with pytest.raises(ValueError, match="must predict 4"):

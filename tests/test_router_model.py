@@ -14,6 +14,7 @@ from ddm.models.router import (
     Router,
     RouterConfig,
     get_router_config,
+    mean_over_tokens,
     router_flops,
     sincos_position_embedding_3d,
 )
@@ -92,6 +93,40 @@ def test_text_is_ignored_unless_text_dim_is_set():
         seeing(x, t, {})
 
 
+def test_mean_over_tokens_is_the_mean_of_each_captions_own_tokens():
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 7, 1]
+    states = torch.zeros(3, 9, 5, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        states[i, :n] = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    expected = torch.stack([states[i, :n].sum(0) / n for i, n in enumerate(lengths)])  # float64 by hand
+    torch.testing.assert_close(mean_over_tokens(states), expected, rtol=0, atol=1e-15)
+    # a longer padding changes nothing; a row that is all padding gives zeros
+    padded = torch.cat([states, torch.zeros(3, 11, 5, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(mean_over_tokens(padded), expected, rtol=0, atol=1e-15)
+    assert torch.equal(mean_over_tokens(torch.zeros(1, 4, 5)), torch.zeros(1, 5))
+
+
+def test_a_t5_reading_router_sees_the_words_and_not_the_padding():
+    x, t = torch.randn(2, 16, 1, 8, 8), torch.rand(2)
+    g = torch.Generator().manual_seed(1)
+    t5 = torch.zeros(2, 6, 24)
+    t5[0, :4], t5[1, :2] = torch.randn(4, 24, generator=g), torch.randn(2, 24, generator=g)
+    router = _randomize(Router(get_router_config("tiny", t5_dim=24)))
+    logits = router(x, t, {"t5": t5})
+    longer = torch.cat([t5, torch.zeros(2, 10, 24)], dim=1)  # the pipeline pads to its own L
+    torch.testing.assert_close(router(x, t, {"t5": longer}), logits, rtol=0, atol=1e-6)
+    other = t5.clone()
+    other[0, 1] = torch.randn(24, generator=g)  # one word of the first caption changed
+    changed = router(x, t, {"t5": other})
+    assert not torch.allclose(changed[0], logits[0], atol=1e-4) and torch.equal(changed[1], logits[1])
+    with pytest.raises(ValueError, match=r"cond\['t5'\] must be \(B, L, 24\)"):
+        router(x, t, {"clip": torch.randn(2, 32)})
+    assert router.cfg.reads_text and not get_router_config("tiny").reads_text
+    both = _randomize(Router(get_router_config("tiny", text_dim=32, t5_dim=24)))
+    assert both(x, t, {"t5": t5, "clip": torch.randn(2, 32)}).shape == (2, 3)
+
+
 def test_bad_inputs_raise_clear_errors():
     router = Router(get_router_config("tiny"))
     with pytest.raises(ValueError, match="16 latent channels"):
@@ -105,10 +140,12 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_config_round_trip_and_presets():
-    cfg = get_router_config("tiny-pixel", num_experts=5, text_dim=32)
+    cfg = get_router_config("tiny-pixel", num_experts=5, text_dim=32, t5_dim=24)
     assert cfg.latent_channels == 12 and cfg.num_experts == 5
     back = RouterConfig.from_dict(cfg.to_dict())
     assert back == cfg and isinstance(back.patch_size, tuple)
+    older = {k: v for k, v in cfg.to_dict().items() if k != "t5_dim"}  # an export from before t5_dim existed
+    assert RouterConfig.from_dict(older).t5_dim is None
     with pytest.raises(ValueError, match="unknown RouterConfig keys"):
         RouterConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="unknown router preset"):
@@ -116,12 +153,14 @@ def test_config_round_trip_and_presets():
     assert set(ROUTER_PRESETS) >= {"dit-b", "tiny", "tiny-pixel"}
 
 
-@pytest.mark.parametrize("text_dim", [None, 8])
-def test_flops_match_torch_flop_counter(text_dim):
-    cfg = get_router_config("tiny", text_dim=text_dim, head_hidden=48)
+@pytest.mark.parametrize("text_dim,t5_dim", [(None, None), (8, None), (8, 12)])
+def test_flops_match_torch_flop_counter(text_dim, t5_dim):
+    cfg = get_router_config("tiny", text_dim=text_dim, t5_dim=t5_dim, head_hidden=48)
     router = Router(cfg)
     x = torch.randn(2, 16, 2, 8, 12)
     cond = {"clip": torch.randn(2, 8)} if text_dim else {}
+    if t5_dim:
+        cond["t5"] = torch.randn(2, 5, t5_dim)
     counter = FlopCounterMode(display=False)
     # the math backend decomposes attention into matmuls the counter sees (the CPU fused kernel it does not)
     with sdpa_kernel(SDPBackend.MATH), counter:

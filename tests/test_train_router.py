@@ -62,7 +62,7 @@ def test_router_matches_the_closed_form_posterior(tmp_path):
     cfg = compose_config("router", [
         "experiment=tiny", f"paths.root_dir={tmp_path}", f"data.shards_dir={shards}",
         # the text-blind router at the experts' logit-normal times (the tiny recipe's router reads text)
-        "use_text=false", "recipe.router.logit_mean=0.0", "recipe.router.logit_std=1.0",
+        "use_text=false", "use_t5=false", "recipe.router.logit_mean=0.0", "recipe.router.logit_std=1.0",
         "+router_model.overrides.latent_channels=4", "+router_model.overrides.patch_size=[1,2,2]",
         "recipe.router.max_steps=1200", "recipe.router.batch_size=64", "recipe.router.lr=2e-3",
         "optim.schedule=cosine", "recipe.router.val_every_n_steps=100000", "checkpoint.every_n_steps=100000",
@@ -98,7 +98,8 @@ def router_args(tmp_path: Path, shards: Path, text_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_router_cli_resumes_after_a_kill_and_exports(tmp_path, test_shards_dir, tiny_text_dir):
-    args = router_args(tmp_path, test_shards_dir, tiny_text_dir)
+    # this run reads both kinds of text: the caption's T5 tokens (the tiny recipe's use_t5) and pooled CLIP
+    args = [*router_args(tmp_path, test_shards_dir, tiny_text_dir), "use_text=true"]
     run = tmp_path / "runs" / "tiny" / "router" / "stage2"
     proc = start_cli("train.router", args, tmp_path / "first.log")
     wait_for(run / "checkpoints" / "step-00000004.ckpt", proc)
@@ -116,6 +117,10 @@ def test_router_cli_resumes_after_a_kill_and_exports(tmp_path, test_shards_dir, 
     assert sorted(meta["expert_counts"]) == ["1", "2", "3"]
     router = build_model_from_export(run / "export")  # strict load into a fresh router
     assert type(router).__name__ == "Router"
+    from ddm.models.presets import get_expert_config
+
+    tiny = get_expert_config("tiny")
+    assert (router.cfg.text_dim, router.cfg.t5_dim) == (tiny.vec_in_dim, tiny.context_in_dim) and meta["uses_text"]
     assert (run / "plots" / "router_calibration.png").stat().st_size > 0
     assert "accuracy" in (run / "plots" / "router_calibration.json").read_text()
 
@@ -132,7 +137,7 @@ def test_router_on_raw_frames_with_a_weighted_vae_resumes(tmp_path, make_shards)
             # space turns them into 16-channel latents of 2 frames x 2x2, one patch per latent frame
             "vae=hunyuan_tiny", "+vae.config={spatial_compression: 2}",
             "recipe.stage2.resolution=4", "recipe.stage2.num_frames=5", "recipe.stage2.fps=8",
-            "router_model.preset=tiny", "+router_model.overrides.patch_size=[1,2,2]", "use_text=false",
+            "router_model.preset=tiny", "+router_model.overrides.patch_size=[1,2,2]", "use_text=false", "use_t5=false",
             "recipe.router.batch_size=4", "recipe.router.val_every_n_steps=100", "checkpoint.every_n_steps=2"]
     run = tmp_path / "runs" / "tiny" / "router" / "stage2"
     assert train_router(compose_config("router", [*args, "recipe.router.max_steps=2"])) == 0

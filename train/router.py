@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -53,11 +54,9 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
     setup_logging(run_dir, "router")
     geometry = job.stage_geometry(cfg)
     router_cfg = job.router_config(cfg, cfg.num_experts)
-    if cfg.use_text:
-        from dataclasses import replace
-
-        router_cfg = replace(router_cfg, text_dim=job.expert_config(cfg).vec_in_dim)
-    expert_cfg = job.expert_config(cfg)  # geometry only: the experts' patch for the shift and the FLOP share
+    expert_cfg = job.expert_config(cfg)  # geometry only (and the text widths): the experts' patch for the shift
+    router_cfg = replace(router_cfg, text_dim=expert_cfg.vec_in_dim if cfg.use_text else None,
+                         t5_dim=expert_cfg.context_in_dim if cfg.use_t5 else None)
     r_flops = job.router_training_flops(router_cfg, geometry)
     e_flops = job.expert_budget(expert_cfg, geometry).flops_per_sample
     # Ulysses context parallelism for long sequences (768² × 129 frames: ~19k router tokens)
@@ -101,7 +100,7 @@ def _train_router(cfg: DictConfig, run_dir: Path) -> int:
         "expert_counts": {str(k): int(v) for k, v in counts.items()},
         "balanced_sampling": bool(cfg.balanced_sampling),
         "prior_correction": prior_correction(counts, bool(cfg.balanced_sampling)),
-        "uses_text": router_cfg.text_dim is not None,
+        "uses_text": router_cfg.reads_text,
         "expert_ids": expert_ids,  # the training expert id of each output, in order
     })
     module = RouterModule(

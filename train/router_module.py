@@ -99,7 +99,10 @@ class RouterModule(TrainingModule):
         return self.settings.expert_patch_size
 
     def cond(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
+        cond = {"clip": batch["clip"].float()} if self.router_cfg.text_dim else {}
+        if self.router_cfg.t5_dim:
+            cond["t5"] = batch["t5"].float()
+        return cond
 
     def labels(self, batch: dict) -> torch.Tensor:
         """The class of each sample: expert id − 1, or its position in ``expert_ids`` for a router over some of

@@ -26,6 +26,7 @@ from ddm.flow import interpolate
 from ddm.model_folder import read_model_index, scan_model_folder
 from ddm.pipeline import DDMPipeline
 from ddm.pool_manifest import POOL_FILE, read_pool
+from ddm.models.text import pad_tokens
 from ddm.shards import decode_sample, iter_shard, list_shards
 
 __all__ = ["load_samples", "routing_accuracy", "compare_folders", "main"]
@@ -36,8 +37,9 @@ T_GRID = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95, 0.99)
 def load_samples(shards_dir: str | Path, expert_ids: Sequence[int], split: str = "val",
                  max_per_expert: int = 64) -> dict[str, Any]:
     """Up to ``max_per_expert`` samples of each expert id from ``shards_dir``'s ``split``: ``{"latent" (N, C, T,
-    H, W) float32, "clip" (N, D), "expert_id" (N,)}``. Raw-frame shards are refused (they need the VAE)."""
-    latents, clips, ids = [], [], []
+    H, W) float32, "clip" (N, D), "t5" (N, L, D) zero-padded, "expert_id" (N,)}``. Raw-frame shards are refused
+    (they need the VAE)."""
+    latents, clips, t5s, ids = [], [], [], []
     for expert in expert_ids:
         n = 0
         for shard in list_shards(shards_dir, int(expert), split):
@@ -47,6 +49,7 @@ def load_samples(shards_dir: str | Path, expert_ids: Sequence[int], split: str =
                     raise ValueError(f"'{shard}' holds raw frames: routing accuracy needs latent shards")
                 latents.append(torch.from_numpy(sample["latent"].astype(np.float32)))
                 clips.append(torch.from_numpy(sample["clip"].astype(np.float32)))
+                t5s.append(torch.from_numpy(sample["t5"].astype(np.float32)))
                 ids.append(int(expert))
                 n += 1
                 if n >= max_per_expert:
@@ -55,7 +58,8 @@ def load_samples(shards_dir: str | Path, expert_ids: Sequence[int], split: str =
                 break
         if n == 0:
             raise ValueError(f"expert {expert} has no {split} samples in '{shards_dir}'")
-    return {"latent": torch.stack(latents), "clip": torch.stack(clips), "expert_id": torch.tensor(ids)}
+    return {"latent": torch.stack(latents), "clip": torch.stack(clips), "t5": pad_tokens(t5s)[0],
+            "expert_id": torch.tensor(ids)}
 
 
 def _slots(folder: Path) -> list[Any]:
@@ -75,11 +79,11 @@ def routing_accuracy(router: torch.nn.Module, samples: Mapping[str, torch.Tensor
     """
     slot_of = {str(e): j for j, e in enumerate(slot_ids)}
     keep = torch.tensor([str(int(e)) in slot_of for e in samples["expert_id"]])
-    x0, clip = samples["latent"][keep], samples["clip"][keep]
+    x0, clip, t5 = samples["latent"][keep], samples["clip"][keep], samples["t5"][keep]
     target = torch.tensor([slot_of[str(int(e))] for e in samples["expert_id"][keep]])
     if len(target) == 0:
         raise ValueError("none of the samples belongs to an expert of this folder")
-    uses_text = getattr(getattr(router, "cfg", None), "text_dim", None) is not None
+    uses_text = bool(getattr(getattr(router, "cfg", None), "reads_text", False))
     correction = torch.tensor(prior_correction or [0.0] * len(slot_ids), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -89,7 +93,7 @@ def routing_accuracy(router: torch.nn.Module, samples: Mapping[str, torch.Tensor
         for start in range(0, len(x0), batch_size):
             sl = slice(start, start + batch_size)
             t = torch.full((len(x0[sl]),), float(t_value))
-            cond = {"clip": clip[sl]} if uses_text else {}
+            cond = {"clip": clip[sl], "t5": t5[sl]} if uses_text else {}
             logits = router(interpolate(x0[sl], noise[sl], t), t, cond).float() + correction
             hits += int((logits.argmax(-1) == target[sl]).sum())
         acc = hits / len(target)

@@ -46,9 +46,10 @@ class GatedRouterConfig:
         if self.gate.latent_channels != self.base.latent_channels:
             raise ValueError(f"the gate reads {self.gate.latent_channels} latent channels but the base router "
                              f"{self.base.latent_channels}")
-        if None not in (self.gate.text_dim, self.base.text_dim) and self.gate.text_dim != self.base.text_dim:
-            raise ValueError(f"the gate reads pooled text of width {self.gate.text_dim} but the base router "
-                             f"{self.base.text_dim}")
+        for name, what in (("text_dim", "pooled text"), ("t5_dim", "T5 states")):
+            gate, base = getattr(self.gate, name), getattr(self.base, name)
+            if None not in (gate, base) and gate != base:
+                raise ValueError(f"the gate reads {what} of width {gate} but the base router {base}")
 
     @property
     def num_experts(self) -> int:
@@ -63,14 +64,22 @@ class GatedRouterConfig:
         return self.gate.text_dim if self.gate.text_dim is not None else self.base.text_dim
 
     @property
+    def t5_dim(self) -> int | None:
+        return self.gate.t5_dim if self.gate.t5_dim is not None else self.base.t5_dim
+
+    @property
+    def reads_text(self) -> bool:
+        return self.gate.reads_text or self.base.reads_text
+
+    @property
     def preset(self) -> str:
         return GATED
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able; ``num_experts``, ``latent_channels`` and ``text_dim`` are repeated at the top level for the
-        readers of export metadata that look only there (``ddm.pool verify``, ``list``)."""
+        """JSON-able; ``num_experts``, ``latent_channels``, ``text_dim`` and ``t5_dim`` are repeated at the top
+        level for the readers of export metadata that look only there (``ddm.pool verify``, ``list``)."""
         return {"type": GATED, "preset": GATED, "num_experts": self.num_experts,
-                "latent_channels": self.latent_channels, "text_dim": self.text_dim,
+                "latent_channels": self.latent_channels, "text_dim": self.text_dim, "t5_dim": self.t5_dim,
                 "base": self.base.to_dict(), "gate": self.gate.to_dict()}
 
     @classmethod
@@ -79,7 +88,7 @@ class GatedRouterConfig:
         if d.get("type") != GATED or not isinstance(d.get("base"), Mapping) or not isinstance(d.get("gate"), Mapping):
             raise ValueError(f"not a gated router config (needs type {GATED!r}, 'base' and 'gate'): keys {sorted(d)}")
         cfg = cls(router_config_from_dict(d["base"]), RouterConfig.from_dict(dict(d["gate"])))
-        for key in ("num_experts", "latent_channels", "text_dim"):
+        for key in ("num_experts", "latent_channels", "text_dim", "t5_dim"):
             if key in d and d[key] != getattr(cfg, key):
                 raise ValueError(f"gated router config: {key}={d[key]!r} but its parts give {getattr(cfg, key)!r}")
         return cfg

@@ -8,7 +8,8 @@ sampler mixes the experts with. Architecture (Paris 1.0's DiT-B router, adapted 
 * add a fixed 3D sin-cos position embedding, **computed from the grid on every call**, and prepend a
   learnable CLS token;
 * DiT blocks with adaLN-Zero conditioned on the timestep embedding (``timestep_embedding``, t×1000,
-  the experts' scale), plus the pooled CLIP text when ``text_dim`` is set;
+  the experts' scale), plus the pooled CLIP text when ``text_dim`` is set and the caption's T5 states
+  averaged over its tokens when ``t5_dim`` is set (:func:`mean_over_tokens`);
 * LayerNorm on the CLS token → MLP → K logits (last layer zero-initialised: the untrained router
   returns the uniform prior).
 
@@ -51,7 +52,8 @@ class RouterConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    text_dim: int | None = None  # pooled-CLIP width; None = the router never sees text
+    text_dim: int | None = None  # pooled-CLIP width; None = the router never sees pooled CLIP
+    t5_dim: int | None = None  # T5 width: the caption's T5 states averaged over its tokens; None = not read
     head_hidden: int | None = None  # width of the CLS head MLP; None = hidden_size
     pos_ref_grid: tuple[int, int] | None = None  # spatial patch grid the positions are expressed on
 
@@ -67,8 +69,14 @@ class RouterConfig:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.text_dim is not None and self.text_dim < 1:
-            raise ValueError(f"text_dim must be None or >= 1, got {self.text_dim}")
+        for name in ("text_dim", "t5_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the router reads the caption at all (then it does not commute with CFG)."""
+        return self.text_dim is not None or self.t5_dim is not None
 
     @property
     def mlp_hidden(self) -> int:
@@ -176,6 +184,7 @@ class Router(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h))
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, h)
         self.vector_in = MLPEmbedder(cfg.text_dim, h) if cfg.text_dim is not None else None
+        self.t5_in = MLPEmbedder(cfg.t5_dim, h) if cfg.t5_dim is not None else None
         self.blocks = nn.ModuleList(RouterBlock(h, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(h, eps=1e-6)
         self.head = nn.Sequential(nn.Linear(h, cfg.head_width), nn.GELU(approximate="tanh"),
@@ -215,7 +224,7 @@ class Router(nn.Module):
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        for embedder in (self.time_in, self.vector_in):
+        for embedder in (self.time_in, self.vector_in, self.t5_in):
             if embedder is not None:
                 nn.init.normal_(embedder.in_layer.weight, std=0.02)
                 nn.init.normal_(embedder.out_layer.weight, std=0.02)
@@ -249,19 +258,27 @@ class Router(nn.Module):
                 ) -> torch.Tensor:
         """Logits (B, num_experts) for noisy latents ``x`` (B, C, T, H, W) at flow times ``t`` (B,) in [0, 1].
 
-        ``cond["clip"]`` (B, text_dim) is read only when ``cfg.text_dim`` is set; otherwise ``cond``
-        is ignored entirely (the router then commutes with CFG, DESIGN §2).
+        ``cond["clip"]`` (B, text_dim) is read only when ``cfg.text_dim`` is set and ``cond["t5"]``
+        (B, L, t5_dim; zero rows are padding) only when ``cfg.t5_dim`` is set; a router that reads neither
+        ignores ``cond`` entirely (it then commutes with CFG, DESIGN §2).
         """
         t = self._check_inputs(x, t)
-        clip = None
+        cond, b = cond or {}, x.shape[0]
+        clip = t5 = None
         if self.vector_in is not None:
-            clip = (cond or {}).get("clip")
-            if clip is None or clip.shape != (x.shape[0], self.cfg.text_dim):
+            clip = cond.get("clip")
+            if clip is None or clip.shape != (b, self.cfg.text_dim):
                 raise ValueError(f"this router is text-conditioned: cond['clip'] must be (B, {self.cfg.text_dim}), "
                                  f"got {None if clip is None else tuple(clip.shape)}")
+        if self.t5_in is not None:
+            t5 = cond.get("t5")
+            if t5 is None or t5.ndim != 3 or t5.shape[0] != b or t5.shape[2] != self.cfg.t5_dim:
+                raise ValueError(f"this router reads T5: cond['t5'] must be (B, L, {self.cfg.t5_dim}), "
+                                 f"got {None if t5 is None else tuple(t5.shape)}")
+            t5 = mean_over_tokens(t5)
         cp = self._context_parallel
         if cp is not None:
-            cp.assert_same_inputs(x, t, clip)
+            cp.assert_same_inputs(x, t, clip, t5)
         dtype = self.patch_embed.weight.dtype
         tokens = self.patch_embed(x.to(dtype))  # (B, H, T', H', W')
         grid = tuple(tokens.shape[2:])
@@ -276,6 +293,8 @@ class Router(nn.Module):
         c = self.time_in(timestep_embedding(t).to(dtype))
         if clip is not None:
             c = c + self.vector_in(clip.to(dtype))
+        if t5 is not None:
+            c = c + self.t5_in(t5.to(dtype))
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, split, use_reentrant=False)
@@ -287,6 +306,19 @@ class Router(nn.Module):
         # gradient is not counted cp times; the gather hands every rank the logits
         cls = h[:, :1] if cp.rank == 0 else h[:, :0]
         return cp.gather(self.head(self.final_norm(cls)), 1)[:, 0]
+
+
+def mean_over_tokens(states: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) T5 states → (B, D): the mean over each caption's own tokens. Captions are zero-padded to a
+    common L (training's collate and the pipeline's ``encode_prompts`` alike), and a real token's state is never
+    all zeros (T5's final RMSNorm), so the zero rows are the padding: the result does not depend on L. A row of
+    only padding gives zeros.
+
+    Why a mean and not CLIP's pooled vector alone: averaged token states keep each word's contribution close to
+    additive, so a router can key on the words that name a cluster; the tiny recipe's pooled CLIP put unseen
+    captions of one family next to another's (docs/bench/grow.md)."""
+    real = (states != 0).any(dim=-1, keepdim=True).to(states.dtype)
+    return (states * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
 
 
 def head_output_keys(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[str, str]:
@@ -315,8 +347,9 @@ def router_flops(cfg: RouterConfig, latent_shape: tuple[int, ...]) -> int:
     n, h, m = patches + 1, cfg.hidden_size, cfg.mlp_hidden
     flops = 2 * patches * c * math.prod(cfg.patch_size) * h
     flops += 2 * (TIME_EMBED_DIM * h + h * h)
-    if cfg.text_dim is not None:
-        flops += 2 * (cfg.text_dim * h + h * h)
+    for width in (cfg.text_dim, cfg.t5_dim):
+        if width is not None:
+            flops += 2 * (width * h + h * h)
     block = 2 * n * h * 3 * h + 4 * n * n * h + 2 * n * h * h + 4 * n * h * m + 2 * h * 6 * h
     flops += cfg.depth * block
     flops += 2 * (h * cfg.head_width + cfg.head_width * cfg.num_experts)
