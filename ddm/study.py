@@ -46,7 +46,8 @@ from ddm.eval.digits import classifier_report
 log = logging.getLogger("ddm.study")
 
 K = 3
-ROUTERS = {"blind": ["use_text=false"], "text": ["use_text=true"]}
+# pinned (not the recipe's default router, which reads T5 since 2026-12-04): the arms docs/study.md measured
+ROUTERS = {"blind": ["use_text=false", "use_t5=false"], "text": ["use_text=true", "use_t5=false"]}
 STRATEGIES = ("top1", "top2", "full")
 MONOLITH = "monolith"
 DATASETS: dict[str, dict[str, Any]] = {

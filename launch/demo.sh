@@ -7,7 +7,8 @@
 # Rerunning reuses everything already done. Outputs go to $DDM_DEMO_DIR (default: ./demo_out).
 # DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs);
 # DDM_DEMO_PROFILE=long trains longer (about 3x the steps; under 30 minutes). DDM_DEMO_ROUTER=blind trains
-# Paris's text-blind router instead of the tiny recipe's text-aware one (recipe.router.use_text).
+# Paris's text-blind router instead of the tiny recipe's text-aware one (recipe.router.use_t5: it reads the
+# caption's T5 tokens).
 # DDM_DEMO_CLIPS sets the number of training clips; DDM_DEMO_OVERRIDES adds Hydra overrides to the
 # expert and monolith jobs.
 set -euo pipefail
@@ -35,8 +36,8 @@ clips="${DDM_DEMO_CLIPS:-$clips}"              # training clips (all families)
 # extra Hydra overrides for the expert and monolith jobs, e.g. DDM_DEMO_OVERRIDES="optim.schedule=cosine"
 read -r -a expert_args <<<"${DDM_DEMO_OVERRIDES:-}"
 case "${DDM_DEMO_ROUTER:-text}" in
-  text)  router_args=() ;;                 # the tiny recipe's router reads the pooled caption
-  blind) router_args=(use_text=false) ;;   # Paris's router: x_t and t only
+  text)  router_args=() ;;                 # the tiny recipe's router reads the caption (its T5 tokens)
+  blind) router_args=(use_text=false use_t5=false) ;;   # Paris's router: x_t and t only
   *) echo "DDM_DEMO_ROUTER must be text or blind, got '$DDM_DEMO_ROUTER'" >&2; exit 2 ;;
 esac
 # Shapes drawn at twice the generator's default radius: at the 16 px the experts train at, a default shape is
@@ -139,11 +140,16 @@ videos = [r for r in manifest if r["kind"] == "video"]
 frames, _ = read_video(videos[0]["path"], frame_indices=[0])
 Image.fromarray(frames[0]).save(demo / "i2v_first_frame.png")
 PY
-quiet generate_t2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
-  --prompts "$demo/prompts.txt" --strategy topk --k 2 --seed 0 --trace --out "$demo/samples/t2v"
-quiet generate_i2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
-  --prompt "$(head -n 1 "$demo/prompts.txt")" --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --seed 0 \
-  --out "$demo/samples/i2v"
+if [ -f "$demo/samples/.complete" ]; then
+  echo "  done before ($demo/samples)"
+else
+  quiet generate_t2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
+    --prompts "$demo/prompts.txt" --strategy topk --k 2 --seed 0 --trace --out "$demo/samples/t2v"
+  quiet generate_i2v '^\[ddm.generate\] .* written' python -m ddm.generate --model "$models/ddm" \
+    --prompt "$(head -n 1 "$demo/prompts.txt")" --image "$demo/i2v_first_frame.png" --strategy topk --k 2 --seed 0 \
+    --out "$demo/samples/i2v"
+  touch "$demo/samples/.complete"
+fi
 
 step "7/7 evaluate: DDM (top1, top2, full) vs the monolith on held-out captions, by the synthetic ground truth"
 # N videos per run: SE of a prompt accuracy is sqrt(p(1-p)/N) <= 0.05 for every p when N >= 100.
@@ -170,13 +176,17 @@ fi
 evaluate=(python -m ddm.evaluate --groundtruth "$demo/heldout_n$eval_n" --num-videos "$eval_n" --stage "$eval_stage"
           --batch-size 25 --no-progress --out "$demo/eval")
 # Generation, split over the two cores (each run has its own video folder, so the two never collide):
-# DDM top-1 + top-2 in the background, DDM full + the monolith here (about equal work).
-"${evaluate[@]}" --model "ddm=$models/ddm:top1,top2" --baseline ddm/top1 --metrics groundtruth \
-  --contact-sheet-rows 0 >"$logs/evaluate_gen_a.log" 2>&1 & gen_pid=$!
-"${evaluate[@]}" --model "ddm=$models/ddm:full" --model "monolith=$models/monolith" --baseline monolith \
-  --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_b.log" 2>&1 \
-  || { tail -n 30 "$logs/evaluate_gen_b.log" >&2; exit 1; }
-wait "$gen_pid" || { tail -n 30 "$logs/evaluate_gen_a.log" >&2; exit 1; }
+# DDM top-1 + top-2 in the background, DDM full + the monolith here (about equal work). Done once per N.
+generated="$demo/eval/.generated_n$eval_n"
+if [ ! -f "$generated" ]; then
+  "${evaluate[@]}" --model "ddm=$models/ddm:top1,top2" --baseline ddm/top1 --metrics groundtruth \
+    --contact-sheet-rows 0 >"$logs/evaluate_gen_a.log" 2>&1 & gen_pid=$!
+  "${evaluate[@]}" --model "ddm=$models/ddm:full" --model "monolith=$models/monolith" --baseline monolith \
+    --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_b.log" 2>&1 \
+    || { tail -n 30 "$logs/evaluate_gen_b.log" >&2; exit 1; }
+  wait "$gen_pid" || { tail -n 30 "$logs/evaluate_gen_a.log" >&2; exit 1; }
+  touch "$generated"
+fi
 if [ -n "$bb_pid" ]; then
   wait "$bb_pid" || { echo "  domain backbone FAILED:" >&2; tail -n 20 "$logs/domain_backbone.log" >&2; exit 1; }
 fi

@@ -41,11 +41,17 @@ def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_r
     assert "compute ledger" in first.stdout
     assert first.stdout.count("trained in") == 9  # 3 experts x 2 stages, the router, the monolith x 2 stages
 
-    # rerun: nothing is trained again
+    # rerun: nothing is trained or sampled again; the table is rebuilt from the same videos
+    written = {p: p.stat().st_mtime_ns for p in [*t2v, *i2v]}
     second = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True,
                             env=env, timeout=1200)
     assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
-    assert second.stdout.count("done before") == 9 and "trained in" not in second.stdout
+    assert second.stdout.count("done before") == 10 and "trained in" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    def values(record):
+        return {run["name"]: {m: v["value"] for m, v in run["metrics"].items()} for run in record["runs"]}
+
+    assert values(json.loads((demo / "eval" / "metrics.json").read_text())) == values(metrics)
 
 
 @pytest.mark.slow

@@ -163,7 +163,8 @@ def test_grow_the_pool_from_3_to_4_experts_without_touching_the_old_ones(base, t
     composite, old, new = (build_model_from_export(p) for p in (gated / "Router", three / "Router",
                                                               root / "runs" / "grow" / "router" / "stage2" / "export"))
     x, t = torch.randn(3, old.cfg.latent_channels, 3, 16, 16), torch.tensor([0.1, 0.5, 0.9])
-    cond = {"clip": torch.randn(3, old.cfg.text_dim)} if old.cfg.text_dim else {}
+    cond = {"clip": torch.randn(3, composite.cfg.text_dim or 1), "t5": torch.randn(3, 5, composite.cfg.t5_dim or 1)}
+    assert composite.cfg.reads_text  # the tiny recipe's routers read the caption: the text must reach both parts
     with torch.no_grad():
         g = new(x, t, cond).softmax(-1)[:, -1:]
         want = torch.cat([(1 - g) * old(x, t, cond).softmax(-1), g], dim=-1)
