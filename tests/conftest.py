@@ -39,6 +39,7 @@ pytest_plugins = [
     "tests.fixtures.text",
     "tests.fixtures.data",
     "tests.fixtures.train",
+    "tests.fixtures.schedule",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
