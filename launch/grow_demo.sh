@@ -18,6 +18,7 @@ export DDM_ROOT="$out" WANDB_MODE="${WANDB_MODE:-disabled}" OMP_NUM_THREADS="${O
 clips="${DDM_GROW_CLIPS:-150}"          # base site: training clips over 3 families
 new_clips="${DDM_GROW_NEW_CLIPS:-50}"   # new site: clips of the 4th family (what one base family has)
 n="${DDM_GROW_EVAL_VIDEOS:-200}"        # held-out prompts per folder, round-robin over the 4 families
+gen_steps="${DDM_GROW_GEN_STEPS:-30}"   # Euler steps of the evaluation's samples (recorded in the folders)
 read -r -a extra <<<"${DDM_GROW_OVERRIDES:-}"   # Hydra overrides for every training job
 common=(experiment=tiny stage=stage2 ${extra[@]+"${extra[@]}"})
 gen=(--size 32 --num-frames 17 --shape-scale 2)
@@ -47,7 +48,7 @@ train expert2 "$base/expert2/stage2" train.expert "${common[@]}" experiment_name
 train router3 "$base/router/stage2" train.router "${common[@]}" experiment_name=base
 wait "$lane"
 [ -f "$out/models/three/model_index.json" ] || run export_three python -m ddm.assemble --runs "$base" \
-  --out "$out/models/three" --stages stage2 --num-steps 30 --cfg-scale 3
+  --out "$out/models/three" --stages stage2 --num-steps "$gen_steps" --cfg-scale 3
 
 step "3/6 new site: $new_clips clips of a 4th family -> data.prepare mode=extend (expert 4)"
 [ -f "$out/new/.complete" ] || { run synthetic_new python -m data.synthetic --out "$out/new" --num-videos "$new_clips" \
