@@ -39,7 +39,6 @@ pytest_plugins = [
     "tests.fixtures.text",
     "tests.fixtures.data",
     "tests.fixtures.train",
-    "tests.fixtures.schedule",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
