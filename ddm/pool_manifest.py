@@ -176,8 +176,8 @@ def build_pool_manifest(folder: str | Path, index: ModelIndex | None = None, *,
         carried = ((carry or {}).get("router") or {}).get("stages") or {}
         router = {
             "num_experts": int(config.get("num_experts") or last.get("num_experts") or 0),
-            "uses_text": bool(last.get("uses_text", config.get("text_dim") is not None
-                                       or config.get("t5_dim") is not None)),
+            # exports older than "uses_text" predate t5_dim too: pooled CLIP was their only text input
+            "uses_text": bool(last.get("uses_text", config.get("text_dim") is not None)),
             "preset": config.get("preset"), "params": param_count(path),
             "centroids_hash": last.get("centroids_hash") or None,
             "stages": {s: _stage_record(root, p, m, None, carried.get(s)) for s, (p, m) in metas.items()},

@@ -59,13 +59,17 @@ class GatedRouterConfig:
     def latent_channels(self) -> int:
         return self.gate.latent_channels
 
+    def _text_width(self, name: str) -> int | None:
+        gate = getattr(self.gate, name)
+        return gate if gate is not None else getattr(self.base, name)
+
     @property
     def text_dim(self) -> int | None:
-        return self.gate.text_dim if self.gate.text_dim is not None else self.base.text_dim
+        return self._text_width("text_dim")
 
     @property
     def t5_dim(self) -> int | None:
-        return self.gate.t5_dim if self.gate.t5_dim is not None else self.base.t5_dim
+        return self._text_width("t5_dim")
 
     @property
     def reads_text(self) -> bool:

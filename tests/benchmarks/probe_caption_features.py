@@ -10,18 +10,18 @@ The features are what a router can read: pooled CLIP, the T5 token states averag
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 
+from ddm.eval.groundtruth import read_manifest
 from ddm.models.router import mean_over_tokens
 from ddm.models.text import TextEncoders, pad_tokens
 
 
 def captions(folder: Path) -> tuple[list[str], torch.Tensor]:
-    with open(folder / "synthetic.csv") as f:
-        rows = list(csv.DictReader(f))
+    """A generator folder's captions and family ids (its ``synthetic.csv``)."""
+    rows = read_manifest(folder)
     return [r["text"] for r in rows], torch.tensor([int(r["family"]) for r in rows])
 
 
