@@ -264,9 +264,15 @@ class Runner:
 
     def start(self, name: str, module: str, args: Sequence[str]) -> subprocess.Popen:
         log.info("[study] %s: python -m %s (log %s)", name, module, self.logs / f"{name}.log")
-        fh = open(self.logs / f"{name}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT,
-                                env=self.env)
+        return self.launch(module, [str(a) for a in args], self.env, self.logs / f"{name}.log")
+
+    @staticmethod
+    def launch(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        """``python -m module args`` in its own process, stdout and stderr to ``log_path`` (the test suite swaps
+        in a process forked from a warm interpreter: same command line, a fraction of the start-up)."""
+        with open(log_path, "w") as fh:
+            return subprocess.Popen([sys.executable, "-m", module, *args], stdout=fh, stderr=subprocess.STDOUT,
+                                    env=env)
 
     def wait(self, name: str, proc: subprocess.Popen) -> None:
         if proc.wait() != 0:

@@ -47,7 +47,12 @@ def test_aggregate_pairs_each_arm_with_the_monolith_per_seed():
 
 
 @pytest.mark.slow
-def test_quick_study_runs_every_arm_over_two_seeds(tmp_path, capsys):
+def test_quick_study_runs_every_arm_over_two_seeds(tmp_path, capsys, monkeypatch):
+    from ddm.study import Runner
+    from tests.fixtures import forked_cli
+
+    # each job is still its own `python -m` process, forked from a warm interpreter (tests/fixtures/forked_cli.py)
+    monkeypatch.setattr(Runner, "launch", staticmethod(forked_cli.start_logged))
     assert main(["--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     agg = json.loads((tmp_path / "study.json").read_text())
     assert sorted(agg["arms"]) == sorted(arms()) and agg["seeds"] == [0, 1]
