@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -55,8 +56,6 @@ def test_a_forked_run_is_its_own_process_and_takes_signals_like_one(tmp_path, mo
 
 
 def test_a_run_past_its_timeout_is_killed_and_reported(monkeypatch, repo_root):
-    import subprocess
-
     monkeypatch.setenv("DDM_TEST_FORK_CLI", "1")
     start = time.time()
     with pytest.raises(subprocess.TimeoutExpired) as info:
