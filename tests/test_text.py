@@ -220,3 +220,17 @@ def test_tiny_t5_build_is_deterministic(tiny_text_dir, tmp_path):
     make_tiny_t5(tmp_path / "t5_seed1", seed=1)
     assert load_file(tmp_path / "t5_seed1" / "model.safetensors")["shared.weight"].ne(
         load_file(tmp_path / "t5" / "model.safetensors")["shared.weight"]).any()
+
+
+def test_tiny_tokenizers_keep_the_synthetic_attribute_words_whole(tiny_text_encoders):
+    """Every colour, shape, direction and speed word of the synthetic captions is one token in both tiny
+    tokenizers (as in the real 32k T5 and 49k CLIP vocabularies): a tiny random encoder gives a word
+    split into pieces ("red" -> "re" + "d") no state of its own for a tiny expert to read."""
+    from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS
+
+    words = {name for name, _ in SHAPE_COLOURS} | set(MOTIONS) | {s for s in SPEEDS if s}
+    words |= {shape for family in FAMILIES for shape in family.shapes}
+    enc = tiny_text_encoders
+    split = {w: (enc.t5_tokenizer.tokenize(" " + w), enc.clip_tokenizer.tokenize(w)) for w in sorted(words)}
+    assert len(words) == 19
+    assert {w: pieces for w, pieces in split.items() if len(pieces[0]) != 1 or len(pieces[1]) != 1} == {}

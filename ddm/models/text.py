@@ -330,6 +330,24 @@ The camera pans slowly from left to right across a modern glass skyline.
 Zoom in on a vintage clock whose hands spin quickly backwards.
 Quick cuts of a dancer spinning, jumping and landing on a wet stage.
 Twelve yellow taxis wait in a row at 9:45 pm outside the theatre.
+Simple animations: a red circle moves left across a dark blue gradient background.
+A yellow square and a white triangle move slowly right across a sand striped background.
+A black diamond moves quickly up across a dark green checkered background, then down again.
+An orange ring and a cyan cross move down across a purple diagonally striped background.
+A magenta circle moves right across a grey dotted background; a red square moves left.
+A white ring moves slowly up across an olive checkered background.
+A cyan triangle and a black square move quickly left across a navy gradient background.
+An orange diamond moves down across a beige striped background past a yellow cross.
+A magenta ring moves slowly left across a violet diagonally striped background.
+A red cross moves quickly right across a silver dotted background.
+A white square moves up across a plum diagonally striped background.
+A yellow circle moves down across a crimson plain background, and a black ring moves up.
+An orange triangle moves right across a moss green checkered background.
+A cyan diamond moves slowly down across a steel blue gradient background.
+A magenta square moves quickly up across an ochre striped background.
+A white cross and a red diamond move right across a maroon plain background.
+A black circle moves left across a dark grey dotted background.
+A yellow ring moves slowly right across a dark red plain background.
 Numbers and letters: 0 1 2 3 4 5 6 7 8 9, A B C D E F G H I J K L M N O P Q R S T U V W X Y Z.
 Punctuation (commas, colons: semicolons; quotes "like these" and 'these') - dashes! [brackets] {braces}
 Question? Exclamation! 50% off, $20 & more # tags @ handles * stars + plus = equals / slash \\ | ~ ^ _ `
@@ -348,13 +366,18 @@ def _corpus_lines() -> list[str]:
 
 
 def _train_tiny_spiece(path: Path) -> None:
-    """Train a deterministic unigram sentencepiece model with T5's ids (pad 0, eos 1, unk 2, no bos)."""
+    """Train a deterministic BPE sentencepiece model with T5's ids (pad 0, eos 1, unk 2, no bos).
+
+    BPE, not the real T5's unigram: on a corpus this small the unigram trainer splits even frequent words
+    ("red" -> "re" + "d"), while BPE keeps them whole, as the real 32k vocabulary does for common words;
+    the tiny text encoders are random, so a word split into pieces is much harder for a tiny model to read.
+    """
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus_lines()), model_writer=buf, vocab_size=TINY_T5_SPM_VOCAB,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         num_threads=1, minloglevel=2,
     )
     path.write_bytes(buf.getvalue())
