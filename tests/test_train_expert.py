@@ -197,7 +197,7 @@ def test_compute_matched_monolith_ledger_agrees_with_the_formula(tmp_path, tiny_
     out = proc.stdout
     cfg = compose_config("expert", [*tiny_overrides, "expert=all"])
     k, b, n = cfg.num_experts, cfg.stage.batch_size, cfg.stage.max_steps
-    f = training_flops_per_sample(get_expert_config("tiny-pixel"), 16, 16, 9, 64, spatial_factor=1)
+    f = training_flops_per_sample(get_expert_config("tiny-pixel"), 16, 16, 9, cfg.recipe.text_pad_to, spatial_factor=1)
     # Router FLOPs measured independently: forward + backward under torch's FLOP counter, with the input
     # requiring grad so the backward does its full 2x forward (the ledger's 3x-forward convention).
     router = Router(get_router_config("tiny-pixel", num_experts=3))
