@@ -6,9 +6,9 @@
 #   -> a Paris-style model folder -> t2v and i2v samples with the routed sampler -> evaluation report.
 # Rerunning reuses everything already done. Outputs go to $DDM_DEMO_DIR (default: ./demo_out).
 # DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs);
-# DDM_DEMO_PROFILE=long trains longer (about 3x the steps; under 30 minutes). DDM_DEMO_ROUTER=blind trains
-# Paris's text-blind router instead of the tiny recipe's text-aware one (recipe.router.use_t5: it reads the
-# caption's T5 tokens).
+# DDM_DEMO_PROFILE=long trains longer and wider (3x the stage-2 steps, experts of width 128; under 30 minutes).
+# DDM_DEMO_ROUTER=blind trains Paris's text-blind router instead of the tiny recipe's text-aware one
+# (recipe.router.use_t5: it reads the caption's T5 tokens).
 # DDM_DEMO_CLIPS sets the number of training clips; DDM_DEMO_OVERRIDES adds Hydra overrides to the
 # expert and monolith jobs.
 set -euo pipefail
@@ -22,11 +22,12 @@ export WANDB_MODE="${WANDB_MODE:-disabled}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per process: two training lanes, one per core
 profile="${DDM_DEMO_PROFILE:-full}"
 K=3
+model_args=()  # expert and monolith only (the router has its own model)
 case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yaml)
   full)  clips=150; gen_steps=30; common=(experiment=tiny) ;;
-  long)  clips=150; gen_steps=30
-         common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.stage3.max_steps=120
-                 recipe.router.max_steps=1200) ;;
+  long)  clips=150; gen_steps=30  # 3x the stage-2 steps and experts twice as wide (docs/bench/demo.md)
+         common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.router.max_steps=1200)
+         model_args=(+model.overrides.hidden_size=128 +model.overrides.num_heads=4) ;;
   short) clips=45;  gen_steps=4
          common=(experiment=tiny recipe.stage2.max_steps=8 recipe.stage3.max_steps=4 recipe.router.max_steps=10
                  recipe.router.val_every_n_steps=10) ;;
@@ -34,7 +35,8 @@ case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yam
 esac
 clips="${DDM_DEMO_CLIPS:-$clips}"              # training clips (all families)
 # extra Hydra overrides for the expert and monolith jobs, e.g. DDM_DEMO_OVERRIDES="optim.schedule=cosine"
-read -r -a expert_args <<<"${DDM_DEMO_OVERRIDES:-}"
+read -r -a extra_args <<<"${DDM_DEMO_OVERRIDES:-}"
+expert_args=(${model_args[@]+"${model_args[@]}"} ${extra_args[@]+"${extra_args[@]}"})
 case "${DDM_DEMO_ROUTER:-text}" in
   text)  router_args=() ;;                 # the tiny recipe's router reads the caption (its T5 tokens)
   blind) router_args=(use_text=false use_t5=false) ;;   # Paris's router: x_t and t only
