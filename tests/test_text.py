@@ -234,3 +234,26 @@ def test_tiny_tokenizers_keep_the_synthetic_attribute_words_whole(tiny_text_enco
     split = {w: (enc.t5_tokenizer.tokenize(" " + w), enc.clip_tokenizer.tokenize(w)) for w in sorted(words)}
     assert len(words) == 19
     assert {w: pieces for w, pieces in split.items() if len(pieces[0]) != 1 or len(pieces[1]) != 1} == {}
+
+
+def test_the_longest_synthetic_caption_fits_the_tiny_recipes_padding(tiny_text_encoders):
+    """The tiny recipe pads T5 to ``text_pad_to`` tokens and truncates longer prompts: no caption the
+    generator can write may be cut. Words tokenize independently (each starts with "▁"), so the longest
+    caption takes the longest word in every slot of the two-shape, moving template."""
+    from omegaconf import OmegaConf
+
+    from ddm.synthetic import FAMILIES, MOTIONS, SHAPE_COLOURS, SPEEDS, TEXTURE_WORDS
+
+    def n(words: str) -> int:
+        return len(tiny_text_encoders.t5_tokenizer.tokenize(" " + words))
+
+    colour = max(n(c) for c, _ in SHAPE_COLOURS)
+    shape = max(n(s) for f in FAMILIES for s in f.shapes)
+    background = max(n(f"{b} {TEXTURE_WORDS[f.texture]}") for f in FAMILIES for b, _ in f.backgrounds)
+    worst = (n("an") + colour + shape) * 2 + n("and") + n("move") + max(n(s) for s in SPEEDS if s) \
+        + max(n(m) for m in MOTIONS) + n("across an") + background + n("background") + 1  # + </s>
+    pad_to = OmegaConf.load(Path(__file__).parents[1] / "conf" / "recipe" / "tiny.yaml").text_pad_to
+    assert worst <= pad_to
+    # the bound is real: it is at least the length of an actual two-shape caption
+    caption = "a magenta triangle and an orange diamond move quickly right across an ochre striped background"
+    assert len(tiny_text_encoders.t5_tokenizer(caption).input_ids) <= worst
