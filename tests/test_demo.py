@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from ddm.eval.groundtruth import attributes_of, read_manifest
 from ddm.video_io import probe_video
 
 
@@ -53,6 +54,27 @@ def test_short_demo_runs_end_to_end_and_a_rerun_reuses_the_work(tmp_path, repo_r
 
     assert values(json.loads((demo / "eval" / "metrics.json").read_text())) == values(metrics)
 
+    # a single-expert probe on the finished demo (launch/probe_expert.sh): expert 2 retrained with an override,
+    # sampled alone on the held-out prompts of its own family and scored by the ground truth
+    probe_env = {**env, "DDM_PROBE_EXPERT": "2", "DDM_PROBE_STEPS": "2", "DDM_PROBE_MAX_PROMPTS": "3"}
+    probe = subprocess.run(["bash", str(repo_root / "launch" / "probe_expert.sh"), "quick", "recipe.stage2.max_steps=3",
+                            "recipe.stage2.lr=1e-2"], capture_output=True, text=True, env=probe_env, timeout=600)
+    assert probe.returncode == 0, probe.stdout[-5000:] + probe.stderr[-5000:]
+    out = demo / "probes" / "quick"
+    assert "[probe] trained in" in probe.stdout and "colour:" in probe.stdout
+    family = re.search(r"expert 2: family (\w+)", probe.stdout).group(1)
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    assert 1 <= len(prompts) <= 3
+    assert {attributes_of(p).family for p in prompts} == {family}
+    heldout = {r["text"] for r in read_manifest(demo / "heldout_n6")}
+    assert set(prompts) <= heldout  # held-out captions, not training ones
+    assert re.search(rf"colour: [0-9.]+ ± [0-9.]+ \(N={len(prompts)},", probe.stdout)
+    resolved = (out / "train" / "tiny" / "expert2" / "stage2" / "resolved_config.yaml").read_text()
+    assert "max_steps: 3" in resolved and "lr: 0.01" in resolved
+    # the model folder holds the probe's expert in slot 2, the demo's own in the other slots
+    assert (out / "runs" / "expert2" / "stage2").resolve() == (out / "train" / "tiny" / "expert2" / "stage2").resolve()
+    assert (out / "runs" / "expert1" / "stage2").resolve() == (demo / "runs" / "tiny" / "expert1" / "stage2").resolve()
+
 
 @pytest.mark.slow
 def test_a_failed_step_stops_the_demo_there_with_its_log_tail(tmp_path, repo_root):
@@ -68,3 +90,14 @@ def test_a_failed_step_stops_the_demo_there_with_its_log_tail(tmp_path, repo_roo
     assert "prepare_stage2 FAILED" in run.stderr, run.stderr[-3000:]
     assert (demo / "logs" / "prepare_stage2.log").read_text().strip().splitlines()[-1] in run.stderr
     assert "3-4/7" not in run.stdout and not (demo / "runs").exists()
+
+
+def test_the_probe_script_needs_a_finished_demo(tmp_path, repo_root):
+    """launch/probe_expert.sh without a name, or on a folder where the demo has not run, says what is missing."""
+    env = {**os.environ, "DDM_DEMO_DIR": str(tmp_path)}
+    script = str(repo_root / "launch" / "probe_expert.sh")
+    usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=300)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    missing = subprocess.run(["bash", script, "p"], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and "assignments.parquet is missing" in missing.stderr, missing.stderr
+    assert not (tmp_path / "probes").exists()
