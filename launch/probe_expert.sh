@@ -27,6 +27,12 @@ done
 export DDM_ROOT="$demo" WANDB_MODE="${WANDB_MODE:-disabled}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 out="$demo/probes/$name"; mkdir -p "$out"
 echo "[probe $name] expert $k retrained with: ${*:-(the recipe)} -> $out"
+# A name is one recipe: reusing it with other overrides would score the old expert under the new label.
+if [ -f "$out/overrides.txt" ] && [ "$(cat "$out/overrides.txt")" != "expert=$k $*" ]; then
+  echo "probe $name was trained as '$(cat "$out/overrides.txt")', not 'expert=$k $*': pick another name or remove $out" >&2
+  exit 2
+fi
+echo "expert=$k $*" >"$out/overrides.txt"
 
 if [ ! -f "$out/train/tiny/expert$k/stage2/export/master.safetensors" ]; then
   TIMEFORMAT="%R %U %S"

@@ -101,3 +101,13 @@ def test_the_probe_script_needs_a_finished_demo(tmp_path, repo_root):
     missing = subprocess.run(["bash", script, "p"], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "assignments.parquet is missing" in missing.stderr, missing.stderr
     assert not (tmp_path / "probes").exists()
+
+    # a name already trained with other overrides is refused before anything runs
+    for path in ("prep/assignments.parquet", "runs/tiny/router/stage2/export/master.safetensors",
+                 "heldout_n6/synthetic.csv", "probes/p/overrides.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("expert=1 recipe.stage2.lr=1e-2\n" if path.endswith(".txt") else "")
+    other = subprocess.run(["bash", script, "p", "recipe.stage2.lr=3e-2"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert other.returncode == 2 and "was trained as 'expert=1 recipe.stage2.lr=1e-2'" in other.stderr, other.stderr
+    assert not (tmp_path / "probes" / "p" / "train").exists()
