@@ -19,6 +19,8 @@ name="$1"; shift
 demo="$(cd "${DDM_DEMO_DIR:-$repo_root/demo_out}" 2>/dev/null && pwd)" \
   || { echo "no demo folder ${DDM_DEMO_DIR:-$repo_root/demo_out}: run bash launch/demo.sh first" >&2; exit 2; }
 k="${DDM_PROBE_EXPERT:-1}"
+which="${DDM_PROBE_PROMPTS:-heldout}"
+case "$which" in heldout|train) ;; *) echo "DDM_PROBE_PROMPTS must be heldout or train, got '$which'" >&2; exit 2 ;; esac
 runs="$demo/runs/tiny"
 heldout="$(ls -d "$demo"/heldout_n*/ 2>/dev/null | head -n 1 || true)"
 for need in "$demo/prep/assignments.parquet" "$runs/router/stage2/export/master.safetensors" "${heldout:-$demo/heldout_n*}"; do
@@ -55,7 +57,7 @@ python -m ddm.assemble --runs "$out/runs" --stages stage2 --out "$out/model" --n
   || { tail -n 30 "$out/assemble.log" >&2; exit 1; }
 
 # The prompts: the held-out (or training) captions of the family most of expert k's clips belong to.
-python - "$demo" "$k" "${DDM_PROBE_PROMPTS:-heldout}" "$heldout" "${DDM_PROBE_MAX_PROMPTS:-60}" "$out/prompts.txt" <<'PY'
+python - "$demo" "$k" "$which" "$heldout" "${DDM_PROBE_MAX_PROMPTS:-60}" "$out/prompts.txt" <<'PY'
 import collections, sys
 from pathlib import Path
 import pyarrow.parquet as pq
@@ -67,17 +69,12 @@ mine = [r["caption"] for r in pq.read_table(demo / "prep" / "manifest.parquet").
 if not mine:
     raise SystemExit(f"expert {k} has no clips in {demo / 'prep'}")
 family, count = collections.Counter(attributes_of(c).family for c in mine).most_common(1)[0]
-if which == "train":
-    prompts = mine
-elif which == "heldout":
-    prompts = [r["text"] for r in read_manifest(heldout) if r.get("kind", "video") == "video"
-               and attributes_of(r).family == family]
-else:
-    raise SystemExit(f"DDM_PROBE_PROMPTS must be heldout or train, got {which!r}")
+prompts = mine if which == "train" else [r["text"] for r in read_manifest(heldout)
+                                        if r.get("kind", "video") == "video" and attributes_of(r).family == family]
 Path(out).write_text("\n".join(prompts[:most]) + "\n")
 print(f"[probe] expert {k}: family {family} ({count} of its {len(mine)} clips); {min(len(prompts), most)} {which} prompts")
 PY
-samples="$out/samples_${DDM_PROBE_PROMPTS:-heldout}"
+samples="$out/samples_$which"
 rm -rf "$samples"
 python -m ddm.generate --model "$out/model" --prompts "$out/prompts.txt" --strategy oracle --expert "$k" \
   --seed 100 --stage stage2 --no-gif --batch-size 20 --out "$samples" >"$out/generate.log" 2>&1 \

@@ -100,6 +100,9 @@ def test_the_probe_script_needs_a_finished_demo(tmp_path, repo_root):
     assert usage.returncode == 2 and "usage:" in usage.stderr
     missing = subprocess.run(["bash", script, "p"], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "assignments.parquet is missing" in missing.stderr, missing.stderr
+    typo = subprocess.run(["bash", script, "p"], capture_output=True, text=True,
+                          env={**env, "DDM_PROBE_PROMPTS": "held-out"}, timeout=300)
+    assert typo.returncode == 2 and "DDM_PROBE_PROMPTS must be heldout or train" in typo.stderr, typo.stderr
     assert not (tmp_path / "probes").exists()
 
     # a name already trained with other overrides is refused before anything runs

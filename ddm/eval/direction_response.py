@@ -29,13 +29,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ddm.eval.groundtruth import GroundTruthEvaluator, attributes_of, families_in
+from ddm.eval.motion_track import direction_of
+from ddm.eval.stats import mean_and_stderr
 from ddm.files import atomic_write
 from ddm.synthetic import MOTIONS
 
 __all__ = ["DIRECTIONS", "with_direction", "DirectionResponse", "direction_response", "measure_velocities", "main"]
 
 DIRECTIONS: tuple[str, ...] = tuple(MOTIONS)  # left, right, up, down
-_DIRECTION_WORD = re.compile(r" (left|right|up|down) across ")
+_DIRECTION_WORD = re.compile(rf" ({'|'.join(DIRECTIONS)}) across ")
 
 
 def with_direction(caption: str, direction: str) -> str:
@@ -72,9 +74,8 @@ class DirectionResponse:
 
 
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = np.asarray(x, np.float64)
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-    return float(x.mean()), se
+    mean, se, _ = mean_and_stderr(x)
+    return mean, se
 
 
 def direction_response(velocities: Mapping[str, np.ndarray]) -> DirectionResponse:
@@ -89,13 +90,10 @@ def direction_response(velocities: Mapping[str, np.ndarray]) -> DirectionRespons
     tracked = {d: ~np.isnan(a).any(axis=1) for d, a in v.items()}
     v = {d: np.nan_to_num(a, nan=0.0) for d, a in v.items()}
     along = np.mean([v[d] @ np.asarray(MOTIONS[d], np.float64) for d in DIRECTIONS], axis=0)
-    correct = []
-    for d in DIRECTIONS:  # read as the ground truth reads it: the dominant axis and its sign
-        vx, vy = v[d][:, 0], v[d][:, 1]
-        read = np.where(np.abs(vx) >= np.abs(vy), np.where(vx > 0, "right", "left"), np.where(vy > 0, "down", "up"))
-        correct.append((read == d) & tracked[d])  # an untracked video is wrong
+    # read as the ground truth reads it; an untracked video is wrong
+    correct = [float(ok and direction_of(vx, vy) == d) for d in DIRECTIONS for (vx, vy), ok in zip(v[d], tracked[d])]
     return DirectionResponse(n, _mean_se(v["right"][:, 0] - v["left"][:, 0]), _mean_se(v["down"][:, 1] - v["up"][:, 1]),
-                             _mean_se(along), _mean_se(np.concatenate(correct).astype(np.float64)),
+                             _mean_se(along), _mean_se(correct),
                              int(sum((~t).sum() for t in tracked.values())))
 
 

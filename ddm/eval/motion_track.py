@@ -13,7 +13,7 @@ import numpy as np
 
 from ddm.synthetic import SPEEDS
 
-__all__ = ["circular_centroid_track", "read_motion", "SPEED_NAMES", "NATIVE_SIZE"]
+__all__ = ["circular_centroid_track", "direction_of", "read_motion", "SPEED_NAMES", "NATIVE_SIZE"]
 
 SPEED_NAMES = {"slowly": "slowly", "": "normal", "quickly": "quickly"}  # generator speed key -> caption name
 NATIVE_SIZE = 64  # ddm.synthetic.SPEEDS are pixels per frame at this size
@@ -35,6 +35,13 @@ def circular_centroid_track(weights: np.ndarray, axis: int) -> np.ndarray | None
     return np.unwrap(np.angle(first)) * size / (2 * np.pi)
 
 
+def direction_of(vx: float, vy: float) -> str:
+    """The generator's direction word for a velocity (image coordinates): the dominant axis and its sign."""
+    if abs(vx) >= abs(vy):
+        return "right" if vx > 0 else "left"
+    return "down" if vy > 0 else "up"
+
+
 def read_motion(weights: np.ndarray, frame_step: float = 1.0
                 ) -> tuple[tuple[float, float] | None, str | None, str | None]:
     """``(velocity (vx, vy) px/frame, direction, speed name)`` of the foreground weights (F, H, W); Nones for
@@ -48,10 +55,7 @@ def read_motion(weights: np.ndarray, frame_step: float = 1.0
         return None, None, None
     t = np.arange(nf, dtype=np.float64)
     vx, vy = float(np.polyfit(t, tx, 1)[0]), float(np.polyfit(t, ty, 1)[0])
-    if abs(vx) >= abs(vy):
-        motion = "right" if vx > 0 else "left"
-    else:
-        motion = "down" if vy > 0 else "up"
+    motion = direction_of(vx, vy)
     native = max(abs(vx), abs(vy)) * NATIVE_SIZE / (w if motion in ("left", "right") else h) / frame_step
     # nearest generator speed on a log scale (the speeds are roughly geometric)
     names = list(SPEEDS)
