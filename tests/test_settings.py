@@ -67,3 +67,44 @@ def _tiny_router_dict() -> dict:
     from ddm.models.router import get_router_config
 
     return get_router_config("tiny").to_dict()
+
+
+def test_adaln_zero_init_starts_every_block_as_the_identity_and_the_sharded_replay_agrees(expert_cfg):
+    """``model.init=adaln_zero`` (DiT's adaLN-Zero): modulation and final layer zeroed, so the velocity is 0 at
+    init whatever the input; the FSDP2 path (meta build, then train.sharding.replay_init_) draws the same weights."""
+    from train.sharding import replay_init_
+
+    with open_dict(expert_cfg):
+        expert_cfg.model.init = "adaln_zero"
+    s = ExpertSettings.from_config(expert_cfg, max_steps=1)
+    assert s.init == "adaln_zero" and ExpertSettings.from_dict(s.to_dict()) == s
+    cfg = _tiny_expert_dict()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cfg["latent_channels"], 2, 4, 4, generator=g)
+    cond = {"t5": torch.randn(2, 5, cfg["context_in_dim"], generator=g), "clip": torch.randn(2, cfg["vec_in_dim"], generator=g)}
+    outputs = {}
+    for init in ("torch", "adaln_zero"):
+        module = ExpertModule(cfg, ExpertSettings.from_dict({**s.to_dict(), "init": init}), torch.zeros(1, 4),
+                              torch.zeros(4), {})
+        torch.manual_seed(0)
+        module.configure_model()
+        with torch.no_grad():
+            outputs[init] = module.model(x, torch.rand(2, generator=g), cond)
+        zeroed = module.model.adaln_zero_modules()
+        assert len(zeroed) == 2 * cfg["depth"] + cfg["depth_single_blocks"] + 2
+        for name in zeroed:
+            params = list(module.model.get_submodule(name).parameters())
+            assert all((p == 0).all() for p in params) == (init == "adaln_zero"), (init, name)
+        # the sharded build's rule: build on meta, materialise, replay the constructor's draws + the zeroed modules
+        single = module.model.state_dict()
+        with torch.device("meta"):
+            meta = module.build_network()
+        meta.to_empty(device="cpu")
+        module.model = meta
+        torch.manual_seed(0)
+        replay_init_(meta, "cpu", module.zero_init_modules())
+        for key, value in meta.state_dict().items():
+            assert torch.equal(value, single[key]), (init, key)
+    assert torch.count_nonzero(outputs["adaln_zero"]) == 0 and outputs["torch"].abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="model.init must be one of"):
+        ExpertSettings.from_dict({**s.to_dict(), "init": "xavier"})

@@ -42,10 +42,18 @@ class ExpertModule(TrainingModule):
     meta_init = True  # under FSDP2: meta build, shard, then train.sharding.replay_init_
 
     def build_network(self) -> torch.nn.Module:
-        return MMDiT(self.expert_cfg)
+        net = MMDiT(self.expert_cfg)
+        if self.settings.init == "adaln_zero":
+            with torch.no_grad():
+                for name in net.adaln_zero_modules():
+                    for p in net.get_submodule(name).parameters():
+                        p.zero_()
+        return net
 
     def zero_init_modules(self) -> tuple[str, ...]:
-        return ("cond_in",) if self.expert_cfg.cond_embed else ()
+        cond = ("cond_in",) if self.expert_cfg.cond_embed else ()
+        # called on the built (meta) network, before replay_init_ draws the default values
+        return cond + (self.model.adaln_zero_modules() if self.settings.init == "adaln_zero" else ())
 
     def after_build(self) -> None:
         if self._init_state_dict is not None:

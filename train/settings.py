@@ -108,20 +108,32 @@ class TrainSettings:
                 "grad_clip_in_module": cfg.strategy.name != "deepspeed"}
 
 
+INIT_SCHEMES = ("torch", "adaln_zero")
+
+
 @dataclass(frozen=True)
 class ExpertSettings(TrainSettings):
-    """An expert's (or the monolith's): the conditioning mixture (t2v / i2v modes) and memory/speed switches."""
+    """An expert's (or the monolith's): the conditioning mixture (t2v / i2v modes), the from-scratch weight
+    initialisation and memory/speed switches."""
 
     conditioning: Mapping[str, Any] = field(default_factory=dict)
     activation_checkpointing: bool = False
     compile: bool = False
+    # torch: every layer keeps PyTorch's default (as Open-Sora v2 builds it); adaln_zero: DiT's adaLN-Zero, every
+    # block's modulation and the final layer zeroed, so each block starts as the identity and the output at 0
+    init: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"model.init must be one of {INIT_SCHEMES}, got {self.init!r}")
 
     @classmethod
     def from_config(cls, cfg: DictConfig, max_steps: int) -> ExpertSettings:
         """The expert job's settings from its resolved config (``conditioning``, ``model.activation_checkpointing``,
         ``model.compile`` besides the shared groups)."""
         return cls(**cls._common(cfg, max_steps), conditioning=OmegaConf.to_container(cfg.conditioning, resolve=True),
-                   activation_checkpointing=bool(cfg.model.activation_checkpointing), compile=bool(cfg.model.compile))
+                   activation_checkpointing=bool(cfg.model.activation_checkpointing), compile=bool(cfg.model.compile),
+                   init=str(cfg.model.get("init", "torch")))
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,13 @@ class MMDiT(nn.Module):
         """The transformer blocks (double then single), e.g. the units to wrap with FSDP."""
         return [*self.double_blocks, *self.single_blocks]
 
+    def adaln_zero_modules(self) -> tuple[str, ...]:
+        """The linears that DiT's adaLN-Zero initialisation zeroes: every block's modulation (so each block
+        starts as the identity: gate 0) and the final layer's modulation and projection (the output starts at 0).
+        """
+        names = [name for name, m in self.named_modules() if isinstance(m, Modulation)]
+        return tuple([f"{n}.lin" for n in names] + ["final_layer.adaLN_modulation.1", "final_layer.linear"])
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."""
         self._checkpointing = bool(enabled)
