@@ -7,6 +7,8 @@
 # Rerunning reuses everything already done. Outputs go to $DDM_DEMO_DIR (default: ./demo_out).
 # DDM_DEMO_PROFILE=short runs a smaller version (fewer clips and steps; what the test suite runs);
 # DDM_DEMO_PROFILE=long trains longer and wider (3x the stage-2 steps, experts of width 128; under 30 minutes).
+# DDM_DEMO_PROFILE=xl: 9x the stage-2 steps at width 128 (~50 minutes on 2 cores): the compute at which the
+# DDM's samples reach the colour target and follow the direction word (docs/bench/demo.md).
 # DDM_DEMO_ROUTER=blind trains Paris's text-blind router instead of the tiny recipe's text-aware one
 # (recipe.router.use_t5: it reads the caption's T5 tokens).
 # DDM_DEMO_CLIPS sets the number of training clips; DDM_DEMO_OVERRIDES adds Hydra overrides to the
@@ -28,10 +30,13 @@ case "$profile" in  # full: the tiny recipe's own schedule (conf/recipe/tiny.yam
   long)  clips=150; gen_steps=30  # 3x the stage-2 steps and experts twice as wide (docs/bench/demo.md)
          common=(experiment=tiny recipe.stage2.max_steps=1200 recipe.router.max_steps=1200)
          model_args=(+model.overrides.hidden_size=128 +model.overrides.num_heads=4) ;;
+  xl)    clips=150; gen_steps=30  # 9x the stage-2 steps, width 128 (docs/bench/demo.md, "The compute curve")
+         common=(experiment=tiny recipe.stage2.max_steps=3600)
+         model_args=(+model.overrides.hidden_size=128 +model.overrides.num_heads=4) ;;
   short) clips=45;  gen_steps=4
          common=(experiment=tiny recipe.stage2.max_steps=8 recipe.stage3.max_steps=4 recipe.router.max_steps=10
                  recipe.router.val_every_n_steps=10) ;;
-  *) echo "DDM_DEMO_PROFILE must be full, long or short, got '$profile'" >&2; exit 2 ;;
+  *) echo "DDM_DEMO_PROFILE must be full, long, xl or short, got '$profile'" >&2; exit 2 ;;
 esac
 clips="${DDM_DEMO_CLIPS:-$clips}"              # training clips (all families)
 # extra Hydra overrides for the expert and monolith jobs, e.g. DDM_DEMO_OVERRIDES="optim.schedule=cosine"
