@@ -181,12 +181,14 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, *, crf: int = 
     odd = height % 2 or width % 2
     pix_fmt = "yuv444p" if (odd and codec == "libx264") else "yuv420p"
     # One encoder thread and x264's C code paths: frame/slice threading made the output depend on timing, and
-    # with its assembly kernels the same frames still encoded to different bytes in ~half of the runs under load
-    # (24 and 32 px: tests/test_video_io.py failed 6 of 12 runs beside three busy loops, test_digits.py once in
-    # CI), 0 of 16 with asm=0. The same frames must
-    # give the same bytes (data.synthetic's seed promise, cached domain backbones); the cost is ~2.5x the
-    # encoding time (93 vs 38 ms for 33 frames at 64 px).
-    options = {"crf": str(crf), "threads": "1", "x264-params": "asm=0"} if codec == "libx264" else {"qscale": "2", "threads": "1"}
+    # with its assembly kernels the same frames still encoded to different bytes in about half the runs under
+    # load (24 and 32 px: tests/test_video_io.py failed 6 of 12 runs beside three busy loops, test_digits.py once
+    # in CI), 0 of 16 with asm=0. The same frames must give the same bytes (data.synthetic's seed promise, cached
+    # domain backbones); the cost is ~2.5x the encoding time (93 vs 38 ms for 33 frames at 64 px).
+    if codec == "libx264":
+        options = {"crf": str(crf), "threads": "1", "x264-params": "asm=0"}
+    else:
+        options = {"qscale": "2", "threads": "1"}
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=rate, options=options)
