@@ -20,7 +20,7 @@ from ddm.models.presets import ExpertConfig
 from train.ema import ema_copy_from
 from train.flow_module import TrainingModule, masked_mean
 from train.settings import ExpertSettings
-from train.sharding import is_sharded, load_full_into_shards_
+from train.sharding import is_sharded, load_full_into_shards_, zero_modules_
 
 
 class ExpertModule(TrainingModule):
@@ -43,17 +43,16 @@ class ExpertModule(TrainingModule):
 
     def build_network(self) -> torch.nn.Module:
         net = MMDiT(self.expert_cfg)
-        if self.settings.init == "adaln_zero":
-            with torch.no_grad():
-                for name in net.adaln_zero_modules():
-                    for p in net.get_submodule(name).parameters():
-                        p.zero_()
+        zero_modules_(net, self._init_zeroed(net))
         return net
 
+    def _init_zeroed(self, net: MMDiT) -> tuple[str, ...]:
+        """The modules ``model.init`` zeroes after PyTorch's default init (adaLN-Zero's; none for torch)."""
+        return net.adaln_zero_modules() if self.settings.init == "adaln_zero" else ()
+
     def zero_init_modules(self) -> tuple[str, ...]:
-        cond = ("cond_in",) if self.expert_cfg.cond_embed else ()
         # called on the built (meta) network, before replay_init_ draws the default values
-        return cond + (self.model.adaln_zero_modules() if self.settings.init == "adaln_zero" else ())
+        return (("cond_in",) if self.expert_cfg.cond_embed else ()) + self._init_zeroed(self.model)
 
     def after_build(self) -> None:
         if self._init_state_dict is not None:

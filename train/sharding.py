@@ -55,6 +55,14 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def zero_modules_(net: nn.Module, names: tuple[str, ...]) -> None:
+    """Zero every parameter of the named submodules (this rank's shard of a sharded one)."""
+    for name in names:
+        for p in net.get_submodule(name).parameters():
+            _local(p).zero_()
+
+
+@torch.no_grad()
 def replay_init_(net: nn.Module, device: torch.device | str, zero_modules: tuple[str, ...] = ()) -> None:
     """Initialise a materialised (possibly sharded) ``net`` exactly as its constructor would have.
 
@@ -74,9 +82,7 @@ def replay_init_(net: nn.Module, device: torch.device | str, zero_modules: tuple
         elif isinstance(module, RMSNorm):
             _local(module.scale).fill_(1.0)
             done.add(id(module.scale))
-    for name in zero_modules:
-        for p in net.get_submodule(name).parameters():
-            _local(p).zero_()
+    zero_modules_(net, zero_modules)
     missing = [n for n, p in net.named_parameters() if id(p) not in done]
     if missing:
         raise RuntimeError(f"replay_init_ does not know how to initialise {missing[:5]} ({type(net).__name__}); "
