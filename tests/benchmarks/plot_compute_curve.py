@@ -19,18 +19,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "bench" / "demo"
 
 
+PARIS_DROPOUT = 0.316  # text dropout per encoder of the runs that do not record one (before the ninth session)
+
+
+def _dropout(row: dict) -> float:
+    return float(row.get("text_dropout", PARIS_DROPOUT))
+
+
+def _series(rows: list[dict]) -> dict[tuple[int, float], str]:
+    """One marker per (width, text dropout) series."""
+    keys = sorted({(r["width"], _dropout(r)) for r in rows})
+    return {key: "osD^v<>"[i % 7] for i, key in enumerate(keys)}
+
+
 def plot(rows: list[dict], out: Path) -> Path:
-    """Two panels (colour, direction) of accuracy against DDM training FLOPs; one line per arm and width."""
+    """Two panels (colour, direction) of accuracy against DDM training FLOPs; one line per arm, width and text
+    dropout (runs without ``text_dropout`` used Paris's 0.316 per encoder)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, attr, target, title in ((axes[0], "colour", 0.60, "foreground colour (target 0.60, chance 0.11)"),
                                     (axes[1], "direction", 0.25, "motion direction (chance 0.25)")):
-        for width, marker in ((64, "o"), (128, "s")):
-            pts = sorted((r for r in rows if r["width"] == width), key=lambda r: r["ddm_flops"])
-            for arm, colour in (("ddm", "tab:blue"), ("monolith", "tab:orange")):
+        for (width, dropout), marker in sorted(_series(rows).items()):
+            pts = sorted((r for r in rows if (r["width"], _dropout(r)) == (width, dropout)),
+                         key=lambda r: r["ddm_flops"])
+            for arm, colours in (("ddm", ("tab:blue", "tab:green")), ("monolith", ("tab:orange", "tab:red"))):
                 xy = [(r["ddm_flops"], r[f"{arm}_{attr}"]) for r in pts if r.get(f"{arm}_{attr}") is not None]
                 if xy:
-                    ax.plot(*zip(*xy), marker=marker, color=colour, linestyle="-" if width == 128 else "--",
-                            label=f"{'DDM top-1' if arm == 'ddm' else 'monolith'}, width {width}")
+                    ax.plot(*zip(*xy), marker=marker, color=colours[dropout != PARIS_DROPOUT],
+                            linestyle="-" if width == 128 else "--",
+                            label=f"{'DDM top-1' if arm == 'ddm' else 'monolith'}, width {width}, "
+                                  f"text dropout {dropout:g}")
         ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_xlabel("DDM training FLOPs (monolith compute-matched)")
