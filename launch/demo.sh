@@ -14,7 +14,7 @@
 # DDM_DEMO_ROUTER=blind trains Paris's text-blind router instead of the tiny recipe's text-aware one
 # (recipe.router.use_t5: it reads the caption's T5 tokens).
 # DDM_DEMO_CLIPS sets the number of training clips; DDM_DEMO_OVERRIDES adds Hydra overrides to the
-# expert and monolith jobs.
+# expert and monolith jobs; DDM_DEMO_PRINT_JOBS=1 prints the overrides each job would get and stops.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
@@ -56,6 +56,11 @@ case "${DDM_DEMO_ROUTER:-text}" in
   blind) router_args=(use_text=false use_t5=false) ;;   # Paris's router: x_t and t only
   *) echo "DDM_DEMO_ROUTER must be text or blind, got '$DDM_DEMO_ROUTER'" >&2; exit 2 ;;
 esac
+if [ "${DDM_DEMO_PRINT_JOBS:-0}" = 1 ]; then  # the Hydra overrides each job gets, then stop (tests/test_demo.py)
+  printf 'expert:'; printf ' %q' "${common[@]}" ${expert_args[@]+"${expert_args[@]}"}; echo
+  printf 'router:'; printf ' %q' "${common[@]}" ${router_args[@]+"${router_args[@]}"}; echo
+  exit 0
+fi
 # Shapes drawn at twice the generator's default radius: at the 16 px the experts train at, a default shape is
 # 3-4 px across, too few pixels for the tiny models to learn its colour in minutes (docs/bench/demo.md).
 shape_scale="${DDM_DEMO_SHAPE_SCALE:-2}"

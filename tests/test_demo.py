@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -114,3 +115,40 @@ def test_the_probe_script_needs_a_finished_demo(tmp_path, repo_root):
                            timeout=300)
     assert other.returncode == 2 and "was trained as 'expert=1 recipe.stage2.lr=1e-2'" in other.stderr, other.stderr
     assert not (tmp_path / "probes" / "p" / "train").exists()
+
+
+# What each profile promises (launch/demo.sh's header and docs/bench/demo.md): expert stage-2 steps, expert width,
+# router steps. None: the tiny recipe's own value.
+PROFILES = {"full": (None, 64, None), "long": (1800, 128, 1200), "xl": (3600, 128, None), "short": (8, 64, 10)}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_each_profile_gives_its_jobs_overrides_that_compose_to_what_it_promises(tmp_path, repo_root, profile):
+    """``DDM_DEMO_PRINT_JOBS=1`` prints the Hydra overrides of the expert and router jobs; composed with the real
+    configs they must give the profile's steps and width (the long and xl profiles are never run by the suite,
+    so a typo in their override lists would otherwise show only after minutes of a user's run)."""
+    import torch
+
+    from tests.fixtures.train import compose_config
+    from train import job
+
+    env = {**os.environ, "DDM_DEMO_DIR": str(tmp_path / "demo"), "DDM_DEMO_PROFILE": profile,
+           "DDM_DEMO_PRINT_JOBS": "1"}
+    env.pop("DDM_DEMO_PRECISION", None)
+    out = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = {line.split(":", 1)[0]: shlex.split(line.split(":", 1)[1]) for line in out.stdout.splitlines()}
+    assert set(jobs) == {"expert", "router"} and not list((tmp_path / "demo").iterdir())  # stopped before work
+
+    steps, width, router_steps = PROFILES[profile]
+    tiny = compose_config("expert", ["experiment=tiny", "expert=1", "stage=stage2"])
+    expert = compose_config("expert", [*jobs["expert"], "expert=1", "stage=stage2"])
+    assert expert.stage.max_steps == (steps or tiny.stage.max_steps)
+    assert job.expert_config(expert).hidden_size == width
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert expert.trainer.precision == ("bf16-mixed" if width == 128 and native_bf16 else "32-true")
+    tiny_router = compose_config("router", ["experiment=tiny", "stage=stage2"])
+    router = compose_config("router", [*jobs["router"], "stage=stage2"])
+    assert router.max_steps == (router_steps or tiny_router.max_steps)
+    assert not any("model.overrides" in arg or "precision" in arg for arg in jobs["router"])  # its own model
