@@ -342,18 +342,21 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
         sampling = SamplingSpec(run.routing(threshold), num_steps=gen["num_steps"], cfg_scale=gen["cfg_scale"])
         size = {key: gen[key] for key in ("num_frames", "height", "width")}
         copyable = same_as is not None and sampling.routing.strategy in ("top1", "topk", "threshold")
-        reused, generated, copied = generate_run(pipe, folder, prompts, seeds, spec=sampling, generate_kwargs=size,
+        reused, generated, _ = generate_run(pipe, folder, prompts, seeds, spec=sampling, generate_kwargs=size,
                                                  batch_size=batch_size, fps=fps, progress=progress, name=run.name,
                                                  per_prompt=extra, same_as=same_as if copyable else None)
         if run is full:
             same_as = folder
+        # copies of an identical run, made now or by an earlier pass (the demo's final pass only reuses)
+        sources = [folder.videos[str(i)].get("same_as") for i in range(len(prompts))]
+        copied = sum(src is not None for src in sources)
         frames, height, width = _video_shape(folder.video_path(0))
         trace = folder.routing_trace(len(prompts))
         records[run.name] = {
             "name": run.name, "model": run.model, "strategy": run.strategy, "folder": str(spec.folder),
             "num_experts": run.num_experts, "generation": settings, "resolved": folder.resolved,
             "videos": {"n": len(prompts), "reused": reused, "generated": generated, "copied": copied,
-                       "copied_from": str(same_as.path) if copied else None, "frames": frames,
+                       "copied_from": next((src for src in sources if src), None), "frames": frames,
                        "height": height, "width": width, "dir": str(folder.path)},
             "routing": None if trace is None else {
                 "strategy": trace.strategy, "t": [float(t) for t in trace.t],
@@ -490,7 +493,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       oracle_ids=json.loads(args.oracle_ids.read_text()) if args.oracle_ids else None)
     reused = sum(r["videos"]["reused"] for r in record["runs"])
     generated = sum(r["videos"]["generated"] for r in record["runs"])
-    print(f"reused {reused} video(s), generated {generated}; report: {Path(args.out) / 'report.md'}")
+    copied = sum(r["videos"]["copied"] for r in record["runs"])
+    print(f"reused {reused} video(s), generated {generated}" + (f" ({copied} are copies of an identical run)"
+                                                                  if copied else "")
+          + f"; report: {Path(args.out) / 'report.md'}")
     return record
 
 

@@ -371,6 +371,10 @@ def test_runs_of_a_saturated_router_are_copied_and_equal_to_sampling_them(tmp_pa
         assert runs[name]["routing"]["strategy"] == strategy
         assert runs[name]["routing"]["samples_per_expert"] == [[0, 3], [0, 3]]
     assert "Copied, not sampled: ddm/top1: 3 video(s)" in (tmp_path / "out" / "report.md").read_text()
+    again = evaluate([ModelSpec("ddm", folder, ("top1", "top2", "full"))], "ddm/full", tmp_path / "out",
+                     PROMPTS[:2], **kwargs)  # a second pass reuses every video and still counts the copies
+    assert [(r["videos"]["reused"], r["videos"]["generated"], r["videos"]["copied"]) for r in again["runs"]] == \
+        [(3, 0, 3), (3, 0, 3), (3, 0, 0)]
 
     alone = evaluate([ModelSpec("ddm", folder, ("top1",))], "ddm/top1", tmp_path / "alone", PROMPTS[:2], **kwargs)
     assert (alone["runs"][0]["videos"]["generated"], alone["runs"][0]["videos"]["copied"]) == (3, 0)

@@ -252,7 +252,7 @@ def render_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
 
-    lines += ["## Generation", "", "| run | folder | videos | reused | generated | copied (identical) |",
+    lines += ["## Generation", "", "| run | folder | videos | reused | generated | copies of an identical run |",
               "|---|---|---:|---:|---:|---:|"]
     for run in metrics["runs"]:
         v = run["videos"]
