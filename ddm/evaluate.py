@@ -324,11 +324,8 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
     if runs is None:  # the index does not say how many experts: the loaded model does
         pipe = _load_pipeline(spec, stage=stage, device=device, dtype=dtype)
         runs = model_runs(spec, int(pipe.num_experts))
-    records: dict[str, dict[str, Any]] = {}
-    # The full-softmax run goes first: the other softmax runs copy every batch it routed one-hot throughout.
-    full = next((run for run in runs if run.routing(threshold).strategy == "full"), None)
-    same_as = None
-    for run in sorted(runs, key=lambda r: r is not full):
+    records = []
+    for run in runs:
         sampler = run.sampler_args(threshold)
         extra = dict(per_prompt or {}) if sampler["strategy"] == "oracle" else {}
         settings = {"folder": str(spec.folder.resolve()), "stage": stage, "num_experts": run.num_experts,
@@ -341,29 +338,22 @@ def _generate_model(spec: ModelSpec, runs: list[RunSpec] | None, out: Path, prom
                                  f"{pipe.num_experts} loaded")
         sampling = SamplingSpec(run.routing(threshold), num_steps=gen["num_steps"], cfg_scale=gen["cfg_scale"])
         size = {key: gen[key] for key in ("num_frames", "height", "width")}
-        copyable = same_as is not None and sampling.routing.strategy in ("top1", "topk", "threshold")
-        reused, generated, _ = generate_run(pipe, folder, prompts, seeds, spec=sampling, generate_kwargs=size,
-                                                 batch_size=batch_size, fps=fps, progress=progress, name=run.name,
-                                                 per_prompt=extra, same_as=same_as if copyable else None)
-        if run is full:
-            same_as = folder
-        # copies of an identical run, made now or by an earlier pass (the demo's final pass only reuses)
-        sources = [folder.videos[str(i)].get("same_as") for i in range(len(prompts))]
-        copied = sum(src is not None for src in sources)
+        reused, generated = generate_run(pipe, folder, prompts, seeds, spec=sampling, generate_kwargs=size,
+                                         batch_size=batch_size, fps=fps, progress=progress, name=run.name,
+                                         per_prompt=extra)
         frames, height, width = _video_shape(folder.video_path(0))
         trace = folder.routing_trace(len(prompts))
-        records[run.name] = {
+        records.append({
             "name": run.name, "model": run.model, "strategy": run.strategy, "folder": str(spec.folder),
             "num_experts": run.num_experts, "generation": settings, "resolved": folder.resolved,
-            "videos": {"n": len(prompts), "reused": reused, "generated": generated, "copied": copied,
-                       "copied_from": next((src for src in sources if src), None), "frames": frames,
+            "videos": {"n": len(prompts), "reused": reused, "generated": generated, "frames": frames,
                        "height": height, "width": width, "dir": str(folder.path)},
             "routing": None if trace is None else {
                 "strategy": trace.strategy, "t": [float(t) for t in trace.t],
                 "mean_weights": trace.mean_weights.double().tolist(),
                 "samples_per_expert": trace.samples_per_expert.tolist()},
-            "_paths": [folder.video_path(i) for i in range(len(prompts))]}
-    return [records[run.name] for run in runs]
+            "_paths": [folder.video_path(i) for i in range(len(prompts))]})
+    return records
 
 
 def _fmt_shape(shape: tuple[int, int, int]) -> str:
@@ -493,10 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       oracle_ids=json.loads(args.oracle_ids.read_text()) if args.oracle_ids else None)
     reused = sum(r["videos"]["reused"] for r in record["runs"])
     generated = sum(r["videos"]["generated"] for r in record["runs"])
-    copied = sum(r["videos"]["copied"] for r in record["runs"])
-    print(f"reused {reused} video(s), generated {generated}" + (f" ({copied} are copies of an identical run)"
-                                                                  if copied else "")
-          + f"; report: {Path(args.out) / 'report.md'}")
+    print(f"reused {reused} video(s), generated {generated}; report: {Path(args.out) / 'report.md'}")
     return record
 
 

@@ -196,22 +196,14 @@ if [ ! -f "$demo/heldout_n$eval_n/.complete" ]; then
 fi
 evaluate=(python -m ddm.evaluate --groundtruth "$demo/heldout_n$eval_n" --num-videos "$eval_n" --stage "$eval_stage"
           --batch-size 25 --no-progress --out "$demo/eval")
-# Generation, split over the two cores (each run has its own video folder, so the two never collide).
-# The text-aware router saturates (weight exactly 1.0 on one expert at every step), so the DDM's full run costs
-# one expert per sample and its top-1 and top-2 runs are copies of it (docs/evaluation.md): the DDM in the
-# background, the monolith here. The text-blind router mixes, so its runs are split by work: DDM top-1 + top-2
-# in the background, DDM full + the monolith here. Done once per N.
-case "${DDM_DEMO_ROUTER:-text}" in
-  text)  gen_a=(--model "ddm=$models/ddm:top1,top2,full" --baseline ddm/top1)
-         gen_b=(--model "monolith=$models/monolith" --baseline monolith) ;;
-  blind) gen_a=(--model "ddm=$models/ddm:top1,top2" --baseline ddm/top1)
-         gen_b=(--model "ddm=$models/ddm:full" --model "monolith=$models/monolith" --baseline monolith) ;;
-esac
+# Generation, split over the two cores (each run has its own video folder, so the two never collide):
+# DDM top-1 + top-2 in the background, DDM full + the monolith here (about equal work). Done once per N.
 generated="$demo/eval/.generated_n$eval_n"
 if [ ! -f "$generated" ]; then
-  "${evaluate[@]}" "${gen_a[@]}" --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_a.log" 2>&1 \
-    & gen_pid=$!
-  "${evaluate[@]}" "${gen_b[@]}" --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_b.log" 2>&1 \
+  "${evaluate[@]}" --model "ddm=$models/ddm:top1,top2" --baseline ddm/top1 --metrics groundtruth \
+    --contact-sheet-rows 0 >"$logs/evaluate_gen_a.log" 2>&1 & gen_pid=$!
+  "${evaluate[@]}" --model "ddm=$models/ddm:full" --model "monolith=$models/monolith" --baseline monolith \
+    --metrics groundtruth --contact-sheet-rows 0 >"$logs/evaluate_gen_b.log" 2>&1 \
     || { tail -n 30 "$logs/evaluate_gen_b.log" >&2; exit 1; }
   wait "$gen_pid" || { tail -n 30 "$logs/evaluate_gen_a.log" >&2; exit 1; }
   touch "$generated"

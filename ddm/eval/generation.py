@@ -1,19 +1,11 @@
 """Resumable generation of an evaluation run: ``<out>/videos/<model>/<strategy>/`` holds the mp4 files, their exact
 frames (``<i>.npy``), routing traces and ``run.json``, the commit point rewritten atomically after each batch, so a
-killed evaluation resumes where it stopped and a rerun reuses every committed video.
-
-A run can also take a batch from another run of the same model, prompts, seeds and settings (``same_as``) when
-that is provably what it would generate: if the other run's routing put all the weight on one expert (exactly
-1.0, the rest exactly 0.0) at every step of every sample of the batch, then top-1, top-k, threshold and the full
-softmax all give those same one-hot weights from the same logits, the experts run on the same groups, and by
-induction over the steps the trajectories are bit-identical. A saturated text-aware router makes this the common
-case (the laptop demo's top-2 and full runs equal its top-1 run), and copying saves their sampling."""
+killed evaluation resumes where it stopped and a rerun reuses every committed video."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +18,7 @@ from ddm.eval.videos import to_uint8_video
 from ddm.sampler import RoutingTrace
 from ddm.video_io import read_video, write_video
 
-__all__ = ["RunFolder", "load_run_videos", "generate_run", "one_hot_throughout"]
+__all__ = ["RunFolder", "load_run_videos", "generate_run"]
 
 log = logging.getLogger("ddm.evaluate")
 
@@ -91,19 +83,6 @@ class RunFolder:
         rows = [traces[e["trace"]].weights[:, e["row"]] for e in entries]
         return RoutingTrace(first.strategy, first.t, torch.stack(rows, dim=1))
 
-    def batch_trace(self, batch: Sequence[int], prompts: Sequence[str], seeds: Sequence[int]) -> RoutingTrace | None:
-        """The trace of exactly these videos when they were committed for these prompts and seeds and generated
-        together as one batch (rows 0..n-1 of one trace, in order); None otherwise."""
-        entries = [self.videos.get(str(i)) for i in batch]
-        if any(e is None or e["prompt"] != prompts[i] or e["seed"] != seeds[i] or not self.video_path(i).is_file()
-               or not self.array_path(i).is_file() for i, e in zip(batch, entries)):
-            return None
-        names = {e.get("trace") for e in entries}
-        if len(names) != 1 or None in names or [e["row"] for e in entries] != list(range(len(batch))):
-            return None
-        trace = RoutingTrace.from_json(self.path / names.pop())
-        return trace if trace.weights.shape[1] == len(batch) else None
-
 
 def _save_array(path: Path, video: np.ndarray) -> None:
     with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to the temp name
@@ -115,48 +94,16 @@ def load_run_videos(paths: Sequence[Path]) -> list[np.ndarray]:
     return [np.load(p.with_suffix(".npy")) if p.with_suffix(".npy").is_file() else read_video(p)[0] for p in paths]
 
 
-def _trace_name(batch: Sequence[int]) -> str:
-    ids = hashlib.sha1(json.dumps(list(batch)).encode()).hexdigest()[:8]
-    return f"trace-{batch[0]:06d}-{batch[-1]:06d}-{ids}.json"
-
-
-def one_hot_throughout(trace: RoutingTrace) -> bool:
-    """True when every step gave every sample all its weight on one expert: exactly 1.0 there, exactly 0.0 elsewhere."""
-    w = trace.weights
-    return bool((((w == 0) | (w == 1)).all() & ((w == 1).sum(-1) == 1).all()).item())
-
-
-def _copy_batch(source: RunFolder, folder: RunFolder, batch: Sequence[int], prompts: Sequence[str],
-                seeds: Sequence[int], strategy: str) -> bool:
-    """Copy ``batch`` from ``source`` into ``folder`` when its trace is one-hot throughout; True when copied."""
-    trace = source.batch_trace(batch, prompts, seeds)
-    if trace is None or not one_hot_throughout(trace):
-        return False
-    trace_name = _trace_name(batch)  # the same weights, labelled with this run's strategy
-    atomic_write(folder.path / trace_name, lambda tmp: RoutingTrace(strategy, trace.t, trace.weights).to_json(tmp))
-    for i in batch:
-        for src, dst in ((source.video_path(i), folder.video_path(i)), (source.array_path(i), folder.array_path(i))):
-            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
-    resolved = {**source.resolved, **{key: folder.settings[key] for key in ("strategy", "k", "threshold")
-                                      if key in folder.settings}}
-    folder.commit({i: {"prompt": prompts[i], "seed": seeds[i], "trace": trace_name, "row": row,
-                       "same_as": str(source.path)} for row, i in enumerate(batch)}, resolved=resolved)
-    return True
-
-
 def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Sequence[int], *, spec: Any = None,
                  generate_kwargs: dict[str, Any], batch_size: int, fps: float | None = None, progress: bool = True,
-                 name: str = "run", per_prompt: dict[str, Sequence[Any]] | None = None,
-                 same_as: RunFolder | None = None) -> tuple[int, int, int]:
-    """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated, copied)``.
+                 name: str = "run", per_prompt: dict[str, Sequence[Any]] | None = None) -> tuple[int, int]:
+    """Generate the videos of ``folder`` that are not committed yet; returns ``(reused, generated)``.
 
     ``pipe`` is a loaded ``DDMPipeline`` (``pipe.generate(prompts, spec, seeds=..., trace=True,
     **generate_kwargs)``; ``spec`` a :class:`ddm.sampling_spec.SamplingSpec`, ``generate_kwargs`` the video size).
     Per batch: trace json, then the mp4 files (at ``fps``, default the model's, else ``ddm.generate``'s
     default), then the ``run.json`` commit. ``per_prompt`` holds generate arguments with one value per video
-    (``oracle_ids``), sliced per batch. ``same_as``: a run of the same model, prompts, seeds and settings but
-    another softmax strategy (not the oracle); a batch it holds one-hot throughout is copied, not sampled (the
-    module docstring says why that is exact), and its entries name the source.
+    (``oracle_ids``), sliced per batch.
     """
     from ddm.generate import DEFAULT_FPS
 
@@ -164,16 +111,11 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
     reused = len(prompts) - len(pending)
     if not pending:
         log.info("%s: all %d videos already generated in %s (reused)", name, reused, folder.path)
-        return reused, 0, 0
+        return reused, 0
     log.info("%s: generating %d video(s) into %s (%d reused)", name, len(pending), folder.path, reused)
     bar = tqdm(total=len(pending), desc=f"generate {name}", unit="video", disable=not progress)
-    copied = 0
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        if same_as is not None and _copy_batch(same_as, folder, batch, prompts, seeds, spec.routing.strategy):
-            copied += len(batch)
-            bar.update(len(batch))
-            continue
         sliced = {key: [values[i] for i in batch] for key, values in (per_prompt or {}).items()}
         result = pipe.generate([prompts[i] for i in batch], spec, seeds=[seeds[i] for i in batch],
                                batch_size=len(batch), trace=True, progress=False, **generate_kwargs, **sliced)
@@ -182,7 +124,8 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
             raise ValueError(f"{name}: the pipeline returned {len(videos)} videos for {len(batch)} prompts")
         trace, trace_name = result.traces, None
         if trace is not None:
-            trace_name = _trace_name(batch)
+            ids = hashlib.sha1(json.dumps(batch).encode()).hexdigest()[:8]
+            trace_name = f"trace-{batch[0]:06d}-{batch[-1]:06d}-{ids}.json"
             atomic_write(folder.path / trace_name, lambda tmp: trace.to_json(tmp))
         for i, video in zip(batch, videos):
             write_video(folder.video_path(i), video, fps or result.fps or DEFAULT_FPS)
@@ -191,7 +134,4 @@ def generate_run(pipe: Any, folder: RunFolder, prompts: Sequence[str], seeds: Se
                        for row, i in enumerate(batch)}, resolved=result.settings)
         bar.update(len(batch))
     bar.close()
-    if copied:
-        log.info("%s: %d of %d video(s) copied from %s (its routing was one-hot at every step: the same "
-                 "trajectories)", name, copied, len(pending), same_as.path)
-    return reused, len(pending) - copied, copied
+    return reused, len(pending)

@@ -5,7 +5,7 @@ Everything here reads the evaluation record that :mod:`ddm.evaluate` writes to `
 
     {"format": "ddm-eval-v1", "baseline": RUN, "settings": {...}, "notes": [str, ...],
      "runs": [{"name": "ddm/top2", "model": "ddm", "strategy": "top2", "folder", "num_experts",
-               "videos": {"n", "reused", "generated", "copied", "copied_from", "frames", "height", "width"},
+               "videos": {"n", "reused", "generated", "frames", "height", "width"},
                "metrics": {"fvd" | "clip" | "aesthetic" | "motion": MetricResult.to_dict()},
                "routing": None | {"strategy", "t", "mean_weights" (steps, K), "samples_per_expert" (steps, K)}}],
      "comparison": {RUN: {METRIC: {"relative_improvement", "paired_difference"}}}}
@@ -252,22 +252,13 @@ def render_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
 
-    lines += ["## Generation", "", "| run | folder | videos | reused | generated | copies of an identical run |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["## Generation", "", "| run | folder | videos | reused | generated |", "|---|---|---:|---:|---:|"]
     for run in metrics["runs"]:
         v = run["videos"]
-        lines.append(f"| {run['name']} | `{run['folder']}` | {v['n']} | {v['reused']} | {v['generated']} | "
-                     f"{v.get('copied', 0)} |")
+        lines.append(f"| {run['name']} | `{run['folder']}` | {v['n']} | {v['reused']} | {v['generated']} |")
     reused = sum(r["videos"]["reused"] for r in metrics["runs"])
     lines += ["", f"Reused {reused} already generated video(s); generated "
               f"{sum(r['videos']['generated'] for r in metrics['runs'])}.", ""]
-    copied = [r for r in metrics["runs"] if r["videos"].get("copied")]
-    if copied:
-        lines += ["Copied, not sampled: " + "; ".join(
-            f"{r['name']}: {r['videos']['copied']} video(s) from `{r['videos']['copied_from']}`" for r in copied)
-            + ". The source run's router put all the weight on one expert (exactly 1.0) at every step of those "
-            "videos, so every softmax strategy samples bit-identical trajectories "
-            "(`ddm.eval.generation`).", ""]
     if metrics["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in metrics["notes"]] + [""]
     if plots:
