@@ -134,7 +134,8 @@ def test_each_profile_gives_its_jobs_overrides_that_compose_to_what_it_promises(
 
     env = {**os.environ, "DDM_DEMO_DIR": str(tmp_path / "demo"), "DDM_DEMO_PROFILE": profile,
            "DDM_DEMO_PRINT_JOBS": "1"}
-    env.pop("DDM_DEMO_PRECISION", None)
+    for inherited in ("DDM_DEMO_PRECISION", "DDM_DEMO_OVERRIDES", "DDM_DEMO_ROUTER"):  # the profile's own choices
+        env.pop(inherited, None)
     out = subprocess.run(["bash", str(repo_root / "launch" / "demo.sh")], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
